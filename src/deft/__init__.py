@@ -1,0 +1,41 @@
+"""deft: density-efficient fine-tuning.
+
+PEFT (LoRA, adapters, prefix/prompt tuning, IA3, BitFit) plus a density loss that makes the MLP
+activations of a transformer sparse, and the tools to measure that sparsity.
+
+Core API::
+
+    probe = deft.ActivationProbe(model)              # hooks every MLP activation
+    report = deft.measure_density(model, batches)    # exact density over an eval set
+    loss = deft.DensityLoss(kind="l0", eps=1e-7)     # differentiable count of non-zeros
+    deft.density_change(peft_report, deft_report)    # the paper's Density Change %
+"""
+from __future__ import annotations
+
+from .constants import MLP_SPECS, SUPPORTED_MODEL_TYPES, UnsupportedModelError
+from .losses import DensityLoss
+from .metrics import DensityReport, LayerDensity, density_change, measure_density
+from .probe import ActivationProbe
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActivationProbe",
+    "DensityLoss",
+    "DensityReport",
+    "LayerDensity",
+    "MLP_SPECS",
+    "SUPPORTED_MODEL_TYPES",
+    "UnsupportedModelError",
+    "density_change",
+    "measure_density",
+]
+
+
+def __getattr__(name: str):
+    # Training pieces pull in transformers.Trainer and peft: import them only when asked for.
+    if name in ("DeftTrainer", "DensityConfig"):
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'deft' has no attribute {name!r}")

@@ -1,0 +1,305 @@
+"""ActivationProbe: forward hooks on every MLP activation site of a model.
+
+A probe does two jobs at once, both inside the hook so no full activation tensor is kept alive twice:
+
+* **Counting** (always, on a detached view): per site, how many entries have ``|x| > threshold`` among
+  the valid (non-padding) tokens, how many entries were seen, and the per-batch "union" of units that
+  fired for at least one token. These exact counts feed :func:`deft.measure_density` and the running
+  train density.
+* **Loss partials** (only when a :class:`deft.DensityLoss` is bound with :meth:`track` and grad is
+  enabled): the small reduced tensors that loss needs, e.g. the per-layer sum of the surrogate, with
+  their autograd graph. The loss itself is assembled later from those partials.
+
+Hooks only record while the hooked top model's ``forward`` is running. That makes the probe safe
+under non-reentrant gradient checkpointing: the layer recomputation during backward calls the hooks
+again, outside the top-level forward, and is ignored.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable, Literal
+
+import torch
+from torch import nn
+
+from .constants import is_gated, layer_group, mlp_spec, full_match
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .losses import DensityLoss
+
+Point = Literal["auto", "activation", "down_input"]
+
+
+@dataclass
+class Site:
+    """One hooked module and what has been counted at it since the last :meth:`ActivationProbe.reset`."""
+
+    name: str
+    module: nn.Module
+    group: str
+    index: int  # position among all sites, in model order
+    capture: Literal["output", "input"]
+    # exact counts (python ints / floats: never part of the graph)
+    nonzero: int = 0
+    entries: int = 0
+    tokens: int = 0
+    units: int = 0
+    union_sum: float = 0.0  # sum over batches of the fraction of units active for >= 1 token
+    union_batches: int = 0
+    partials: list[Any] = field(default_factory=list)
+
+    def density(self) -> float:
+        return self.nonzero / self.entries if self.entries else float("nan")
+
+
+def _unwrap_hf_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside peft / DDP wrappers (the one that owns ``config``)."""
+    seen = 0
+    while seen < 8:
+        seen += 1
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "get_base_model") and callable(model.get_base_model):
+            inner = model.get_base_model()
+            if inner is model:
+                break
+            model = inner
+        else:
+            break
+    return model
+
+
+class ActivationProbe:
+    """Hooks the MLP activation of every layer of a Hugging Face model.
+
+    Args:
+        model: any transformers model (bare, with a task head, peft-wrapped or DDP-wrapped).
+        sites: optional module-name globs (``fnmatch`` against ``model.named_modules()``), e.g.
+            ``["*.mlp.act_fn"]``, for model types that are not in :data:`deft.constants.MLP_SPECS`.
+        point: ``"activation"`` hooks the activation module's output ``O = f(X W1)``;
+            ``"down_input"`` hooks the input of the down-projection (for gated MLPs that is
+            ``f(X Wg) * (X Wu)``, what a zero-skipping W2 sees). ``"auto"``: down-projection input
+            for gated MLPs, activation output otherwise.
+        threshold: an entry counts as non-zero when ``|x| > threshold`` (0 = exactly non-zero).
+        include_padding: count padded positions too (what the paper's research code did).
+
+    Use as a context manager (hooks live inside the ``with``) or call :meth:`attach` / :meth:`detach`.
+    The attention mask is read from the model call's ``attention_mask`` (and ``decoder_attention_mask``
+    for decoder sites of encoder-decoder models); :meth:`set_mask` overrides it for the next call.
+
+    Example::
+
+        probe = deft.ActivationProbe(model)
+        with probe, torch.no_grad():
+            model(**batch)
+        print(probe.densities())  # {site name: fraction of non-zero entries}
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        sites: Iterable[str] | None = None,
+        point: Point = "auto",
+        threshold: float = 0.0,
+        include_padding: bool = False,
+    ) -> None:
+        if not isinstance(threshold, (int, float)) or threshold < 0 or threshold != threshold:
+            raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
+        if point not in ("auto", "activation", "down_input"):
+            raise ValueError(f"point must be 'auto', 'activation' or 'down_input', got {point!r}")
+        self.model = model
+        self.top = _unwrap_hf_model(model)
+        self.threshold = float(threshold)
+        self.include_padding = bool(include_padding)
+        self.point = point
+        self.sites: list[Site] = self._find_sites(list(sites) if sites is not None else None)
+        self._loss: DensityLoss | None = None
+        self._handles: list[Any] = []
+        self._depth = 0  # >0 while the top model's forward runs
+        self._masks: dict[str, torch.Tensor | None] = {}
+        self._manual_mask: dict[str, torch.Tensor | None] | None = None
+
+    # ------------------------------------------------------------------ site discovery
+    def _find_sites(self, patterns: list[str] | None) -> list[Site]:
+        config = getattr(self.top, "config", None)
+        enc_dec = bool(getattr(config, "is_encoder_decoder", False))
+        named = list(self.top.named_modules())
+        if patterns is not None:
+            if not patterns:
+                raise ValueError("sites=[] selects nothing; pass module-name globs or None")
+            capture = "input" if self.point == "down_input" else "output"
+            chosen = [(n, m) for n, m in named if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+            if not chosen:
+                raise ValueError(
+                    f"sites={patterns!r} matched no module of {type(self.top).__name__}; "
+                    "module names look like: " + ", ".join(n for n, _ in named[1:8]) + ", ..."
+                )
+        else:
+            model_type = getattr(config, "model_type", None)
+            spec = mlp_spec(model_type)
+            gated = is_gated(spec, config)
+            use_down = self.point == "down_input" or (self.point == "auto" and gated)
+            pattern, capture = (spec.down, "input") if use_down else (spec.act, "output")
+            chosen = [(n, m) for n, m in named if full_match(pattern, n)]
+            if not chosen:
+                raise ValueError(
+                    f"found no MLP {'down-projection' if use_down else 'activation'} module in this "
+                    f"{model_type!r} model ({type(self.top).__name__}) with pattern {pattern!r}; "
+                    "this transformers version may name it differently: pass sites=[...] globs"
+                )
+        return [
+            Site(name=n, module=m, group=layer_group(n, enc_dec), index=i, capture=capture)
+            for i, (n, m) in enumerate(chosen)
+        ]
+
+    @property
+    def groups(self) -> list[str]:
+        return sorted({s.group for s in self.sites})
+
+    # ------------------------------------------------------------------ lifecycle
+    def attach(self) -> "ActivationProbe":
+        if self._handles:
+            return self
+        self._handles.append(self.top.register_forward_pre_hook(self._top_pre, with_kwargs=True))
+        self._handles.append(self.top.register_forward_hook(self._top_post, always_call=True))
+        for site in self.sites:
+            if site.capture == "output":
+                h = site.module.register_forward_hook(self._make_hook(site, use_input=False))
+            else:
+                h = site.module.register_forward_pre_hook(self._make_hook(site, use_input=True))
+            self._handles.append(h)
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._depth = 0
+
+    def __enter__(self) -> "ActivationProbe":
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def reset(self) -> None:
+        """Forget all counts and loss partials."""
+        for s in self.sites:
+            s.nonzero = s.entries = s.tokens = s.units = s.union_batches = 0
+            s.union_sum = 0.0
+            s.partials.clear()
+
+    def track(self, loss: "DensityLoss | None") -> "ActivationProbe":
+        """Bind a density loss: from now on hooks keep the partials it needs (when grad is enabled)."""
+        self._loss = loss
+        return self
+
+    def set_mask(self, attention_mask: torch.Tensor | None, decoder_attention_mask: torch.Tensor | None = None):
+        """Use these masks (1 = real token) instead of the ones passed to the model, until cleared with None."""
+        if attention_mask is None and decoder_attention_mask is None:
+            self._manual_mask = None
+        else:
+            self._manual_mask = {"encoder": attention_mask, "decoder": decoder_attention_mask}
+
+    # ------------------------------------------------------------------ hooks
+    def _top_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._depth == 0:
+            # each top-level forward produces its own loss partials
+            for s in self.sites:
+                s.partials.clear()
+            if self._manual_mask is not None:
+                self._masks = dict(self._manual_mask)
+            else:
+                self._masks = {
+                    "encoder": kwargs.get("attention_mask"),
+                    "decoder": kwargs.get("decoder_attention_mask"),
+                }
+        self._depth += 1
+
+    def _top_post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._depth = max(0, self._depth - 1)
+
+    def _mask_for(self, site: Site, x: torch.Tensor) -> torch.Tensor | None:
+        """Boolean mask of valid tokens shaped like ``x.shape[:-1]``, or None for "all valid"."""
+        if self.include_padding or x.dim() not in (2, 3):
+            return None
+        mask = self._masks.get("decoder" if site.group == "decoder" else "encoder")
+        if mask is None:
+            return None
+        if mask.dim() != 2:
+            raise ValueError(f"attention mask must be (batch, seq), got shape {tuple(mask.shape)} at {site.name}")
+        b = mask.shape[0]
+        if x.dim() == 3 and x.shape[0] == b:
+            t = x.shape[1]
+        elif x.dim() == 2 and x.shape[0] % b == 0:
+            t = x.shape[0] // b  # OPT flattens (batch, seq) before its MLP
+        else:
+            raise ValueError(
+                f"attention mask of shape {tuple(mask.shape)} does not fit the activations at "
+                f"{site.name} of shape {tuple(x.shape)}"
+            )
+        if mask.shape[1] > t:
+            # prefix tuning prepends virtual tokens to the mask, and cached decoding feeds only the newest
+            # tokens: in both cases the activations belong to the last t positions of the mask
+            mask = mask[:, -t:]
+        elif mask.shape[1] < t:
+            # prompt tuning prepends virtual tokens to the *inputs* only: they are real positions
+            pad = torch.ones(b, t - mask.shape[1], dtype=mask.dtype, device=mask.device)
+            mask = torch.cat([pad, mask], dim=1)
+        return mask.to(device=x.device).bool().reshape(x.shape[:-1])
+
+    def _make_hook(self, site: Site, use_input: bool):
+        def hook(module: nn.Module, *args: Any) -> None:
+            x = args[0][0] if use_input else args[1]
+            if isinstance(x, tuple):
+                x = x[0]
+            if not torch.is_tensor(x):
+                return
+            # outside the top model's forward this is a gradient-checkpoint recomputation (or a direct
+            # submodule call): nothing is recorded, but the loss ops still run, because non-reentrant
+            # checkpointing demands that recomputation saves exactly the tensors the forward saved
+            recording = self._depth > 0
+            mask = self._mask_for(site, x)
+            if recording:
+                self._count(site, x.detach(), mask)
+            if self._loss is not None and torch.is_grad_enabled() and x.requires_grad:
+                partial = self._loss.reduce(x, mask)
+                if recording:
+                    site.partials.append(partial)
+
+        return hook
+
+    def _count(self, site: Site, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        units = x.shape[-1]
+        active = x.abs() > self.threshold
+        if mask is not None:
+            active = active & mask.unsqueeze(-1)
+            n_tok = int(mask.sum())
+        else:
+            n_tok = x.numel() // units
+        site.nonzero += int(active.sum())
+        site.entries += n_tok * units
+        site.tokens += n_tok
+        site.units = units
+        if n_tok:
+            # union over every token of the batch: a unit that never fires in the batch is one a batched
+            # zero-skipping kernel can slice out of W2
+            site.union_sum += float(active.reshape(-1, units).any(dim=0).float().mean())
+            site.union_batches += 1
+
+    # ------------------------------------------------------------------ results
+    def densities(self) -> dict[str, float]:
+        """Per-site fraction of counted entries with ``|x| > threshold``."""
+        return {s.name: s.density() for s in self.sites}
+
+    def partials(self) -> list[list[Any]]:
+        return [s.partials for s in self.sites]
+
+    def __repr__(self) -> str:
+        return (
+            f"ActivationProbe({type(self.top).__name__}, {len(self.sites)} sites, "
+            f"capture={self.sites[0].capture if self.sites else None}, threshold={self.threshold}, "
+            f"include_padding={self.include_padding}, attached={bool(self._handles)})"
+        )
