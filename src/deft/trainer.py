@@ -1,0 +1,257 @@
+"""DeftTrainer: a drop-in ``transformers.Trainer`` that adds the density loss.
+
+``total = task_loss + alpha * density_loss``. Both terms are normalised over the *whole optimizer step*
+(all gradient-accumulation micro-batches, all DDP processes), so one step is the same for GA=1 and
+GA=2 and for 1 or N processes at the same global batch. transformers 5's own Trainer does not give
+that for every model: a model whose forward accepts ``**kwargs`` is assumed to scale its loss by
+``num_items_in_batch`` itself, which e.g. sequence classification heads do not, so GA=2 doubles the
+update. DeftTrainer computes its own normalisation and sets ``loss_is_scaled_for_ga = True``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from transformers import Trainer
+
+from .losses import DensityLoss
+from .metrics import DensityReport
+from .probe import ActivationProbe
+
+
+@dataclass
+class DensityConfig:
+    """How DEFT sparsifies. ``alpha=0`` is plain PEFT (the density is still measured)."""
+
+    alpha: float = field(default=1.0, metadata={"help": "weight of the density loss (0 = plain PEFT)"})
+    kind: Literal["l0", "tanh"] = field(
+        default="l0", metadata={"help": "surrogate: smooth-l0 x^2/(x^2+eps) (GELU/SiLU) or tanh(beta*|x|) (ReLU)"}
+    )
+    eps: float = field(default=1e-7, metadata={"help": "smooth-l0 eps"})
+    beta: float = field(default=10.0, metadata={"help": "tanh slope"})
+    granularity: Literal["token", "feature_map"] = field(
+        default="token", metadata={"help": "per-token loss, or the paper's batch feature map"}
+    )
+    include_padding: bool = field(default=False, metadata={"help": "count padded positions (research-code behaviour)"})
+    threshold: float = field(default=0.0, metadata={"help": "an activation counts as non-zero when |x| > threshold"})
+    point: Literal["auto", "activation", "down_input"] = field(
+        default="auto", metadata={"help": "hook the activation output or the down-projection input (gated default)"}
+    )
+    sites: list[str] | None = field(default=None, metadata={"help": "module-name globs for unregistered models"})
+    alpha_warmup: float = field(
+        default=0.0, metadata={"help": "fraction of training over which alpha ramps linearly from 0 to alpha"}
+    )
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.alpha, (int, float)) and self.alpha >= 0 and math.isfinite(self.alpha)):
+            raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha!r}")
+        if not 0.0 <= self.alpha_warmup <= 1.0:
+            raise ValueError(f"alpha_warmup must be in [0, 1], got {self.alpha_warmup!r}")
+        self.make_loss()  # validates kind / eps / beta / granularity
+
+    def make_loss(self) -> DensityLoss:
+        return DensityLoss(kind=self.kind, eps=self.eps, beta=self.beta, granularity=self.granularity)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _batch_size(batch: dict[str, Any]) -> int:
+    for v in batch.values():
+        if torch.is_tensor(v) and v.dim() > 0:
+            return int(v.shape[0])
+    return 1
+
+
+class DeftTrainer(Trainer):
+    """``transformers.Trainer`` + density loss + density metrics.
+
+    Extra argument ``density`` (:class:`DensityConfig`). Logs ``task_loss``, ``density_loss`` and the
+    running ``train_density`` every logging step; evaluation adds ``eval_density`` (overall),
+    ``eval_density_<group>`` and ``eval_density_layer_<i>``. The last eval report is kept in
+    ``trainer.last_density_report``.
+    """
+
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, model=None, args=None, *, density: DensityConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(model=model, args=args, **kwargs)
+        self.density = density or DensityConfig()
+        self.density_loss = self.density.make_loss()
+        self.probe = ActivationProbe(
+            self.model,
+            sites=self.density.sites,
+            point=self.density.point,
+            threshold=self.density.threshold,
+            include_padding=self.density.include_padding,
+        )
+        # with alpha = 0 nothing needs the loss partials: skip their cost, keep the counting
+        self.probe.track(self.density_loss if self.density.alpha > 0 else None)
+        self.probe.attach()
+        self.last_density_report: DensityReport | None = None
+        self._step_totals: dict[str, Any] = {}
+        self._log_sums = {"task_loss": 0.0, "density_loss": 0.0, "n": 0}
+        self._warned_fallback = False
+
+    # ------------------------------------------------------------------ normalisers
+    def _is_causal(self) -> bool:
+        cfg = getattr(self.probe.top, "config", None)
+        return not getattr(cfg, "is_encoder_decoder", False) and getattr(self, "_loss_shifts_labels", False)
+
+    def _task_items(self, batch: dict[str, Any]) -> int:
+        labels = batch.get("labels")
+        if torch.is_tensor(labels) and labels.dim() >= 2 and not labels.is_floating_point():
+            # token-level targets: the model's loss is a mean over the non-ignored (shifted) tokens
+            lab = labels[..., 1:] if self._is_causal() else labels
+            return int(lab.ne(-100).sum())
+        return _batch_size(batch)
+
+    def _density_tokens(self, batch: dict[str, Any]) -> dict[str, int] | None:
+        """Tokens each site group will see in this micro-batch, predicted from the inputs (None = unknown)."""
+        cfg = getattr(self.probe.top, "config", None)
+        groups = set(self.probe.groups)
+
+        def count(mask_key: str, ids_keys: tuple[str, ...]) -> int | None:
+            mask = batch.get(mask_key)
+            if torch.is_tensor(mask) and not self.density.include_padding:
+                return int(mask.sum())
+            for k in ids_keys:
+                v = batch.get(k)
+                if torch.is_tensor(v) and v.dim() >= 2:
+                    return int(v.shape[0] * v.shape[1])
+            return None
+
+        out: dict[str, int | None] = {}
+        if getattr(cfg, "is_encoder_decoder", False):
+            out["encoder"] = count("attention_mask", ("input_ids",))
+            out["decoder"] = count("decoder_attention_mask", ("decoder_input_ids", "labels"))
+        else:
+            out["all"] = count("attention_mask", ("input_ids",))
+        if any(out.get(g) is None for g in groups):
+            return None
+        return {g: int(out[g]) for g in groups}  # type: ignore[arg-type]
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        totals: dict[str, Any] = {"task": sum(self._task_items(b) for b in batch_samples), "density": None}
+        per_batch = [self._density_tokens(b) for b in batch_samples]
+        if per_batch and all(p is not None for p in per_batch):
+            groups = sorted(per_batch[0])  # type: ignore[arg-type]
+            totals["density"] = {g: sum(p[g] for p in per_batch) for g in groups}  # type: ignore[index]
+        if self.args.world_size > 1:
+            # every process needs the global counts: gather and sum them
+            keys = ["task"] + ([f"d:{g}" for g in sorted(totals["density"])] if totals["density"] else [])
+            vals = [totals["task"]] + ([totals["density"][g] for g in sorted(totals["density"])] if totals["density"] else [])
+            t = torch.tensor(vals, dtype=torch.float64, device=device)
+            g = self.accelerator.gather(t.unsqueeze(0)).sum(dim=0).tolist()
+            totals = {"task": g[0], "density": {k[2:]: v for k, v in zip(keys[1:], g[1:])} or None}
+        self._step_totals = totals
+        return batch_samples, num_items
+
+    # ------------------------------------------------------------------ loss
+    def current_alpha(self) -> float:
+        a = self.density.alpha
+        if self.density.alpha_warmup > 0 and self.state.max_steps > 0:
+            ramp = self.density.alpha_warmup * self.state.max_steps
+            a *= min(1.0, (self.state.global_step + 1) / max(ramp, 1.0))
+        return a
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training or not torch.is_grad_enabled():
+            outputs = model(**inputs)
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+            return (loss, outputs) if return_outputs else loss
+
+        outputs = model(**inputs)  # no num_items_in_batch: we want the micro-batch mean and rescale below
+        task = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+        ws = max(1, self.args.world_size)
+        ga = max(1, self.current_gradient_accumulation_steps)
+        totals = self._step_totals
+        if totals.get("task"):
+            # DDP averages gradients over processes: the factor ws turns that average back into a sum
+            task_scaled = task * (self._task_items(inputs) * ws / totals["task"])
+        else:
+            task_scaled = task / ga
+        loss = task_scaled
+        self._log_sums["task_loss"] += float(task.detach())
+        self._log_sums["n"] += 1
+
+        if self.density.alpha > 0:
+            dens_mean = self.density_loss(self.probe)  # this micro-batch's own mean, for logging
+            self._log_sums["density_loss"] += float(dens_mean.detach())
+            dens_scaled = self._scaled_density(inputs, dens_mean, ws, ga)
+            loss = loss + self.current_alpha() * dens_scaled
+        return (loss, outputs) if return_outputs else loss
+
+    def _scaled_density(self, inputs, dens_mean: torch.Tensor, ws: int, ga: int) -> torch.Tensor:
+        if self.density.granularity != "token" or not self._step_totals.get("density"):
+            return dens_mean / ga
+        predicted = self._density_tokens(inputs)
+        seen = {}
+        for s in self.probe.sites:
+            if s.partials:
+                seen[s.group] = sum(p[1] for p in s.partials) // max(s.units, 1)
+        if predicted is None or any(seen.get(g) != n for g, n in predicted.items() if g in seen):
+            # e.g. prompt tuning adds virtual tokens the inputs don't show: fall back to the per-micro-batch mean
+            if not self._warned_fallback:
+                self._warned_fallback = True
+                import warnings
+
+                warnings.warn(
+                    "deft: the token count seen by the MLPs differs from the inputs' attention mask "
+                    f"(seen {seen}, predicted {predicted}); the density term is averaged per micro-batch instead "
+                    "of over the whole accumulated batch"
+                )
+            return dens_mean / ga
+        totals = self._step_totals["density"]
+        # per-layer sums divided by the step's token count: summing micro-batches gives the step mean
+        per = self.density_loss.per_layer(self.probe, num_tokens=1.0)
+        vals = [v / float(totals[s.group]) for v, s in zip(per, self.probe.sites) if v is not None]
+        weights = self.density_loss._weights(len(per), dens_mean.device)
+        used = [i for i, v in enumerate(per) if v is not None]
+        total = sum(w * v for w, v in zip([weights[i] for i in used], vals))
+        return total / len(used) * ws
+
+    # ------------------------------------------------------------------ logging & evaluation
+    def _density_snapshot(self) -> list[tuple[int, int, int, int, float, int]]:
+        return [(s.nonzero, s.entries, s.tokens, s.units, s.union_sum, s.union_batches) for s in self.probe.sites]
+
+    def _restore_snapshot(self, snap) -> None:
+        for s, (nz, en, tok, un, us, ub) in zip(self.probe.sites, snap):
+            s.nonzero, s.entries, s.tokens, s.units, s.union_sum, s.union_batches = nz, en, tok, un, us, ub
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs and self._log_sums["n"]:
+            n = self._log_sums["n"]
+            logs["task_loss"] = round(self._log_sums["task_loss"] / n, 6)
+            if self.density.alpha > 0:
+                logs["density_loss"] = round(self._log_sums["density_loss"] / n, 6)
+                logs["alpha"] = self.current_alpha()
+            report = DensityReport.from_probe(self.probe)
+            if not math.isnan(report.overall):
+                logs["train_density"] = round(report.overall, 6)
+            self._log_sums = {"task_loss": 0.0, "density_loss": 0.0, "n": 0}
+            self.probe.reset()
+        super().log(logs, *args, **kwargs)
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any):
+        train_counts = self._density_snapshot()
+        self.probe.reset()
+        try:
+            output = super().evaluation_loop(*args, **kwargs)
+            report = DensityReport.from_probe(self.probe)
+        finally:
+            self.probe.reset()
+            self._restore_snapshot(train_counts)
+        prefix = kwargs.get("metric_key_prefix", args[3] if len(args) > 3 else "eval")
+        self.last_density_report = report
+        output.metrics[f"{prefix}_density"] = report.overall
+        output.metrics[f"{prefix}_union_density"] = report.union_overall
+        for g, v in report.groups.items():
+            if g != "all":
+                output.metrics[f"{prefix}_density_{g}"] = v
+        for i, layer in enumerate(report.layers):
+            output.metrics[f"{prefix}_density_layer_{i}"] = layer.density
+        return output
