@@ -133,3 +133,27 @@ def test_density_config_validation():
         DensityConfig(eps=0)
     with pytest.raises(ValueError, match="alpha_warmup"):
         DensityConfig(alpha_warmup=2)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_single_process(tmp_path):
+    """2 gloo processes x batch 4 take the same step as 1 process x batch 8."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    worker = str(HERE / "ddp_worker.py")
+    single, ddp = tmp_path / "single" / "out.json", tmp_path / "ddp" / "out.json"
+    single.parent.mkdir()
+    ddp.parent.mkdir()
+    subprocess.run([sys.executable, worker, str(single), "8"], check=True, env=env, timeout=300,
+                   capture_output=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         worker, str(ddp), "4"],
+        env=env, timeout=300, capture_output=True, text=True,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = json.loads(single.read_text()), json.loads(ddp.read_text())
+    assert (a["world_size"], b["world_size"]) == (1, 2)
+    assert any(abs(x) > 0 for v in a["delta"].values() for x in v)
+    for name in a["delta"]:
+        torch.testing.assert_close(torch.tensor(a["delta"][name]), torch.tensor(b["delta"][name]),
+                                   rtol=1e-4, atol=1e-6, msg=name)

@@ -1,0 +1,426 @@
+"""Recipes behind the CLI: train one run, compare PEFT vs DEFT over seeds, measure a model.
+
+Each function takes a typed dataclass of arguments (the CLI builds it from flags and config files) and
+writes everything it produces under ``output``: ``results.json``, plots, the trained adapter. Results
+are written atomically, and a run folder with checkpoints resumes with ``resume=True``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .io import write_json, write_text
+from .metrics import DensityReport, density_change
+
+
+class RunError(RuntimeError):
+    """A run cannot start as asked (bad option combination, existing output, missing data)."""
+
+
+def _h(text: str, **kw: Any):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class TrainArgs:
+    """Arguments of ``deft train`` (and of each run of ``deft compare``)."""
+
+    model: str = _h("model alias (minilm, smollm2), local path or hub id", default="minilm")
+    task: str = _h("GLUE task: sst2, mrpc, rte, cola, stsb, qnli, qqp, mnli", default="sst2")
+    method: str = _h("PEFT method: lora, prefix, prompt, ia3, bitfit, adapter, qlora", default="lora")
+    alpha: float = _h("density-loss weight (0 = plain PEFT)", default=1.0)
+    loss: str = _h("density surrogate: l0 (smooth-l0, GELU/SiLU) or tanh (ReLU)", default="l0")
+    eps: float = _h("smooth-l0 eps", default=1e-7)
+    beta: float = _h("tanh slope", default=10.0)
+    granularity: str = _h("token (per entry) or feature_map (the paper's batch feature map)", default="token")
+    alpha_warmup: float = _h("fraction of training over which alpha ramps up from 0", default=0.0)
+    include_padding: bool = _h("count padded positions in loss and metric (research-code behaviour)", default=False)
+    threshold: float = _h("density metric: |x| > threshold counts as non-zero", default=0.0)
+    epochs: float = _h("training epochs", default=2.0)
+    lr: float = _h("peak learning rate (linear decay, warmup_ratio warm-up)", default=1e-3)
+    warmup_ratio: float = _h("fraction of steps of learning-rate warm-up", default=0.06)
+    weight_decay: float = _h("AdamW weight decay", default=0.0)
+    batch_size: int = _h("per-device training batch size", default=32)
+    eval_batch_size: int = _h("per-device evaluation batch size", default=64)
+    grad_accum: int = _h("gradient accumulation steps", default=1)
+    max_length: int = _h("maximum tokens per example", default=128)
+    seed: int = _h("random seed", default=0)
+    output: str = _h("run folder (results.json, plots, adapter, checkpoints)", default="runs/train")
+    data_dir: str | None = _h("GLUE folder with TASK/{train,dev}.tsv (e.g. ../shared/data/glue)", default=None)
+    data_source: str = _h("auto, local, hub or builtin (the shipped SST-2 sample)", default="auto")
+    max_train_samples: int | None = _h("use a seeded subset of the training set", default=None)
+    max_eval_samples: int | None = _h("use a seeded subset of the dev set", default=None)
+    lora_r: int = _h("LoRA rank", default=8)
+    lora_alpha: float = _h("LoRA alpha (scale = lora_alpha / r)", default=16.0)
+    lora_dropout: float = _h("LoRA dropout", default=0.0)
+    target_modules: str = _h("LoRA targets: mlp+attention, mlp, attention, all-linear or a comma list",
+                             default="mlp+attention")
+    num_virtual_tokens: int = _h("prefix / prompt tuning virtual tokens", default=20)
+    adapter_type: str = _h("bottleneck adapter: pfeiffer or houlsby", default="pfeiffer")
+    adapter_reduction_factor: int = _h("adapter bottleneck = hidden // factor", default=16)
+    logging_steps: int = _h("log every N optimizer steps", default=25)
+    resume: bool = _h("continue the interrupted run in --output from its last checkpoint", default=False)
+    overwrite: bool = _h("start over even if --output holds a finished or interrupted run", default=False)
+    gradient_checkpointing: bool = _h("recompute activations in backward to save memory", default=False)
+    trust_remote_code: bool = _h("allow model code from the hub (off: only transformers' own classes)", default=False)
+    sites: list[str] | None = _h("module-name globs of the activations, for model types deft does not know",
+                                 default=None)
+    quiet: bool = _h("no progress bars", default=False)
+
+
+@dataclass
+class CompareArgs(TrainArgs):
+    """Arguments of ``deft compare``: PEFT (alpha=0) vs DEFT (alpha) with everything else equal."""
+
+    seeds: list[int] = _h("seeds; each runs PEFT and DEFT", default_factory=lambda: [0])
+    output: str = _h("folder for the runs, compare.json/csv and the plot", default="runs/compare")
+
+
+@dataclass
+class MeasureArgs:
+    """Arguments of ``deft measure``: activation density of a model or trained adapter on a task's dev set."""
+
+    model: str = _h("model alias, local path or hub id", default="minilm")
+    task: str = _h("GLUE task whose dev set is measured", default="sst2")
+    adapter: str | None = _h("a run's adapter folder (RUN/adapter) to load on the model", default=None)
+    data_dir: str | None = _h("GLUE folder with TASK/{train,dev}.tsv", default=None)
+    data_source: str = _h("auto, local, hub or builtin", default="auto")
+    max_eval_samples: int | None = _h("seeded subset of the dev set", default=None)
+    max_length: int = _h("maximum tokens per example", default=128)
+    batch_size: int = _h("batch size", default=64)
+    threshold: float = _h("|x| > threshold counts as non-zero", default=0.0)
+    include_padding: bool = _h("count padded positions", default=False)
+    sites: list[str] | None = _h("module-name globs for unknown model types", default=None)
+    output: str | None = _h("write density.json here (a folder)", default=None)
+    trust_remote_code: bool = _h("allow model code from the hub", default=False)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {
+        "deft": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()} {platform.system()}",
+    }
+
+
+def _subset(items: list, n: int | None, seed: int) -> list:
+    if n is None or n >= len(items):
+        return items
+    import random
+
+    idx = sorted(random.Random(seed).sample(range(len(items)), n))
+    return [items[i] for i in idx]
+
+
+def load_model_and_tokenizer(name: str, task: str, *, trust_remote_code: bool = False):
+    """Tokenizer and sequence-classification model for a GLUE ``task`` (pad token set for decoders)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from .data import glue_task
+    from .models import resolve
+
+    spec = glue_task(task)
+    path = resolve(name)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        # decoder-only models ship no pad token; classification pools the last real token, so any id works
+        tok.pad_token = tok.eos_token
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, num_labels=spec.num_labels)
+    if spec.is_regression:
+        config.problem_type = "regression"
+    if config.pad_token_id is None:
+        config.pad_token_id = tok.pad_token_id
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, config=config, trust_remote_code=trust_remote_code
+    )
+    return model, tok
+
+
+def _load_split(args, task: str, split: str, n: int | None, seed: int):
+    from .data import load_glue
+
+    return _subset(load_glue(task, split, data_dir=args.data_dir, source=args.data_source), n, seed)
+
+
+def _method_config(args: TrainArgs):
+    from .methods import MethodConfig
+
+    return MethodConfig(
+        method=args.method,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=args.target_modules,
+        num_virtual_tokens=args.num_virtual_tokens,
+        adapter_type=args.adapter_type,
+        adapter_reduction_factor=args.adapter_reduction_factor,
+    )
+
+
+def _density_config(args: TrainArgs):
+    from .trainer import DensityConfig
+
+    return DensityConfig(
+        alpha=args.alpha,
+        kind=args.loss,  # type: ignore[arg-type]
+        eps=args.eps,
+        beta=args.beta,
+        granularity=args.granularity,  # type: ignore[arg-type]
+        include_padding=args.include_padding,
+        threshold=args.threshold,
+        sites=args.sites,
+        alpha_warmup=args.alpha_warmup,
+    )
+
+
+def _last_checkpoint(ckpt_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+
+
+# ---------------------------------------------------------------------------------------------- train
+def train(args: TrainArgs) -> dict[str, Any]:
+    """Fine-tune with PEFT + density loss on a GLUE task; returns (and writes) ``results.json``."""
+    import torch
+    from transformers import DataCollatorWithPadding, TrainingArguments, set_seed
+
+    from .data import GlueDataset, glue_metrics, glue_task
+    from .methods import apply_method, count_parameters, save_trainable
+    from .plots import layerwise_density
+    from .trainer import DeftTrainer
+
+    out = Path(args.output)
+    ckpt_dir = out / "checkpoints"
+    last = _last_checkpoint(ckpt_dir)
+    if (out / "results.json").exists() and not args.overwrite:
+        raise RunError(f"{out} already holds a finished run (results.json); pass --overwrite or another --output")
+    if last and not (args.resume or args.overwrite):
+        raise RunError(f"{out} holds an interrupted run ({last}); pass --resume to continue it or --overwrite")
+    if args.resume and not last:
+        print(f"deft: no checkpoint in {ckpt_dir}; starting from scratch")
+    spec = glue_task(args.task)
+    density_cfg = _density_config(args)  # validate everything before loading anything heavy
+    method_cfg = _method_config(args)
+
+    set_seed(args.seed)
+    model, tok = load_model_and_tokenizer(args.model, args.task, trust_remote_code=args.trust_remote_code)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = apply_method(model, method_cfg, task_type="SEQ_CLS")
+    params = count_parameters(model)
+
+    train_ex = _load_split(args, args.task, "train", args.max_train_samples, args.seed)
+    dev_ex = _load_split(args, args.task, "dev", args.max_eval_samples, 0)
+    train_ds = GlueDataset(train_ex, tok, args.max_length)
+    dev_ds = GlueDataset(dev_ex, tok, args.max_length)
+
+    def compute_metrics(p):
+        preds = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
+        return glue_metrics(args.task, preds, p.label_ids)
+
+    targs = TrainingArguments(
+        output_dir=str(ckpt_dir),
+        num_train_epochs=args.epochs,
+        learning_rate=args.lr,
+        warmup_steps=args.warmup_ratio,  # a float < 1 is a fraction of the steps in transformers 5
+        weight_decay=args.weight_decay,
+        lr_scheduler_type="linear",
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.eval_batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=1,
+        logging_steps=args.logging_steps,
+        report_to=[],
+        seed=args.seed,
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=args.quiet,
+        dataloader_num_workers=0,
+    )
+    trainer = DeftTrainer(
+        model,
+        targs,
+        density=density_cfg,
+        train_dataset=train_ds,
+        eval_dataset=dev_ds,
+        data_collator=DataCollatorWithPadding(tok),
+        compute_metrics=compute_metrics,
+    )
+    t0 = time.time()
+    trainer.train(resume_from_checkpoint=last if (args.resume and last) else None)
+    train_time = time.time() - t0
+    metrics = trainer.evaluate()
+    report = trainer.last_density_report
+    assert report is not None
+
+    save_trainable(trainer.model, out / "adapter", method_cfg)
+    layerwise_density({f"{args.method} alpha={args.alpha:g}": report}, out / "layerwise_density.png",
+                      title=f"{args.model} / {args.task}")
+    results = {
+        "config": asdict(args),
+        "task": spec.name,
+        "main_metric": spec.main_metric,
+        "metric": metrics.get(f"eval_{spec.main_metric}"),
+        "metrics": {k[5:]: v for k, v in metrics.items() if k.startswith("eval_") and "density_layer" not in k},
+        "density": report.to_dict(),
+        "trainable_params": params.trainable,
+        "total_params": params.total,
+        "trainable_percent": params.percent,
+        "train_examples": len(train_ds),
+        "eval_examples": len(dev_ds),
+        "data": _data_label(args),
+        "train_time_s": round(train_time, 1),
+        "log_history": trainer.state.log_history,
+        "versions": _versions(),
+    }
+    write_json(out / "results.json", results)
+    trainer.probe.detach()
+    return results
+
+
+def _data_label(args) -> str:
+    if args.data_source == "builtin" or (args.data_source == "auto" and args.data_dir is None and args.task == "sst2"):
+        return "builtin SST-2 sample (3,000 train rows, full dev)"
+    if args.data_dir:
+        return f"local GLUE files in {args.data_dir}"
+    return "Hugging Face hub (glue)"
+
+
+# ---------------------------------------------------------------------------------------------- compare
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    if not xs:
+        return float("nan"), float("nan")
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def compare(args: CompareArgs) -> dict[str, Any]:
+    """PEFT (alpha=0) and DEFT (alpha) for each seed; finished runs are reused, so it resumes."""
+    from .plots import layerwise_density
+
+    out = Path(args.output)
+    runs: dict[str, list[dict[str, Any]]] = {"PEFT": [], "DEFT": []}
+    for seed in args.seeds:
+        for label, alpha in (("PEFT", 0.0), ("DEFT", args.alpha)):
+            run_dir = out / f"{label.lower()}-seed{seed}"
+            if (run_dir / "results.json").exists() and not args.overwrite:
+                res = json.loads((run_dir / "results.json").read_text())
+                print(f"deft: reusing finished run {run_dir}")
+            else:
+                kw = {f.name: getattr(args, f.name) for f in fields(TrainArgs)}
+                kw.update(seed=seed, alpha=alpha, output=str(run_dir), resume=True)
+                print(f"deft: training {label} (alpha={alpha:g}, seed={seed}) -> {run_dir}")
+                res = train(TrainArgs(**kw))
+            runs[label].append(res)
+
+    summary = summarize(runs)
+    reports = {k: [DensityReport.from_dict(r["density"]) for r in v] for k, v in runs.items()}
+    plot = layerwise_density(reports, out / "layerwise_density.png", title=f"{args.model} / {args.task} / {args.method}")
+    write_json(out / "compare.json", {"summary": summary, "config": asdict(args), "runs": {
+        k: [{"seed": r["config"]["seed"], "metric": r["metric"], "density": r["density"]["overall"],
+             "dir": r["config"]["output"]} for r in v] for k, v in runs.items()}})
+    write_text(out / "compare.csv", _csv(summary))
+    table = format_table(summary)
+    write_text(out / "compare.md", table + "\n")
+    print(table)
+    print(f"\ntable: {out / 'compare.md'} (also compare.json, compare.csv)\nplot:  {plot}")
+    return summary
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    rows = {}
+    for label, rs in runs.items():
+        m, ms = _mean_std([r["metric"] for r in rs])
+        d, ds = _mean_std([r["density"]["overall"] for r in rs])
+        u, us = _mean_std([r["density"].get("union_overall", float("nan")) for r in rs])
+        rows[label] = {
+            "metric_mean": m, "metric_std": ms, "density_mean": d, "density_std": ds,
+            "union_density_mean": u, "union_density_std": us, "seeds": [r["config"]["seed"] for r in rs],
+            "trainable_percent": rs[0]["trainable_percent"] if rs else None,
+        }
+    first = next(iter(runs.values()))[0]
+    change = density_change(rows["PEFT"]["density_mean"], rows["DEFT"]["density_mean"])
+    return {
+        "task": first["task"], "main_metric": first["main_metric"], "model": first["config"]["model"],
+        "method": first["config"]["method"], "alpha": runs["DEFT"][0]["config"]["alpha"],
+        "data": first.get("data"), "rows": rows, "density_change_percent": change,
+        "metric_change_points": 100 * (rows["DEFT"]["metric_mean"] - rows["PEFT"]["metric_mean"]),
+    }
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The paper-style table: metric mean ± std, density mean ± std, Density Change %."""
+    metric = summary["main_metric"]
+    lines = [
+        f"{summary['model']} / {summary['task']} / {summary['method']} (DEFT alpha={summary['alpha']:g}); "
+        f"data: {summary['data']}",
+        "",
+        f"| run  | {metric} (%)     | density (%)    | union density (%) | trainable % |",
+        "|------|----------------|----------------|-------------------|-------------|",
+    ]
+    for label, r in summary["rows"].items():
+        lines.append(
+            f"| {label} | {100 * r['metric_mean']:6.2f} ± {100 * r['metric_std']:4.2f} | "
+            f"{100 * r['density_mean']:6.2f} ± {100 * r['density_std']:4.2f} | "
+            f"{100 * r['union_density_mean']:8.2f}          | {r['trainable_percent']:.3f}       |"
+        )
+    lines.append("")
+    lines.append(
+        f"Density Change: {summary['density_change_percent']:.2f} %   "
+        f"({metric} change: {summary['metric_change_points']:+.2f} points)"
+    )
+    return "\n".join(lines)
+
+
+def _csv(summary: dict[str, Any]) -> str:
+    head = "run,metric,metric_mean,metric_std,density_mean,density_std,union_density_mean,density_change_percent"
+    rows = [
+        f"{k},{summary['main_metric']},{r['metric_mean']},{r['metric_std']},{r['density_mean']},{r['density_std']},"
+        f"{r['union_density_mean']},{summary['density_change_percent'] if k == 'DEFT' else 0.0}"
+        for k, r in summary["rows"].items()
+    ]
+    return "\n".join([head, *rows]) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- measure
+def measure(args: MeasureArgs) -> DensityReport:
+    """Density of a model (optionally with a trained adapter) on a GLUE dev set."""
+    import torch
+    from transformers import DataCollatorWithPadding
+
+    from .data import GlueDataset
+    from .methods import load_trainable
+    from .metrics import measure_density
+
+    model, tok = load_model_and_tokenizer(args.model, args.task, trust_remote_code=args.trust_remote_code)
+    if args.adapter:
+        model = load_trainable(model, args.adapter, task_type="SEQ_CLS")
+    dev = GlueDataset(_load_split(args, args.task, "dev", args.max_eval_samples, 0), tok, args.max_length)
+    collate = DataCollatorWithPadding(tok)
+    loader = torch.utils.data.DataLoader(dev, batch_size=args.batch_size, collate_fn=collate)
+    batches = ({k: v for k, v in b.items() if k != "labels"} for b in loader)
+    report = measure_density(model, batches, threshold=args.threshold, include_padding=args.include_padding,
+                             sites=args.sites)
+    print(report.table())
+    if args.output:
+        write_json(Path(args.output) / "density.json", {"density": report.to_dict(), "args": asdict(args)})
+    return report
