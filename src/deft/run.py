@@ -268,7 +268,11 @@ def train(args: TrainArgs) -> dict[str, Any]:
     t0 = time.time()
     trainer.train(resume_from_checkpoint=last if (args.resume and last) else None)
     train_time = time.time() - t0
-    metrics = trainer.evaluate()
+    evals = [h for h in trainer.state.log_history if "eval_density" in h]
+    if evals and evals[-1].get("step") == trainer.state.global_step and trainer.last_density_report is not None:
+        metrics = evals[-1]  # the end-of-epoch evaluation already measured the final model
+    else:
+        metrics = trainer.evaluate()
     report = trainer.last_density_report
     assert report is not None
 
