@@ -14,12 +14,13 @@ import typing
 from pathlib import Path
 from typing import Any, Sequence
 
-from .run import CompareArgs, MeasureArgs, RunError, TrainArgs
+from .run import CompareArgs, MeasureArgs, RunError, SkipArgs, TrainArgs
 
 COMMANDS: dict[str, tuple[type, str]] = {
     "train": (TrainArgs, "fine-tune with PEFT + density loss; writes results.json, a plot and the adapter"),
     "compare": (CompareArgs, "PEFT (alpha=0) vs DEFT over seeds; prints the paper-style table"),
     "measure": (MeasureArgs, "activation density of a model or trained adapter on a dev set"),
+    "skip": (SkipArgs, "ADA-DEFT: skip silent MLP blocks of a trained run under a bounded metric drop"),
 }
 
 
@@ -104,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run.compare(args)
         elif command == "measure":
             run.measure(args)
+        elif command == "skip":
+            run.skip(args)
     except (RunError, ValueError, FileNotFoundError) as e:
         # our own errors name the option / file at fault: show them without a stack trace
         print(f"deft {sys.argv[1] if len(sys.argv) > 1 else ''}: error: {e}", file=sys.stderr)

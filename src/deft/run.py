@@ -40,6 +40,7 @@ class TrainArgs:
     beta: float = _h("tanh slope", default=10.0)
     granularity: str = _h("token (per entry) or feature_map (the paper's batch feature map)", default="token")
     alpha_warmup: float = _h("fraction of training over which alpha ramps up from 0", default=0.0)
+    adaptive: bool = _h("ADA-DEFT: adaptive per-layer density weights (see docs/ada-deft.md)", default=False)
     include_padding: bool = _h("count padded positions in loss and metric (research-code behaviour)", default=False)
     threshold: float = _h("density metric: |x| > threshold counts as non-zero", default=0.0)
     epochs: float = _h("training epochs", default=2.0)
@@ -186,6 +187,7 @@ def _density_config(args: TrainArgs):
         threshold=args.threshold,
         sites=args.sites,
         alpha_warmup=args.alpha_warmup,
+        adaptive=args.adaptive,
     )
 
 
@@ -403,6 +405,97 @@ def _csv(summary: dict[str, Any]) -> str:
         for k, r in summary["rows"].items()
     ]
     return "\n".join([head, *rows]) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- skip
+@dataclass
+class SkipArgs:
+    """Arguments of ``deft skip``: drop (nearly) silent MLP blocks of a trained run (ADA-DEFT)."""
+
+    run: str = _h("a finished run folder (with results.json and adapter/)", default="runs/train")
+    max_drop: float = _h("largest accepted metric drop, in points (e.g. 0.5)", default=0.5)
+    max_eval_samples: int | None = _h("seeded subset of the dev set used to choose and measure", default=None)
+    batch_size: int = _h("evaluation batch size", default=64)
+    output: str | None = _h("write skip.json here (default: the run folder)", default=None)
+
+
+def _load_run_model(run_dir: Path):
+    from .methods import load_trainable
+
+    res = json.loads((run_dir / "results.json").read_text())
+    cfg = res["config"]
+    model, tok = load_model_and_tokenizer(cfg["model"], cfg["task"], trust_remote_code=cfg.get("trust_remote_code", False))
+    model = load_trainable(model, run_dir / "adapter", task_type="SEQ_CLS")
+    return model.eval(), tok, res
+
+
+def _eval_loader(run_cfg: dict[str, Any], tok, n: int | None, batch_size: int):
+    import torch
+    from transformers import DataCollatorWithPadding
+
+    from .data import GlueDataset, load_glue
+
+    ex = _subset(load_glue(run_cfg["task"], "dev", data_dir=run_cfg["data_dir"], source=run_cfg["data_source"]), n, 0)
+    ds = GlueDataset(ex, tok, run_cfg["max_length"])
+    return list(torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=DataCollatorWithPadding(tok)))
+
+
+def evaluate_glue(model, batches, task: str) -> tuple[dict[str, float], float]:
+    """(GLUE metrics, seconds of model time) of ``model`` over labelled ``batches``."""
+    import torch
+
+    from .data import glue_metrics
+
+    preds, refs, secs = [], [], 0.0
+    with torch.no_grad():
+        for b in batches:
+            inputs = {k: v for k, v in b.items() if k != "labels"}
+            t0 = time.perf_counter()
+            logits = model(**inputs).logits
+            secs += time.perf_counter() - t0
+            preds.append(logits)
+            refs.append(b["labels"])
+    return glue_metrics(task, torch.cat(preds), torch.cat(refs)), secs
+
+
+def skip(args: SkipArgs) -> dict[str, Any]:
+    """Choose MLP blocks to skip under ``max_drop``, then measure metric, runtime and weights of the result."""
+    from .methods import count_parameters
+    from .skip import choose_skips, skip_mlp_blocks
+
+    run_dir = Path(args.run)
+    if not (run_dir / "results.json").exists():
+        raise RunError(f"{run_dir} has no results.json: pass a finished run folder to --run")
+    model, tok, res = _load_run_model(run_dir)
+    cfg, main = res["config"], res["main_metric"]
+    batches = _eval_loader(cfg, tok, args.max_eval_samples, args.batch_size)
+    report = DensityReport.from_dict(res["density"])
+
+    def metric(m) -> float:
+        return 100 * evaluate_glue(m, batches, cfg["task"])[0][main]
+
+    base_metrics, base_time = evaluate_glue(model, batches, cfg["task"])
+    choice = choose_skips(lambda: _load_run_model(run_dir)[0], report, metric, max_drop=args.max_drop,
+                          baseline=100 * base_metrics[main])
+    params_before = count_parameters(model).total
+    skipped, info = skip_mlp_blocks(_load_run_model(run_dir)[0], report, 0.0, layers=choice["skip_layers"])
+    skip_metrics, skip_time = evaluate_glue(skipped, batches, cfg["task"])
+    out = {
+        "run": str(run_dir), "main_metric": main, "max_drop_points": args.max_drop,
+        "skipped_layers": choice["skip_layers"], "skipped_modules": info.skipped,
+        "layer_densities": [l.density for l in report.layers],
+        "metric_before": base_metrics[main], "metric_after": skip_metrics[main],
+        "model_seconds_before": base_time, "model_seconds_after": skip_time,
+        "runtime_change_percent": 100 * (skip_time - base_time) / base_time if base_time else None,
+        "params_before": params_before, "params_freed": info.freed_params,
+        "memory_change_percent": -100 * info.freed_params / params_before,
+        "trace": choice["trace"],
+    }
+    write_json(Path(args.output or run_dir) / "skip.json", out)
+    print(f"skipped MLP blocks {choice['skip_layers']} of {len(report.layers)}; {main}: "
+          f"{100 * out['metric_before']:.2f} -> {100 * out['metric_after']:.2f}; model time "
+          f"{base_time:.2f}s -> {skip_time:.2f}s; weights freed {info.freed_params:,} ({out['memory_change_percent']:.1f}%)")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- measure

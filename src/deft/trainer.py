@@ -43,12 +43,24 @@ class DensityConfig:
     alpha_warmup: float = field(
         default=0.0, metadata={"help": "fraction of training over which alpha ramps linearly from 0 to alpha"}
     )
+    adaptive: bool = field(
+        default=False, metadata={"help": "ADA-DEFT: per-layer weights that push the sparsest layers hardest"}
+    )
+    adaptive_gamma: float = field(default=2.0, metadata={"help": "ADA-DEFT: sharpness of the layer weights"})
+    adaptive_mix: float = field(
+        default=0.5, metadata={"help": "ADA-DEFT: share of the adaptive part (0 = uniform weights, 1 = fully adaptive)"}
+    )
+    adaptive_every: int = field(default=10, metadata={"help": "ADA-DEFT: update the weights every N optimizer steps"})
 
     def __post_init__(self) -> None:
         if not (isinstance(self.alpha, (int, float)) and self.alpha >= 0 and math.isfinite(self.alpha)):
             raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha!r}")
         if not 0.0 <= self.alpha_warmup <= 1.0:
             raise ValueError(f"alpha_warmup must be in [0, 1], got {self.alpha_warmup!r}")
+        if not 0.0 <= self.adaptive_mix <= 1.0:
+            raise ValueError(f"adaptive_mix must be in [0, 1], got {self.adaptive_mix!r}")
+        if self.adaptive_gamma <= 0 or self.adaptive_every < 1:
+            raise ValueError("adaptive_gamma must be > 0 and adaptive_every >= 1")
         self.make_loss()  # validates kind / eps / beta / granularity
 
     def make_loss(self) -> DensityLoss:
@@ -94,6 +106,9 @@ class DeftTrainer(Trainer):
         self._step_totals: dict[str, Any] = {}
         self._log_sums = {"task_loss": 0.0, "density_loss": 0.0, "n": 0}
         self._warned_fallback = False
+        self._ada_prev: list[tuple[int, int]] = [(0, 0)] * len(self.probe.sites)
+        self._ada_density: list[float] | None = None
+        self._ada_step = -1
 
     # ------------------------------------------------------------------ normalisers
     def _is_causal(self) -> bool:
@@ -179,11 +194,42 @@ class DeftTrainer(Trainer):
         self._log_sums["n"] += 1
 
         if self.density.alpha > 0:
+            if self.density.adaptive:
+                self._update_adaptive_weights()
             dens_mean = self.density_loss(self.probe)  # this micro-batch's own mean, for logging
             self._log_sums["density_loss"] += float(dens_mean.detach())
             dens_scaled = self._scaled_density(inputs, dens_mean, ws, ga)
             loss = loss + self.current_alpha() * dens_scaled
         return (loss, outputs) if return_outputs else loss
+
+    def _update_adaptive_weights(self) -> None:
+        """ADA-DEFT layer weights from each layer's recent train density (see docs/ada-deft.md).
+
+        Only a layer that goes fully silent can be skipped, so the pay-off of sparsity is convex in a
+        layer's density: weight ~ (1 - density)^gamma moves the density budget to the layers already
+        closest to silence. Weights are mixed with the uniform ones and keep mean 1, so alpha keeps its
+        meaning.
+        """
+        step = self.state.global_step
+        if step == self._ada_step or step % self.density.adaptive_every:
+            return
+        self._ada_step = step
+        dens = []
+        for i, s in enumerate(self.probe.sites):
+            pnz, pen = self._ada_prev[i]
+            if s.entries < pen:  # counts were reset by a log step since the last update
+                pnz = pen = 0
+            dn, de = s.nonzero - pnz, s.entries - pen
+            self._ada_prev[i] = (s.nonzero, s.entries)
+            dens.append(dn / de if de else float("nan"))
+        if self._ada_density is None:
+            self._ada_density = [1.0 if math.isnan(d) else d for d in dens]
+        else:  # smooth over updates: a single micro-batch is a noisy estimate
+            self._ada_density = [p if math.isnan(d) else 0.7 * p + 0.3 * d for p, d in zip(self._ada_density, dens)]
+        v = [(1.0 - d + 1e-3) ** self.density.adaptive_gamma for d in self._ada_density]
+        n, total = len(v), sum(v)
+        mix = self.density.adaptive_mix
+        self.density_loss.layer_weights = [(1 - mix) + mix * n * x / total for x in v]
 
     def _scaled_density(self, inputs, dens_mean: torch.Tensor, ws: int, ga: int) -> torch.Tensor:
         if self.density.granularity != "token" or not self._step_totals.get("density"):
@@ -229,6 +275,9 @@ class DeftTrainer(Trainer):
             if self.density.alpha > 0:
                 logs["density_loss"] = round(self._log_sums["density_loss"] / n, 6)
                 logs["alpha"] = self.current_alpha()
+            if self.density.adaptive and self.density_loss.layer_weights is not None:
+                w = list(self.density_loss.layer_weights)
+                logs["ada_weight_min"], logs["ada_weight_max"] = round(min(w), 4), round(max(w), 4)
             report = DensityReport.from_probe(self.probe)
             if not math.isnan(report.overall):
                 logs["train_density"] = round(report.overall, 6)
