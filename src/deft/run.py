@@ -60,6 +60,7 @@ class TrainArgs:
     lora_r: int = _h("LoRA rank", default=8)
     lora_alpha: float = _h("LoRA alpha (scale = lora_alpha / r)", default=16.0)
     lora_dropout: float = _h("LoRA dropout", default=0.0)
+    lora_bias: str = _h("biases LoRA also trains: none, lora_only, all", default="none")
     target_modules: str = _h("LoRA targets: mlp+attention, mlp, attention, all-linear or a comma list",
                              default="mlp+attention")
     num_virtual_tokens: int = _h("prefix / prompt tuning virtual tokens", default=20)
@@ -167,6 +168,7 @@ def _method_config(args: TrainArgs):
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
+        lora_bias=args.lora_bias,
         target_modules=args.target_modules,
         num_virtual_tokens=args.num_virtual_tokens,
         adapter_type=args.adapter_type,

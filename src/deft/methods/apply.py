@@ -84,6 +84,7 @@ def _lora_config(model: nn.Module, cfg: MethodConfig, task_type: str, heads: lis
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
+        bias=cfg.lora_bias,
         target_modules=names_to_regex(model, targets),
         modules_to_save=heads or None,
     )

@@ -40,6 +40,13 @@ class MethodConfig:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (lora, qlora)."})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling: the update is scaled by alpha / r."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
+    lora_bias: str = field(
+        default="none",
+        metadata={
+            "help": "Which biases LoRA also trains (peft's `bias`): 'none', 'lora_only' (biases of the adapted "
+            "modules; lets DEFT shift MLP units below zero directly) or 'all'."
+        },
+    )
     target_modules: str = field(
         default="mlp+attention",
         metadata={
@@ -69,6 +76,7 @@ class MethodConfig:
             self.target_modules = ",".join(str(t).strip() for t in self.target_modules)
         self._check_choice("method", METHODS)
         self._check_choice("adapter_type", ADAPTER_TYPES)
+        self._check_choice("lora_bias", ("none", "lora_only", "all"))
         self._check_choice("adapter_non_linearity", ADAPTER_NON_LINEARITIES)
         self._check_int("lora_r", minimum=1)
         self._check_int("num_virtual_tokens", minimum=1)
