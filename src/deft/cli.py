@@ -14,6 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any, Sequence
 
+from .cli_compress import EXTRA_COMMANDS as _COMPRESS_COMMANDS
 from .run import CompareArgs, MeasureArgs, RunError, SkipArgs, TrainArgs
 
 COMMANDS: dict[str, tuple[type, str]] = {
@@ -22,6 +23,9 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "measure": (MeasureArgs, "activation density of a model or trained adapter on a dev set"),
     "skip": (SkipArgs, "ADA-DEFT: skip silent MLP blocks of a trained run under a bounded metric drop"),
 }
+# commands whose recipes live beside their library module: name -> (args class, help, function)
+EXTRA: dict[str, tuple[type, str, Any]] = {**_COMPRESS_COMMANDS}
+COMMANDS.update({k: (c, h) for k, (c, h, _) in EXTRA.items()})
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
@@ -107,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run.measure(args)
         elif command == "skip":
             run.skip(args)
+        elif command in EXTRA:
+            EXTRA[command][2](args)
     except (RunError, ValueError, FileNotFoundError) as e:
         # our own errors name the option / file at fault: show them without a stack trace
         print(f"deft {sys.argv[1] if len(sys.argv) > 1 else ''}: error: {e}", file=sys.stderr)

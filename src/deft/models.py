@@ -57,7 +57,15 @@ def smollm2_path() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf_file)
+    # the weights are already dequantised to float, but transformers still flags the model as "gguf
+    # quantized" and refuses to save it: rebuild a plain model from the config and copy the weights in
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    del loaded
     target.parent.mkdir(parents=True, exist_ok=True)
     # write next to the target and rename: an interrupted conversion never leaves a half checkpoint
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))

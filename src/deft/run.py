@@ -66,6 +66,10 @@ class TrainArgs:
     num_virtual_tokens: int = _h("prefix / prompt tuning virtual tokens", default=20)
     adapter_type: str = _h("bottleneck adapter: pfeiffer or houlsby", default="pfeiffer")
     adapter_reduction_factor: int = _h("adapter bottleneck = hidden // factor", default=16)
+    quantize: int | None = _h("quantize the frozen base weights to 8 or 4 bits (QLoRA-style)", default=None)
+    quant_backend: str = _h("auto (bitsandbytes on CUDA, deft's int codes on CPU), deft or bnb", default="auto")
+    quant_group_size: int | None = _h("quantization group size (4-bit default 64)", default=None)
+    prune_dir: str | None = _h("a `deft prune` folder whose WANDA masks are kept during training", default=None)
     logging_steps: int = _h("log every N optimizer steps", default=25)
     resume: bool = _h("continue the interrupted run in --output from its last checkpoint", default=False)
     overwrite: bool = _h("start over even if --output holds a finished or interrupted run", default=False)
@@ -130,7 +134,7 @@ def _subset(items: list, n: int | None, seed: int) -> list:
     return [items[i] for i in idx]
 
 
-def load_model_and_tokenizer(name: str, task: str, *, trust_remote_code: bool = False):
+def load_model_and_tokenizer(name: str, task: str, *, trust_remote_code: bool = False, **load_kwargs: Any):
     """Tokenizer and sequence-classification model for a GLUE ``task`` (pad token set for decoders)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -149,7 +153,7 @@ def load_model_and_tokenizer(name: str, task: str, *, trust_remote_code: bool = 
     if config.pad_token_id is None:
         config.pad_token_id = tok.pad_token_id
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, config=config, trust_remote_code=trust_remote_code
+        path, config=config, trust_remote_code=trust_remote_code, **load_kwargs
     )
     return model, tok
 
@@ -223,8 +227,12 @@ def train(args: TrainArgs) -> dict[str, Any]:
     density_cfg = _density_config(args)  # validate everything before loading anything heavy
     method_cfg = _method_config(args)
 
+    from .cli_compress import compression_load_kwargs, prepare_compressed_model
+
     set_seed(args.seed)
-    model, tok = load_model_and_tokenizer(args.model, args.task, trust_remote_code=args.trust_remote_code)
+    model, tok = load_model_and_tokenizer(args.model, args.task, trust_remote_code=args.trust_remote_code,
+                                          **compression_load_kwargs(args))
+    model, compression = prepare_compressed_model(model, args)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_method(model, method_cfg, task_type="SEQ_CLS")
@@ -296,6 +304,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
         "train_examples": len(train_ds),
         "eval_examples": len(dev_ds),
         "data": _data_label(args),
+        "compression": compression,
         "train_time_s": round(train_time, 1),
         "log_history": trainer.state.log_history,
         "versions": _versions(),

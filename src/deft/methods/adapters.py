@@ -95,6 +95,7 @@ def insert_adapters(
             )
         hidden = linear_out_features(module)
         adapter = BottleneckAdapter(hidden, max(1, hidden // reduction_factor), non_linearity)
-        adapter.to(device=module.weight.device, dtype=module.weight.dtype)
+        # a quantized base stores int codes in .weight: the adapter must use its compute dtype
+        adapter.to(device=module.weight.device, dtype=getattr(module, "compute_dtype", module.weight.dtype))
         _set_submodule(model, name, AdapterWrapper(module, adapter))
     return [n for n, _ in targets]

@@ -1,0 +1,166 @@
+"""DEFT on compressed models: {dense, WANDA 50 %, WANDA 2:4, int8} x {PEFT alpha=0, DEFT alpha=1}.
+
+MiniLM (all-MiniLM-L6-v2) + LoRA on SST-2 through the ``deft.run`` machinery. For each compression the base
+model is pruned / quantized right after loading (``deft.cli_compress.prepare_compressed_model``), then LoRA
+trains on top with or without the density loss. Reported per run: the task metric, the MLP activation
+density (eval set), and the weight sparsity of the frozen base (fraction of exactly-zero weights in the
+transformer blocks; int8 rounds the smallest weights of each row to 0 too).
+
+    python benchmarks/compressed.py --quick                       # 128 train / 128 eval rows, 1 epoch
+    python benchmarks/compressed.py --output runs/compressed      # builtin SST-2 sample, 2 epochs
+
+Writes OUTPUT/compressed.json and OUTPUT/compressed.md; finished runs are reused (pass --overwrite to redo).
+Until ``deft train`` takes --prune-dir / --quantize, the compression is injected by wrapping
+``deft.run.load_model_and_tokenizer`` for the duration of each run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterator
+
+from deft import run
+from deft.cli_compress import REPORT_NAME, PruneArgs, prepare_compressed_model, prune
+from deft.io import write_json, write_text
+from deft.metrics import density_change
+from deft.prune import weight_sparsity
+
+# name -> (prune options or None, quantize bits or None)
+COMPRESSIONS: dict[str, tuple[dict[str, Any] | None, int | None]] = {
+    "dense": (None, None),
+    "wanda50": ({"sparsity": 0.5}, None),
+    "wanda2:4": ({"nm": "2:4"}, None),
+    "int8": (None, 8),
+}
+
+
+@contextmanager
+def compressed_loading(prune_dir: str | None, quantize: int | None, info: dict[str, Any]) -> Iterator[None]:
+    """Make ``deft.run.train`` load a pruned / quantized base model; ``info`` receives the summary."""
+    original = run.load_model_and_tokenizer
+
+    def load(name: str, task: str, **kw: Any):
+        model, tok = original(name, task, **kw)
+        model, summary = prepare_compressed_model(
+            model, SimpleNamespace(prune_dir=prune_dir, quantize=quantize, quant_backend="deft"))
+        info.update(summary)
+        info.setdefault("weight_sparsity", {"overall": weight_sparsity(model)["overall"]})
+        return model, tok
+
+    run.load_model_and_tokenizer = load
+    try:
+        yield
+    finally:
+        run.load_model_and_tokenizer = original
+
+
+def prune_dir_for(name: str, opts: dict[str, Any], args: argparse.Namespace) -> str:
+    out = Path(args.output) / f"prune-{name.replace(':', '-')}"
+    if not (out / REPORT_NAME).exists() or args.overwrite:
+        prune(PruneArgs(model=args.model, task="sst2", data_dir=args.data_dir, data_source=args.data_source,
+                        calib_batches=args.calib_batches, output=str(out), save_model=False, overwrite=True,
+                        **opts))
+    return str(out)
+
+
+def one_run(name: str, alpha: float, args: argparse.Namespace, prune_dir: str | None,
+            quantize: int | None) -> dict[str, Any]:
+    run_dir = Path(args.output) / f"{name.replace(':', '-')}-{'deft' if alpha > 0 else 'peft'}"
+    row_file = run_dir / "compression.json"
+    if (run_dir / "results.json").exists() and row_file.exists() and not args.overwrite:
+        print(f"reusing {run_dir}")
+        return json.loads(row_file.read_text())
+    info: dict[str, Any] = {}
+    train_args = run.TrainArgs(
+        model=args.model, task="sst2", method="lora", alpha=alpha, epochs=args.epochs, seed=args.seed,
+        data_dir=args.data_dir, data_source=args.data_source, max_train_samples=args.max_train_samples,
+        max_eval_samples=args.max_eval_samples, output=str(run_dir), overwrite=True, quiet=True,
+        logging_steps=args.logging_steps,
+    )
+    print(f"training {name} alpha={alpha:g} -> {run_dir}")
+    t0 = time.time()
+    with compressed_loading(prune_dir, quantize, info):
+        res = run.train(train_args)
+    row = {
+        "compression": name, "alpha": alpha, "run": "DEFT" if alpha > 0 else "PEFT",
+        "main_metric": res["main_metric"], "metric": res["metric"], "density": res["density"]["overall"],
+        "weight_sparsity": info["weight_sparsity"]["overall"], "quant": info.get("quant"),
+        "prune": info.get("prune"), "train_examples": res["train_examples"], "eval_examples": res["eval_examples"],
+        "wall_s": round(time.time() - t0, 1), "dir": str(run_dir),
+    }
+    write_json(row_file, row)
+    return row
+
+
+def table(rows: list[dict[str, Any]], header: str) -> str:
+    by = {(r["compression"], r["run"]): r for r in rows}
+    metric = rows[0]["main_metric"] if rows else "metric"
+    lines = [header, "",
+             f"| base | run | alpha | {metric} (%) | activation density (%) | density change (%) | "
+             "weight sparsity (%) | base weight bytes |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        peft = by.get((r["compression"], "PEFT"))
+        change = (density_change(peft["density"], r["density"]) if r["run"] == "DEFT" and peft and peft["density"] > 0
+                  else float("nan"))
+        size = f"{r['quant']['bytes_after']:,} (int{r['quant']['config']['bits']})" if r.get("quant") else "float32"
+        lines.append(f"| {r['compression']} | {r['run']} | {r['alpha']:g} | {100 * r['metric']:.2f} | "
+                     f"{100 * r['density']:.2f} | {'' if math.isnan(change) else f'{change:.2f}'} | "
+                     f"{100 * r['weight_sparsity']:.2f} | {size} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--data-source", default="builtin")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--output", default="runs/compressed")
+    p.add_argument("--quick", action="store_true", help="128 train / 128 eval rows, 1 epoch, 4 calibration batches")
+    p.add_argument("--epochs", type=float, default=None)
+    p.add_argument("--max-train-samples", type=int, default=None)
+    p.add_argument("--max-eval-samples", type=int, default=None)
+    p.add_argument("--calib-batches", type=int, default=None)
+    p.add_argument("--alpha", type=float, default=1.0, help="DEFT density-loss weight")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--logging-steps", type=int, default=25)
+    p.add_argument("--compressions", default=",".join(COMPRESSIONS), help=f"subset of {','.join(COMPRESSIONS)}")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    quick = dict(epochs=1.0, max_train_samples=128, max_eval_samples=128, calib_batches=4) if args.quick else {}
+    defaults = dict(epochs=2.0, max_train_samples=None, max_eval_samples=None, calib_batches=8)
+    for k, v in {**defaults, **quick}.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    names = [n.strip() for n in args.compressions.split(",") if n.strip()]
+    unknown = [n for n in names if n not in COMPRESSIONS]
+    if unknown:
+        p.error(f"unknown compression(s) {unknown}; known: {', '.join(COMPRESSIONS)}")
+
+    t0 = time.time()
+    rows = []
+    for name in names:
+        prune_opts, bits = COMPRESSIONS[name]
+        prune_dir = prune_dir_for(name, prune_opts, args) if prune_opts else None
+        for alpha in (0.0, args.alpha):
+            rows.append(one_run(name, alpha, args, prune_dir, bits))
+    header = (f"{args.model} / sst2 / LoRA; data: {args.data_source}, train {rows[0]['train_examples']} rows, "
+              f"eval {rows[0]['eval_examples']} rows, {args.epochs:g} epoch(s), seed {args.seed}"
+              + (" (--quick)" if args.quick else ""))
+    md = table(rows, header)
+    out = Path(args.output)
+    summary = {"args": vars(args), "rows": rows, "wall_s": round(time.time() - t0, 1), "versions": run._versions()}
+    write_json(out / "compressed.json", summary)
+    write_text(out / "compressed.md", md + "\n")
+    print(md)
+    print(f"\n{out / 'compressed.md'}  {out / 'compressed.json'}  ({summary['wall_s']} s)")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
