@@ -302,3 +302,26 @@ def test_real_minilm_offline():
     r = deft.measure_density(model, [dict(batch)], threshold=0.01)
     assert 0.3 < r.overall < 1.0
     assert r.layers[0].tokens == int(batch["attention_mask"].sum())
+
+
+def test_prefix_tuning_classification_is_recorded():
+    # peft's prefix tuning for classification calls model.bert directly, never the task model's forward
+    from peft import PrefixTuningConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = tiny_config("bert", num_labels=2)
+    model = get_peft_model(AutoModelForSequenceClassification.from_config(cfg),
+                           PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3))
+    batch = _batch("bert", cfg)
+    report = deft.measure_density(model, [batch], threshold=0.05)
+    assert report.layers[0].tokens == 11  # the 3 virtual tokens have no MLP activations; padding excluded
+    assert 0 < report.overall <= 1
+    loss = deft.DensityLoss(eps=1e-3)
+    probe = deft.ActivationProbe(model).track(loss)
+    model.train()
+    with probe:
+        model(**batch)
+        loss(probe).backward()
+    prefix = [p for n, p in model.named_parameters() if p.requires_grad and "prompt_encoder" in n]
+    assert prefix and prefix[0].grad is not None and prefix[0].grad.abs().sum() > 0

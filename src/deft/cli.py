@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .cli_compress import EXTRA_COMMANDS as _COMPRESS_COMMANDS
+from .cli_extra import EXTRA_COMMANDS as _REPORT_COMMANDS
 from .run import CompareArgs, MeasureArgs, RunError, SkipArgs, TrainArgs
 
 COMMANDS: dict[str, tuple[type, str]] = {
@@ -24,7 +25,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "skip": (SkipArgs, "ADA-DEFT: skip silent MLP blocks of a trained run under a bounded metric drop"),
 }
 # commands whose recipes live beside their library module: name -> (args class, help, function)
-EXTRA: dict[str, tuple[type, str, Any]] = {**_COMPRESS_COMMANDS}
+EXTRA: dict[str, tuple[type, str, Any]] = {**_COMPRESS_COMMANDS, **_REPORT_COMMANDS}
 COMMANDS.update({k: (c, h) for k, (c, h, _) in EXTRA.items()})
 
 
@@ -45,7 +46,10 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_ = f.metadata.get("help", "") + (f" (default: {default})" if default not in (None, False) else "")
-        if tp is bool:
+        if f.metadata.get("positional"):  # e.g. `deft report RUN_DIR...`; "*" lets --config name them instead
+            parser.add_argument(f.name, type=tp, nargs="*" if is_list else "?", default=None, help=help_,
+                                metavar=f.name.upper())
+        elif tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
             parser.add_argument(flag, type=tp, nargs="+" if is_list else None, default=None, help=help_,
@@ -91,7 +95,7 @@ def parse(argv: Sequence[str] | None = None) -> tuple[str, Any]:
     values: dict[str, Any] = _read_config(ns.config, cls) if ns.config else {}
     for f in dataclasses.fields(cls):
         v = getattr(ns, f.name)
-        if v is not None:
+        if v is not None and not (f.metadata.get("positional") and v == []):
             values[f.name] = v
     return ns.command, cls(**values)
 

@@ -162,8 +162,13 @@ class ActivationProbe:
     def attach(self) -> "ActivationProbe":
         if self._handles:
             return self
-        self._handles.append(self.top.register_forward_pre_hook(self._top_pre, with_kwargs=True))
-        self._handles.append(self.top.register_forward_hook(self._top_post, always_call=True))
+        # Both the model as given and the transformers model inside it mark "a forward is running": peft's
+        # prefix tuning for classification calls the backbone directly and never the task model's forward,
+        # and peft's generate() calls the inner model without the wrapper's forward.
+        tops = [self.model] if self.model is self.top else [self.model, self.top]
+        for top in tops:
+            self._handles.append(top.register_forward_pre_hook(self._top_pre, with_kwargs=True))
+            self._handles.append(top.register_forward_hook(self._top_post, always_call=True))
         for site in self.sites:
             if site.capture == "output":
                 h = site.module.register_forward_hook(self._make_hook(site, use_input=False))

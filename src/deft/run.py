@@ -71,6 +71,8 @@ class TrainArgs:
     quant_group_size: int | None = _h("quantization group size (4-bit default 64)", default=None)
     prune_dir: str | None = _h("a `deft prune` folder whose WANDA masks are kept during training", default=None)
     logging_steps: int = _h("log every N optimizer steps", default=25)
+    report_to: list[str] = _h("also log to: tensorboard, wandb, ... (train_log.csv is always written)",
+                              default_factory=list)
     resume: bool = _h("continue the interrupted run in --output from its last checkpoint", default=False)
     overwrite: bool = _h("start over even if --output holds a finished or interrupted run", default=False)
     gradient_checkpointing: bool = _h("recompute activations in backward to save memory", default=False)
@@ -212,6 +214,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
     from .data import GlueDataset, glue_metrics, glue_task
     from .methods import apply_method, count_parameters, save_trainable
     from .plots import layerwise_density
+    from .callbacks import DensityCSVCallback
     from .trainer import DeftTrainer
 
     out = Path(args.output)
@@ -261,7 +264,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
         save_strategy="epoch",
         save_total_limit=1,
         logging_steps=args.logging_steps,
-        report_to=[],
+        report_to=list(args.report_to),
         seed=args.seed,
         remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(),
@@ -276,6 +279,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
         eval_dataset=dev_ds,
         data_collator=DataCollatorWithPadding(tok),
         compute_metrics=compute_metrics,
+        callbacks=[DensityCSVCallback(out / "train_log.csv")],
     )
     t0 = time.time()
     trainer.train(resume_from_checkpoint=last if (args.resume and last) else None)

@@ -281,6 +281,8 @@ class DeftTrainer(Trainer):
             report = DensityReport.from_probe(self.probe)
             if not math.isnan(report.overall):
                 logs["train_density"] = round(report.overall, 6)
+                for i, layer in enumerate(report.layers):
+                    logs[f"train_density_layer_{i}"] = round(layer.density, 6)
             self._log_sums = {"task_loss": 0.0, "density_loss": 0.0, "n": 0}
             self.probe.reset()
         super().log(logs, *args, **kwargs)
