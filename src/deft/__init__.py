@@ -39,4 +39,12 @@ def __getattr__(name: str):
         from . import trainer
 
         return getattr(trainer, name)
+    if name in ("sparsify", "unsparsify", "calibrate_thresholds"):
+        from . import sparse
+
+        return getattr(sparse, name)
+    if name in ("estimate_energy", "EnergyConfig", "EnergyReport"):
+        from . import energy
+
+        return getattr(energy, name)
     raise AttributeError(f"module 'deft' has no attribute {name!r}")

@@ -1,0 +1,164 @@
+"""Down-projection micro-benchmark: dense nn.Linear vs deft.sparse.SparseDown over a density sweep.
+
+Two shapes (the down-projection W2 maps the MLP width back to the hidden size):
+    135M  SmolLM2-135M   1536 -> 576
+    7B    LLaMA-7B      11008 -> 4096
+Two regimes:
+    decode   one token (batch 1): per-token gather of the active W2 columns (embedding_bag on CPU,
+             Triton split-K GEMV on CUDA fp16/bf16)
+    batched  32 sequences x 64 tokens: a fraction `density` of the units is non-zero for the batch (the
+             *union* density), the rest is zero for every token and is sliced out of W2 before one GEMM
+
+The sparse module runs with max_density=1.0 so the sparse kernel is timed at every density (in real use
+SparseDown switches to the dense kernel above its cutoff). Both sides are timed in the same run with
+torch.utils.benchmark.Timer; `speedup` = dense time / sparse time (> 1: sparse is faster).
+
+    python benchmarks/bench_mlp.py --quick --out results.json
+    python benchmarks/bench_mlp.py --device cuda --out results_cuda.json
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.benchmark import Timer
+
+from deft.sparse import SparseDown
+
+SHAPES = {"135M": (1536, 576), "7B": (11008, 4096)}  # (in = MLP width, out = hidden)
+DENSITIES = (0.05, 0.10, 0.20, 0.30, 0.50, 0.70, 1.00)
+DECODE_INPUTS = 16  # 16 random active sets of 5 % of the 7B W2 (9 MB each) overflow a 32 MB L3
+
+
+def make_input(regime: str, tokens: int, width: int, density: float, gen: torch.Generator) -> torch.Tensor:
+    """Random activations with exactly round(density * width) units non-zero (per token / for the batch)."""
+    k = max(1, round(density * width))
+    if regime == "decode":
+        x = torch.zeros(1, width)
+        x[0, torch.randperm(width, generator=gen)[:k]] = torch.randn(k, generator=gen)
+        return x
+    x = torch.zeros(tokens, width)
+    units = torch.randperm(width, generator=gen)[:k]
+    x[:, units] = torch.randn(tokens, k, generator=gen)  # dense inside the union: the GEMM's worst case
+    return x
+
+
+def timeit_pair(dense, sparse, min_run_time: float, rounds: int) -> tuple[float, float]:
+    """Seconds per call of each, interleaved over ``rounds`` and the fastest block kept.
+
+    The minimum, not the median: on a shared machine other processes only ever add time, and
+    interleaving makes both sides see the same background load.
+    """
+    dense(), sparse()  # warm-up: lazy caches (W2^T), Triton compilation
+    best = [float("inf"), float("inf")]
+    for _ in range(rounds):
+        for i, fn in enumerate((dense, sparse)):
+            m = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+            best[i] = min(best[i], min(m.times))
+    return best[0], best[1]
+
+
+def crossover(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Density below which sparse wins: the sweep's last winning density and a linear interpolation."""
+    rows = sorted(rows, key=lambda r: r["density"])
+    wins = [r["density"] for r in rows if r["speedup"] > 1.0]
+    estimate = None
+    for a, b in zip(rows, rows[1:]):
+        if a["speedup"] > 1.0 >= b["speedup"]:
+            t = (a["speedup"] - 1.0) / (a["speedup"] - b["speedup"])
+            estimate = a["density"] + t * (b["density"] - a["density"])
+            break
+    if estimate is None and rows and rows[-1]["speedup"] > 1.0:
+        estimate = 1.0  # wins everywhere measured
+    return {"sparse_wins_at": wins, "crossover_density": estimate}
+
+
+def run(device: str, quick: bool, dtype: torch.dtype) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(0)
+    min_run_time, rounds = (0.05, 3) if quick else (0.3, 5)
+    results: list[dict[str, Any]] = []
+    for shape, (width, hidden) in SHAPES.items():
+        lin = nn.Linear(width, hidden).to(device=device, dtype=dtype)
+        for regime in ("decode", "batched"):
+            if regime == "decode":
+                tokens = 1
+            elif device == "cpu" and shape == "7B":
+                # one 2048-token GEMM of this shape takes seconds on a small CPU: fewer tokens, same union
+                tokens = 32 if quick else 512
+            else:
+                tokens = 32 * 64
+            sparse = SparseDown(lin, regime="decode" if regime == "decode" else "batched", max_density=1.0)
+            for d in DENSITIES:
+                # decode: cycle through independent inputs so the active W2 rows of one call are not still
+                # in cache for the next (a real decode step's active set changes from token to token)
+                n_inputs = DECODE_INPUTS if regime == "decode" else 1
+                xs = [make_input(regime, tokens, width, d, gen).to(device=device, dtype=dtype) for _ in range(n_inputs)]
+                nxt = itertools.cycle(xs).__next__
+                with torch.inference_mode():
+                    t_dense, t_sparse = timeit_pair(lambda: lin(nxt()), lambda: sparse(nxt()), min_run_time, rounds)
+                row = dict(shape=shape, regime=regime, tokens=tokens, density=d, dense_ms=1e3 * t_dense,
+                           sparse_ms=1e3 * t_sparse, speedup=t_dense / t_sparse)
+                results.append(row)
+                print(f"{shape:>5} {regime:>7} tokens={tokens:<5} density={100 * d:5.1f}%  dense {row['dense_ms']:9.3f} ms"
+                      f"  sparse {row['sparse_ms']:9.3f} ms  speedup {row['speedup']:5.2f}x", flush=True)
+    summary = {}
+    for shape in SHAPES:
+        for regime in ("decode", "batched"):
+            c = crossover([r for r in results if r["shape"] == shape and r["regime"] == regime])
+            summary[f"{shape}/{regime}"] = c
+            est = "never" if c["crossover_density"] is None else f"~{100 * c['crossover_density']:.0f}%"
+            print(f"crossover {shape}/{regime}: sparse wins below {est} density "
+                  f"(won at {[f'{100 * d:g}%' for d in c['sparse_wins_at']]})")
+    return {"results": results, "crossover": summary}
+
+
+def machine(device: str) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "device": device,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        # other processes' load on a shared machine: timings are the fastest of interleaved rounds
+        "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                    help="default: float32 on cpu, float16 on cuda (the Triton kernel's dtypes)")
+    ap.add_argument("--quick", action="store_true", help="short timings, fewer batched tokens for 7B on CPU")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    dtype = getattr(torch, args.dtype or ("float16" if args.device == "cuda" else "float32"))
+    start = time.perf_counter()
+    before = machine(args.device)
+    out = run(args.device, args.quick, dtype)
+    out["machine"] = {**before, "loadavg_1min_after": machine(args.device)["loadavg_1min"]}
+    out["config"] = {"quick": args.quick, "dtype": str(dtype), "densities": DENSITIES,
+                     "shapes": {k: {"in": v[0], "out": v[1]} for k, v in SHAPES.items()},
+                     "seconds": round(time.perf_counter() - start, 1)}
+    print(f"done in {out['config']['seconds']} s")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=2)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

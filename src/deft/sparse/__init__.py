@@ -1,0 +1,27 @@
+"""Turn activation sparsity into speed: zero-skipping MLP inference.
+
+::
+
+    deft.sparse.sparsify(model)                        # exact: same outputs, zero units skipped
+    t = deft.sparse.calibrate_thresholds(model, batches, target_density=0.3)
+    deft.sparse.sparsify(model, mode="threshold", threshold=t)   # TEAL-style magnitude sparsity
+    deft.sparse.unsparsify(model)                      # the original modules back
+
+The CUDA kernel (:mod:`deft.sparse.triton_gemv`) is imported only when a CUDA tensor meets it.
+"""
+from __future__ import annotations
+
+from .api import calibrate_thresholds, sparse_modules, sparse_stats, sparsify, unsparsify
+from .modules import DEFAULT_MAX_DENSITY, SkipStats, SparseDown, SparseGatedMLP
+
+__all__ = [
+    "DEFAULT_MAX_DENSITY",
+    "SkipStats",
+    "SparseDown",
+    "SparseGatedMLP",
+    "calibrate_thresholds",
+    "sparse_modules",
+    "sparse_stats",
+    "sparsify",
+    "unsparsify",
+]

@@ -1,0 +1,205 @@
+"""sparsify / unsparsify / calibrate_thresholds: put the zero-skipping modules into a model and take them out.
+
+Modules are found through the architecture table (:data:`deft.constants.MLP_SPECS`): every module whose
+name matches the family's ``down`` pattern is wrapped in a :class:`SparseDown` under the same name, so
+``deft.ActivationProbe(point="down_input")`` and ``state_dict`` keep working. Site names (the keys of a
+per-layer threshold dict) are the module names relative to the transformers model, as the probe uses.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Literal, Mapping
+
+import torch
+from torch import nn
+
+from ..constants import full_match, is_gated, mlp_spec
+from ..metrics import measure_density
+from ..probe import ActivationProbe, Site, _unwrap_hf_model
+from .modules import Regime, SkipStats, SparseDown, SparseGatedMLP, eligible_gated_mlp
+
+Mode = Literal["exact", "threshold"]
+
+
+def _down_sites(top: nn.Module) -> list[tuple[str, nn.Module]]:
+    config = getattr(top, "config", None)
+    spec = mlp_spec(getattr(config, "model_type", None))
+    found = [(n, m) for n, m in top.named_modules() if full_match(spec.down, n)]
+    if not found:
+        raise ValueError(
+            f"found no MLP down-projection in this {getattr(config, 'model_type', None)!r} model "
+            f"({type(top).__name__}) with pattern {spec.down!r}"
+        )
+    return found
+
+
+def _split(name: str) -> tuple[str, str]:
+    parent, _, child = name.rpartition(".")
+    return parent, child
+
+
+def sparse_modules(model: nn.Module) -> dict[str, SparseDown]:
+    """Every :class:`SparseDown` in ``model`` by site name (empty when the model is not sparsified)."""
+    top = _unwrap_hf_model(model)
+    return {n: m for n, m in top.named_modules() if isinstance(m, SparseDown)}
+
+
+def sparse_stats(model: nn.Module) -> dict[str, SkipStats]:
+    """Skip counters per site (only counted for models sparsified with ``track_stats=True``)."""
+    return {n: m.stats for n, m in sparse_modules(model).items()}
+
+
+def sparsify(
+    model: nn.Module,
+    *,
+    mode: Mode = "exact",
+    threshold: float | Mapping[str, float] = 0.0,
+    regime: Regime = "auto",
+    max_density: float | None = None,
+    gate_skip: bool = True,
+    track_stats: bool = False,
+) -> nn.Module:
+    """Swap every MLP down-projection of ``model`` for a zero-skipping :class:`SparseDown`, in place.
+
+    Args:
+        mode: ``"exact"`` skips units that are exactly zero: same output as the dense model up to float
+            reassociation. ``"threshold"`` also skips units with ``|h| <= threshold`` (TEAL-style
+            magnitude sparsity; the output changes). See :func:`calibrate_thresholds`.
+        threshold: one value for every layer, or ``{site name: value}`` (sites left out stay exact).
+        regime: ``"decode"`` gathers the active W2 columns per token, ``"batched"`` slices out units that
+            are zero for the whole batch and runs one GEMM, ``"auto"`` picks per call (1 token -> decode).
+        max_density: active fraction above which the dense kernel is used (``None``: measured defaults).
+        gate_skip: in exact mode, also replace LLaMA-style gated MLPs by :class:`SparseGatedMLP`, which
+            skips the W_up rows of units whose gate activation is zero.
+        track_stats: count skipped work per layer, read with :func:`sparse_stats` (host sync on GPU).
+
+    Returns the same model object. Calling it again re-configures (it undoes the previous call first).
+    Forward hooks registered on the original down-projections do not carry over.
+    """
+    if mode not in ("exact", "threshold"):
+        raise ValueError(f"mode must be 'exact' or 'threshold', got {mode!r}")
+    top = _unwrap_hf_model(model)
+    unsparsify(model)
+    sites = _down_sites(top)
+    names = [n for n, _ in sites]
+    if mode == "exact":
+        if (isinstance(threshold, Mapping) and any(threshold.values())) or (
+            not isinstance(threshold, Mapping) and threshold != 0
+        ):
+            raise ValueError("mode='exact' skips exact zeros only; use mode='threshold' for a non-zero threshold")
+        per_site = dict.fromkeys(names, 0.0)
+    elif isinstance(threshold, Mapping):
+        unknown = sorted(set(threshold) - set(names))
+        if unknown:
+            raise KeyError(f"threshold names no down-projection: {unknown}; the sites are: {names}")
+        per_site = {n: float(threshold.get(n, 0.0)) for n in names}
+    else:
+        per_site = dict.fromkeys(names, float(threshold))
+
+    config = getattr(top, "config", None)
+    gated = is_gated(mlp_spec(getattr(config, "model_type", None)), config)
+    for name, module in sites:
+        sparse = SparseDown(
+            module, threshold=per_site[name], regime=regime, max_density=max_density, track_stats=track_stats
+        )
+        parent_name, child = _split(name)
+        parent = top.get_submodule(parent_name)
+        if mode == "exact" and gate_skip and gated and child == "down_proj" and eligible_gated_mlp(parent):
+            grand_name, mlp_child = _split(parent_name)
+            setattr(top.get_submodule(grand_name), mlp_child, SparseGatedMLP(parent, sparse, max_density=max_density))
+        else:
+            setattr(parent, child, sparse)
+    return model
+
+
+def unsparsify(model: nn.Module) -> nn.Module:
+    """Put the original modules back (the very same objects, holding the current parameters), in place."""
+    top = _unwrap_hf_model(model)
+    # collect first: replacing while iterating named_modules would skip entries
+    found = [(n, m) for n, m in top.named_modules() if isinstance(m, (SparseGatedMLP, SparseDown))]
+    for name, module in found:
+        parent_name, child = _split(name)
+        try:
+            parent = top.get_submodule(parent_name)
+        except AttributeError:
+            continue  # a SparseDown inside a SparseGatedMLP replaced earlier in this loop
+        if getattr(parent, child, None) is not module:
+            continue
+        base = module.base_layer
+        if isinstance(module, SparseGatedMLP):
+            for attr in ("gate_proj", "up_proj", "act_fn"):
+                setattr(base, attr, getattr(module, attr))
+            down = module.down_proj
+            _restore_params(down)
+        else:
+            _restore_params(module)
+        setattr(parent, child, base)
+    return model
+
+
+def _restore_params(sparse: SparseDown) -> None:
+    # the wrapper's Parameters are the ones users may have replaced (load_state_dict(assign=True), .to())
+    base = sparse.base_layer
+    base.weight = sparse.weight
+    base.bias = sparse.bias
+
+
+class _ValueProbe(ActivationProbe):
+    """A down-input probe that also keeps (a random subsample of) the |h| values it counts."""
+
+    def __init__(self, model: nn.Module, *, include_padding: bool, max_values: int, seed: int) -> None:
+        super().__init__(model, point="down_input", include_padding=include_padding)
+        self.max_values = max_values
+        self.values: dict[str, list[torch.Tensor]] = {s.name: [] for s in self.sites}
+        self.keep_every: dict[str, int] = {s.name: 1 for s in self.sites}  # keep each value with p = 1/keep
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def reset(self) -> None:
+        super().reset()
+        for v in getattr(self, "values", {}).values():
+            v.clear()
+
+    def _count(self, site: Site, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        super()._count(site, x, mask)
+        v = x.abs() if mask is None else x.abs()[mask]
+        v = v.reshape(-1).float().cpu()
+        keep = self.keep_every[site.name]
+        if keep > 1:
+            v = v[torch.rand(v.numel(), generator=self.gen) < 1.0 / keep]
+        stored = self.values[site.name]
+        stored.append(v)
+        # past the cap, halve what is stored and the keep rate: every value seen stays equally likely
+        while sum(t.numel() for t in stored) > self.max_values:
+            halved = [t[torch.rand(t.numel(), generator=self.gen) < 0.5] for t in stored]
+            stored[:] = [torch.cat(halved)]
+            self.keep_every[site.name] *= 2
+
+
+def calibrate_thresholds(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    target_density: float,
+    *,
+    include_padding: bool = False,
+    max_values: int = 1 << 24,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Per-layer thresholds that leave ``target_density`` of the down-projection inputs above them.
+
+    Runs ``model`` over ``batches`` (dicts of model inputs; padding excluded via ``attention_mask``) and
+    takes, for every site, the ``1 - target_density`` quantile of ``|h|``. Pass the result to
+    ``sparsify(model, mode="threshold", threshold=...)``. Works on a dense or sparsified model (the probe
+    sees the raw input of the down-projection). When a layer already has more exact zeros than
+    ``1 - target_density`` its threshold is 0 and its density stays below the target.
+    """
+    if not 0.0 < target_density <= 1.0:
+        raise ValueError(f"target_density must be in (0, 1], got {target_density!r}")
+    probe = _ValueProbe(model, include_padding=include_padding, max_values=max_values, seed=seed)
+    measure_density(model, batches, probe=probe)
+    out: dict[str, float] = {}
+    for site in probe.sites:
+        v = torch.cat(probe.values[site.name]) if probe.values[site.name] else torch.empty(0)
+        if v.numel() == 0:
+            raise ValueError(f"no calibration values reached {site.name}: were the batches empty?")
+        k = int(round((1.0 - target_density) * v.numel()))  # this many values must be <= the threshold
+        out[site.name] = float(torch.kthvalue(v, k).values) if k > 0 else 0.0
+    return out
