@@ -117,7 +117,7 @@ def test_compare_table_and_reuse(tiny_model_dir, glue_dir, tmp_path, capsys):
 @pytest.mark.parametrize(
     "flags, needle",
     [
-        (["train", "--task", "foo"], "unknown GLUE task 'foo'"),
+        (["train", "--task", "foo"], "unknown task 'foo'"),
         (["train", "--alpha", "-1"], "alpha must be"),
         (["train", "--loss", "l3"], "kind must be"),
         (["train", "--method", "dora"], "method='dora'"),

@@ -32,7 +32,8 @@ class TrainArgs:
     """Arguments of ``deft train`` (and of each run of ``deft compare``)."""
 
     model: str = _h("model alias (minilm, smollm2), local path or hub id", default="minilm")
-    task: str = _h("GLUE task: sst2, mrpc, rte, cola, stsb, qnli, qqp, mnli", default="sst2")
+    task: str = _h("a GLUE task (sst2, mrpc, rte, cola, stsb, qnli, qqp, mnli), squad (use --max-length 384), "
+                   "image or lm-instruct", default="sst2")
     method: str = _h("PEFT method: lora, prefix, prompt, ia3, bitfit, adapter, qlora", default="lora")
     alpha: float = _h("density-loss weight (0 = plain PEFT)", default=1.0)
     loss: str = _h("density surrogate: l0 (smooth-l0, GELU/SiLU) or tanh (ReLU)", default="l0")
@@ -53,7 +54,9 @@ class TrainArgs:
     max_length: int = _h("maximum tokens per example", default=128)
     seed: int = _h("random seed", default=0)
     output: str = _h("run folder (results.json, plots, adapter, checkpoints)", default="runs/train")
-    data_dir: str | None = _h("GLUE folder with TASK/{train,dev}.tsv (e.g. ../shared/data/glue)", default=None)
+    data_dir: str | None = _h("GLUE root with TASK/{train,dev}.tsv (e.g. ../shared/data/glue); squad: folder with "
+                              "dev-v1.1.json (+ train-v1.1.json); image: folder with train/CLASS/*.png and "
+                              "val/CLASS/*.png", default=None)
     data_source: str = _h("auto, local, hub or builtin (the shipped SST-2 sample)", default="auto")
     max_train_samples: int | None = _h("use a seeded subset of the training set", default=None)
     max_eval_samples: int | None = _h("use a seeded subset of the dev set", default=None)
@@ -137,27 +140,10 @@ def _subset(items: list, n: int | None, seed: int) -> list:
 
 
 def load_model_and_tokenizer(name: str, task: str, *, trust_remote_code: bool = False, **load_kwargs: Any):
-    """Tokenizer and sequence-classification model for a GLUE ``task`` (pad token set for decoders)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    """Tokenizer and sequence-classification model for a GLUE ``task`` (see :mod:`deft.tasks`)."""
+    from .tasks import load_model_and_tokenizer as load  # lazily: `deft --help` should not import torch
 
-    from .data import glue_task
-    from .models import resolve
-
-    spec = glue_task(task)
-    path = resolve(name)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if tok.pad_token is None:
-        # decoder-only models ship no pad token; classification pools the last real token, so any id works
-        tok.pad_token = tok.eos_token
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, num_labels=spec.num_labels)
-    if spec.is_regression:
-        config.problem_type = "regression"
-    if config.pad_token_id is None:
-        config.pad_token_id = tok.pad_token_id
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, config=config, trust_remote_code=trust_remote_code, **load_kwargs
-    )
-    return model, tok
+    return load(name, task, trust_remote_code=trust_remote_code, **load_kwargs)
 
 
 def _load_split(args, task: str, split: str, n: int | None, seed: int):
@@ -207,123 +193,10 @@ def _last_checkpoint(ckpt_dir: Path) -> str | None:
 
 # ---------------------------------------------------------------------------------------------- train
 def train(args: TrainArgs) -> dict[str, Any]:
-    """Fine-tune with PEFT + density loss on a GLUE task; returns (and writes) ``results.json``."""
-    import torch
-    from transformers import DataCollatorWithPadding, TrainingArguments, set_seed
+    """Fine-tune with PEFT + density loss (GLUE, squad, image, lm-instruct); returns and writes results.json."""
+    from .tasks import train_with_setup
 
-    from .data import GlueDataset, glue_metrics, glue_task
-    from .methods import apply_method, count_parameters, save_trainable
-    from .plots import layerwise_density
-    from .callbacks import DensityCSVCallback
-    from .trainer import DeftTrainer
-
-    out = Path(args.output)
-    ckpt_dir = out / "checkpoints"
-    last = _last_checkpoint(ckpt_dir)
-    if (out / "results.json").exists() and not args.overwrite:
-        raise RunError(f"{out} already holds a finished run (results.json); pass --overwrite or another --output")
-    if last and not (args.resume or args.overwrite):
-        raise RunError(f"{out} holds an interrupted run ({last}); pass --resume to continue it or --overwrite")
-    if args.resume and not last:
-        print(f"deft: no checkpoint in {ckpt_dir}; starting from scratch")
-    spec = glue_task(args.task)
-    density_cfg = _density_config(args)  # validate everything before loading anything heavy
-    method_cfg = _method_config(args)
-
-    from .cli_compress import compression_load_kwargs, prepare_compressed_model
-
-    set_seed(args.seed)
-    model, tok = load_model_and_tokenizer(args.model, args.task, trust_remote_code=args.trust_remote_code,
-                                          **compression_load_kwargs(args))
-    model, compression = prepare_compressed_model(model, args)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = apply_method(model, method_cfg, task_type="SEQ_CLS")
-    params = count_parameters(model)
-
-    train_ex = _load_split(args, args.task, "train", args.max_train_samples, args.seed)
-    dev_ex = _load_split(args, args.task, "dev", args.max_eval_samples, 0)
-    train_ds = GlueDataset(train_ex, tok, args.max_length)
-    dev_ds = GlueDataset(dev_ex, tok, args.max_length)
-
-    def compute_metrics(p):
-        preds = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
-        return glue_metrics(args.task, preds, p.label_ids)
-
-    targs = TrainingArguments(
-        output_dir=str(ckpt_dir),
-        num_train_epochs=args.epochs,
-        learning_rate=args.lr,
-        warmup_steps=args.warmup_ratio,  # a float < 1 is a fraction of the steps in transformers 5
-        weight_decay=args.weight_decay,
-        lr_scheduler_type="linear",
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.eval_batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        eval_strategy="epoch",
-        save_strategy="epoch",
-        save_total_limit=1,
-        logging_steps=args.logging_steps,
-        report_to=list(args.report_to),
-        seed=args.seed,
-        remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=args.quiet,
-        dataloader_num_workers=0,
-    )
-    trainer = DeftTrainer(
-        model,
-        targs,
-        density=density_cfg,
-        train_dataset=train_ds,
-        eval_dataset=dev_ds,
-        data_collator=DataCollatorWithPadding(tok),
-        compute_metrics=compute_metrics,
-        callbacks=[DensityCSVCallback(out / "train_log.csv")],
-    )
-    t0 = time.time()
-    trainer.train(resume_from_checkpoint=last if (args.resume and last) else None)
-    train_time = time.time() - t0
-    evals = [h for h in trainer.state.log_history if "eval_density" in h]
-    if evals and evals[-1].get("step") == trainer.state.global_step and trainer.last_density_report is not None:
-        metrics = evals[-1]  # the end-of-epoch evaluation already measured the final model
-    else:
-        metrics = trainer.evaluate()
-    report = trainer.last_density_report
-    assert report is not None
-
-    save_trainable(trainer.model, out / "adapter", method_cfg)
-    layerwise_density({f"{args.method} alpha={args.alpha:g}": report}, out / "layerwise_density.png",
-                      title=f"{args.model} / {args.task}")
-    results = {
-        "config": asdict(args),
-        "task": spec.name,
-        "main_metric": spec.main_metric,
-        "metric": metrics.get(f"eval_{spec.main_metric}"),
-        "metrics": {k[5:]: v for k, v in metrics.items() if k.startswith("eval_") and "density_layer" not in k},
-        "density": report.to_dict(),
-        "trainable_params": params.trainable,
-        "total_params": params.total,
-        "trainable_percent": params.percent,
-        "train_examples": len(train_ds),
-        "eval_examples": len(dev_ds),
-        "data": _data_label(args),
-        "compression": compression,
-        "train_time_s": round(train_time, 1),
-        "log_history": trainer.state.log_history,
-        "versions": _versions(),
-    }
-    write_json(out / "results.json", results)
-    trainer.probe.detach()
-    return results
-
-
-def _data_label(args) -> str:
-    if args.data_source == "builtin" or (args.data_source == "auto" and args.data_dir is None and args.task == "sst2"):
-        return "builtin SST-2 sample (3,000 train rows, full dev)"
-    if args.data_dir:
-        return f"local GLUE files in {args.data_dir}"
-    return "Hugging Face hub (glue)"
+    return train_with_setup(args)
 
 
 # ---------------------------------------------------------------------------------------------- compare
