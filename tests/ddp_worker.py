@@ -7,7 +7,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 from transformers import TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -2,40 +2,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoModel, AutoTokenizer, BertConfig
 
 from deft import cli, run
-from deft.models import minilm_path
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny-bert")
-    tok = AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
-    AutoModel.from_config(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
 
 
-@pytest.fixture(scope="module")
-def glue_dir(tmp_path_factory) -> Path:
-    """A GLUE folder with 48 train / 32 dev SST-2 rows taken from the shipped sample."""
-    from importlib.resources import files
 
-    d = tmp_path_factory.mktemp("glue") / "SST-2"
-    d.mkdir()
-    builtin = files("deft.data") / "builtin"
-    for split, n in (("train", 48), ("dev", 32)):
-        lines = (builtin / f"sst2_{split}.tsv").read_text(encoding="utf-8").splitlines()
-        (d / f"{split}.tsv").write_text("\n".join(lines[: n + 1]) + "\n", encoding="utf-8")
-    return d.parent
+
 
 
 def _train_flags(model_dir, glue, out, *extra):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -391,20 +390,7 @@ def test_bnb_backend_needs_cuda():
 
 
 # ---------------------------------------------------------------------------------------------- CLI glue
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    from transformers import AutoModel, AutoTokenizer, BertConfig
 
-    from deft.models import minilm_path
-
-    d = tmp_path_factory.mktemp("tiny-bert")
-    tok = AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
-    AutoModel.from_config(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
 
 
 def test_prune_command_and_train_wiring(tiny_model_dir, tmp_path):

@@ -7,46 +7,22 @@ import csv
 import json
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModel, AutoTokenizer, BertConfig
 
 from deft import cli, run
 from deft.callbacks import DensityCSVCallback
 from deft.cli_extra import EXTRA_COMMANDS, EnergyArgs, ReportArgs
-from deft.models import minilm_path
 from deft.report import build_report
 from deft.report_plots import pareto_front
 from deft.sweep import SweepArgs, base_args, grid, point_name, read_rows, sweep
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny-bert")
-    tok = AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(0)
-    # ReLU: exact zeros to count, so densities and energy ratios are not all 1
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128, hidden_act="relu")
-    AutoModel.from_config(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
 
 
-@pytest.fixture(scope="module")
-def glue_dir(tmp_path_factory) -> Path:
-    """A GLUE folder with 48 train / 32 dev SST-2 rows taken from the shipped sample."""
-    from importlib.resources import files
 
-    d = tmp_path_factory.mktemp("glue") / "SST-2"
-    d.mkdir()
-    builtin = files("deft.data") / "builtin"
-    for split, n in (("train", 48), ("dev", 32)):
-        lines = (builtin / f"sst2_{split}.tsv").read_text(encoding="utf-8").splitlines()
-        (d / f"{split}.tsv").write_text("\n".join(lines[: n + 1]) + "\n", encoding="utf-8")
-    return d.parent
+
 
 
 def _base(model_dir, glue) -> dict:
@@ -55,25 +31,25 @@ def _base(model_dir, glue) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_model_dir, glue_dir, tmp_path_factory):
+def runs(tiny_relu_model_dir, glue_dir, tmp_path_factory):
     """A 2 x 2 sweep (alpha 0 / 5, seeds 0 / 1), a compare folder and energy.json for two runs."""
     root = tmp_path_factory.mktemp("runs")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 32-wide model gains nothing from threads, and loses a lot on a busy machine
     try:
-        sargs = SweepArgs(base=_base(tiny_model_dir, glue_dir), alphas=[0.0, 5.0], seeds=[0, 1],
+        sargs = SweepArgs(base=_base(tiny_relu_model_dir, glue_dir), alphas=[0.0, 5.0], seeds=[0, 1],
                           output=str(root / "sweep"))
         rows = sweep(sargs)
         # a compare folder made of copies of two sweep points: compare reuses finished runs, so nothing trains,
         # and the report must not count the copies twice
         for src, dst in (("a0-s0", "peft-seed0"), ("a5-s0", "deft-seed0")):
             shutil.copytree(root / "sweep" / src, root / "cmp" / dst)
-        cargs = run.CompareArgs(**{**_base(tiny_model_dir, glue_dir), "alpha": 5.0, "seeds": [0],
+        cargs = run.CompareArgs(**{**_base(tiny_relu_model_dir, glue_dir), "alpha": 5.0, "seeds": [0],
                                    "output": str(root / "cmp")})
         run.compare(cargs)
         energy = EXTRA_COMMANDS["energy"][2]
         for point in ("a0-s0", "a5-s0"):
-            energy(EnergyArgs(model=str(tiny_model_dir), task="sst2", data_dir=str(glue_dir),
+            energy(EnergyArgs(model=str(tiny_relu_model_dir), task="sst2", data_dir=str(glue_dir),
                               adapter=str(root / "sweep" / point / "adapter"), output=str(root / "sweep" / point)))
     finally:
         torch.set_num_threads(threads)

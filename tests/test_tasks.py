@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModel, AutoTokenizer, BertConfig, PreTrainedTokenizerFast
+from transformers import AutoModel, PreTrainedTokenizerFast
 
 from deft.data import EXTRACTIVE_META_KEYS, make_synthetic_images
-from deft.models import minilm_path
 from deft.run import TrainArgs
 from deft.tasks import (
     CausalPrompter,
@@ -79,16 +78,7 @@ def _word_tokenizer(kind: str) -> PreTrainedTokenizerFast:
                                    bos_token="<s>")
 
 
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny-bert")
-    tok = AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
-    AutoModel.from_config(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+
 
 
 def _generative_dir(tmp_path_factory, kind: str) -> Path:
@@ -188,16 +178,16 @@ def test_sentiment_accuracy_reads_the_first_label_word():
 
 
 # ---------------------------------------------------------------------------------------------- families
-def test_glue_setup_matches_classification(bert_dir, tmp_path):
-    setup = setup_task(_args(bert_dir, "sst2", None, tmp_path, data_source="builtin"))
+def test_glue_setup_matches_classification(tiny_model_dir, tmp_path):
+    setup = setup_task(_args(tiny_model_dir, "sst2", None, tmp_path, data_source="builtin"))
     assert (setup.task, setup.task_type, setup.main_metric, setup.evaluate_fn) == ("sst2", "SEQ_CLS", "accuracy", None)
     assert len(setup.train_dataset) == 8 and len(setup.eval_dataset) == 4
     assert setup.data_label.startswith("builtin SST-2 sample")
 
 
-def test_squad_extractive_bert(bert_dir, squad_dir, tmp_path):
+def test_squad_extractive_bert(tiny_model_dir, squad_dir, tmp_path):
     out = tmp_path / "run"
-    res = train_with_setup(_args(bert_dir, "squad", squad_dir, out))
+    res = train_with_setup(_args(tiny_model_dir, "squad", squad_dir, out))
     _check_run(res, out, "f1")
     assert res["task_type"] == "QUESTION_ANS" and res["task_details"]["qa_mode"] == "extractive"
     assert 0 <= res["metrics"]["exact_match"] <= res["metrics"]["f1"] <= 1
@@ -252,6 +242,6 @@ def test_image_vit(tmp_path):
     assert res["task_details"]["classes"] == ["blue", "green", "red"]
 
 
-def test_unknown_task_names_the_choices(bert_dir, tmp_path):
+def test_unknown_task_names_the_choices(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="unknown task 'translation'.*nor squad, image or lm-instruct"):
-        setup_task(_args(bert_dir, "translation", None, tmp_path))
+        setup_task(_args(tiny_model_dir, "translation", None, tmp_path))

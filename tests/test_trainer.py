@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, TrainingArguments
+from transformers import AutoModelForSequenceClassification, TrainingArguments
 
 import deft
 from deft.testing import tiny_config

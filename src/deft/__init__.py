@@ -16,7 +16,7 @@ from .constants import MLP_SPECS, SUPPORTED_MODEL_TYPES, UnsupportedModelError
 from .losses import DensityLoss
 from .metrics import DensityReport, LayerDensity, density_change, measure_density
 from .probe import ActivationProbe
-from . import models
+from . import models  # noqa: F401  (deft.models.minilm_path() etc.)
 
 __version__ = "0.1.0"
 

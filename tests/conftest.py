@@ -1,0 +1,46 @@
+"""Shared fixtures: a tiny BERT saved with the real MiniLM tokenizer, and a tiny SST-2 folder."""
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def _save_tiny_bert(d: Path, **overrides) -> Path:
+    from transformers import AutoModel, AutoTokenizer, BertConfig
+
+    from deft.models import minilm_path
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128, **overrides)
+    AutoModel.from_config(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """Tiny random GELU BERT (2 layers, hidden 32) + the real MiniLM tokenizer, saved like a checkpoint."""
+    return _save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_relu_model_dir(tmp_path_factory) -> Path:
+    """The same with ReLU: exact zeros to count, so densities and energy ratios are not all 1."""
+    return _save_tiny_bert(tmp_path_factory.mktemp("tiny-relu-bert"), hidden_act="relu")
+
+
+@pytest.fixture(scope="session")
+def glue_dir(tmp_path_factory) -> Path:
+    """A GLUE folder with 48 train / 32 dev SST-2 rows taken from the shipped sample."""
+    d = tmp_path_factory.mktemp("glue") / "SST-2"
+    d.mkdir()
+    builtin = files("deft.data") / "builtin"
+    for split, n in (("train", 48), ("dev", 32)):
+        lines = (builtin / f"sst2_{split}.tsv").read_text(encoding="utf-8").splitlines()
+        (d / f"{split}.tsv").write_text("\n".join(lines[: n + 1]) + "\n", encoding="utf-8")
+    return d.parent
