@@ -16,6 +16,7 @@ decoding steps never count as eval activations.
 """
 from __future__ import annotations
 
+import os
 import random
 import re
 import time
@@ -694,6 +695,8 @@ def train_with_setup(args: Any, setup: TaskSetup | None = None) -> dict[str, Any
         seed=args.seed,
         remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(),
+        # under torchrun / accelerate launch on CPU-only machines NCCL is absent: use gloo
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() else None,
         disable_tqdm=args.quiet,
         dataloader_num_workers=0,
     )
