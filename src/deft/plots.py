@@ -40,7 +40,7 @@ def layerwise_density(
     ax.set_ylabel("activation density (%)")
     ax.set_ylim(0, 105)
     ax.set_title(title or "Layerwise activation density")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)  # outside: bars reach 100 %
     fig.tight_layout()
     suffix = Path(path).suffix or ".png"
     out = atomic_write(path, lambda p: fig.savefig(p, format=suffix.lstrip("."), dpi=120))

@@ -270,15 +270,17 @@ def format_table(summary: dict[str, Any]) -> str:
         f"{summary['model']} / {summary['task']} / {summary['method']} (DEFT alpha={summary['alpha']:g}); "
         f"data: {summary['data']}",
         "",
-        f"| run  | {metric} (%)     | density (%)    | union density (%) | trainable % |",
-        "|------|----------------|----------------|-------------------|-------------|",
     ]
-    for label, r in summary["rows"].items():
-        lines.append(
-            f"| {label} | {100 * r['metric_mean']:6.2f} ± {100 * r['metric_std']:4.2f} | "
-            f"{100 * r['density_mean']:6.2f} ± {100 * r['density_std']:4.2f} | "
-            f"{100 * r['union_density_mean']:8.2f}          | {r['trainable_percent']:.3f}       |"
-        )
+    head = ["run", f"{metric} (%)", "density (%)", "union density (%)", "trainable %"]
+    body = [
+        [label, f"{100 * r['metric_mean']:.2f} ± {100 * r['metric_std']:.2f}",
+         f"{100 * r['density_mean']:.2f} ± {100 * r['density_std']:.2f}", f"{100 * r['union_density_mean']:.2f}",
+         f"{r['trainable_percent']:.3f}"]
+        for label, r in summary["rows"].items()
+    ]
+    widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+    for row in [head, ["-" * w for w in widths], *body]:
+        lines.append("| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) + " |")
     lines.append("")
     lines.append(
         f"Density Change: {summary['density_change_percent']:.2f} %   "
