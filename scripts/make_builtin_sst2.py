@@ -4,7 +4,7 @@ train: 3,000 rows drawn with ``random.Random(0).sample`` from GLUE SST-2 train.t
 in their original file order; dev: the full GLUE SST-2 dev.tsv (872 rows), copied unchanged.
 Rows are copied byte for byte, header included, so the sample parses exactly like the full files.
 
-    python scripts/make_builtin_sst2.py [GLUE_DIR]   # default GLUE_DIR: /work/shared/data/glue
+    python scripts/make_builtin_sst2.py [GLUE_DIR]   # default GLUE_DIR: ../shared/data/glue (beside the checkout)
 """
 from __future__ import annotations
 
@@ -29,4 +29,4 @@ def main(glue_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("/work/shared/data/glue"))
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[2] / "shared" / "data" / "glue")

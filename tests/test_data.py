@@ -1,6 +1,6 @@
 """deft.data: GLUE / SQuAD / image-folder loading and the task metrics.
 
-Real-file tests read /work/shared/data (row counts from its README) and skip a file that is absent.
+Real-file tests read ../shared/data (beside the checkout) (row counts from its README) and skip a file that is absent.
 Every metric is checked against a value worked out by hand here, not by the library under test.
 """
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.resources
 import json
 import math
+import os
 import random
 import sys
 from pathlib import Path
@@ -37,7 +38,8 @@ from deft.data import (
     vit_image_processor,
 )
 
-DATA = Path("/work/shared/data")
+# the shared data folder sits beside the checkout (../shared/data); DEFT_SHARED_DATA overrides it
+DATA = Path(os.environ.get("DEFT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 GLUE = DATA / "glue"
 SQUAD_DEV = DATA / "squad" / "dev-v1.1.json"
 
