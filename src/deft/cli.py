@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import types
 import typing
@@ -16,6 +15,7 @@ from typing import Any, Sequence
 
 from .cli_compress import EXTRA_COMMANDS as _COMPRESS_COMMANDS
 from .cli_extra import EXTRA_COMMANDS as _REPORT_COMMANDS
+from .io import read_mapping
 from .run import CompareArgs, MeasureArgs, RunError, SkipArgs, TrainArgs
 
 COMMANDS: dict[str, tuple[type, str]] = {
@@ -57,21 +57,7 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def _read_config(path: str, cls: type) -> dict[str, Any]:
-    p = Path(path)
-    if not p.exists():
-        raise RunError(f"--config {path}: no such file")
-    text = p.read_text(encoding="utf-8")
-    try:
-        if p.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
-    except Exception as e:  # yaml.YAMLError / json.JSONDecodeError both carry the position
-        raise RunError(f"--config {path}: cannot parse: {e}") from None
-    if not isinstance(data, dict):
-        raise RunError(f"--config {path}: expected a mapping of option names to values")
+    data = read_mapping(path, "--config")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:

@@ -40,7 +40,6 @@ about it)", ISSCC 2014, as tabulated e.g. by Han et al. (EIE, ISCA 2016):
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -51,6 +50,7 @@ import torch
 from torch import nn
 
 from .constants import MLP_SPECS, full_match, layer_group
+from .io import read_mapping
 from .probe import _unwrap_hf_model
 
 OPS = ("mlp_down", "mlp_up", "attention_proj", "attention_matmul", "other")
@@ -116,20 +116,7 @@ class EnergyConfig:
     def from_file(cls, path: str | Path) -> "EnergyConfig":
         """Read a YAML (.yaml/.yml) or JSON file of the fields above; unknown keys are an error."""
         p = Path(path)
-        if not p.exists():
-            raise FileNotFoundError(f"hardware config {p}: no such file")
-        text = p.read_text(encoding="utf-8")
-        try:
-            if p.suffix in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(text) or {}
-            else:
-                data = json.loads(text)
-        except Exception as e:  # both parsers put the position in the message
-            raise ValueError(f"hardware config {p}: cannot parse: {e}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"hardware config {p}: expected a mapping of field names to values")
+        data = read_mapping(p, "hardware config")
         return cls.from_dict(data, source=f"hardware config {p}")
 
 

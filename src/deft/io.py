@@ -41,3 +41,23 @@ def _jsonable(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     return str(o)
+
+
+def read_mapping(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """A YAML (.yaml/.yml) or JSON file holding a mapping; errors name ``what`` and the file."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{what} {p}: no such file")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as e:  # yaml.YAMLError / json.JSONDecodeError both carry the position
+        raise ValueError(f"{what} {p}: cannot parse: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {p}: expected a mapping of names to values")
+    return data
