@@ -1,4 +1,4 @@
-"""DEFT on compressed models: {dense, WANDA 50 %, WANDA 2:4, int8} x {PEFT alpha=0, DEFT alpha=1}.
+"""DEFT on compressed models: {dense, WANDA 50 %, WANDA 2:4, int8} x {PEFT alpha=0, DEFT}.
 
 MiniLM (all-MiniLM-L6-v2) + LoRA on SST-2 through the ``deft.run`` machinery. For each compression the base
 model is pruned / quantized right after loading (``deft.cli_compress.prepare_compressed_model``), then LoRA
@@ -7,11 +7,10 @@ density (eval set), and the weight sparsity of the frozen base (fraction of exac
 transformer blocks; int8 rounds the smallest weights of each row to 0 too).
 
     python benchmarks/compressed.py --quick                       # 128 train / 128 eval rows, 1 epoch
-    python benchmarks/compressed.py --output runs/compressed      # builtin SST-2 sample, 2 epochs
+    python benchmarks/compressed.py --output runs/compressed      # builtin SST-2 sample, recipe defaults
 
 Writes OUTPUT/compressed.json and OUTPUT/compressed.md; finished runs are reused (pass --overwrite to redo).
-Until ``deft train`` takes --prune-dir / --quantize, the compression is injected by wrapping
-``deft.run.load_model_and_tokenizer`` for the duration of each run.
+Each run is ``deft train`` with ``--prune-dir`` / ``--quantize 8`` and the recipe defaults otherwise.
 """
 from __future__ import annotations
 
@@ -19,16 +18,13 @@ import argparse
 import json
 import math
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Iterator
+from typing import Any
 
 from deft import run
-from deft.cli_compress import REPORT_NAME, PruneArgs, prepare_compressed_model, prune
+from deft.cli_compress import REPORT_NAME, PruneArgs, prune
 from deft.io import write_json, write_text
 from deft.metrics import density_change
-from deft.prune import weight_sparsity
 
 # name -> (prune options or None, quantize bits or None)
 COMPRESSIONS: dict[str, tuple[dict[str, Any] | None, int | None]] = {
@@ -37,26 +33,6 @@ COMPRESSIONS: dict[str, tuple[dict[str, Any] | None, int | None]] = {
     "wanda2:4": ({"nm": "2:4"}, None),
     "int8": (None, 8),
 }
-
-
-@contextmanager
-def compressed_loading(prune_dir: str | None, quantize: int | None, info: dict[str, Any]) -> Iterator[None]:
-    """Make ``deft.run.train`` load a pruned / quantized base model; ``info`` receives the summary."""
-    original = run.load_model_and_tokenizer
-
-    def load(name: str, task: str, **kw: Any):
-        model, tok = original(name, task, **kw)
-        model, summary = prepare_compressed_model(
-            model, SimpleNamespace(prune_dir=prune_dir, quantize=quantize, quant_backend="deft"))
-        info.update(summary)
-        info.setdefault("weight_sparsity", {"overall": weight_sparsity(model)["overall"]})
-        return model, tok
-
-    run.load_model_and_tokenizer = load
-    try:
-        yield
-    finally:
-        run.load_model_and_tokenizer = original
 
 
 def prune_dir_for(name: str, opts: dict[str, Any], args: argparse.Namespace) -> str:
@@ -75,17 +51,18 @@ def one_run(name: str, alpha: float, args: argparse.Namespace, prune_dir: str | 
     if (run_dir / "results.json").exists() and row_file.exists() and not args.overwrite:
         print(f"reusing {run_dir}")
         return json.loads(row_file.read_text())
-    info: dict[str, Any] = {}
     train_args = run.TrainArgs(
         model=args.model, task="sst2", method="lora", alpha=alpha, epochs=args.epochs, seed=args.seed,
         data_dir=args.data_dir, data_source=args.data_source, max_train_samples=args.max_train_samples,
         max_eval_samples=args.max_eval_samples, output=str(run_dir), overwrite=True, quiet=True,
-        logging_steps=args.logging_steps,
+        logging_steps=args.logging_steps, prune_dir=prune_dir, quantize=quantize, quant_backend="deft",
     )
     print(f"training {name} alpha={alpha:g} -> {run_dir}")
     t0 = time.time()
-    with compressed_loading(prune_dir, quantize, info):
-        res = run.train(train_args)
+    res = run.train(train_args)
+    info = res.get("compression") or {}
+    if "weight_sparsity" not in info:  # dense base: prepare_compressed_model reports nothing
+        info["weight_sparsity"] = {"overall": 0.0}
     row = {
         "compression": name, "alpha": alpha, "run": "DEFT" if alpha > 0 else "PEFT",
         "main_metric": res["main_metric"], "metric": res["metric"], "density": res["density"]["overall"],
@@ -126,14 +103,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-train-samples", type=int, default=None)
     p.add_argument("--max-eval-samples", type=int, default=None)
     p.add_argument("--calib-batches", type=int, default=None)
-    p.add_argument("--alpha", type=float, default=1.0, help="DEFT density-loss weight")
+    p.add_argument("--alpha", type=float, default=run.TrainArgs.alpha, help="DEFT density-loss weight")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--logging-steps", type=int, default=25)
     p.add_argument("--compressions", default=",".join(COMPRESSIONS), help=f"subset of {','.join(COMPRESSIONS)}")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     quick = dict(epochs=1.0, max_train_samples=128, max_eval_samples=128, calib_batches=4) if args.quick else {}
-    defaults = dict(epochs=2.0, max_train_samples=None, max_eval_samples=None, calib_batches=8)
+    defaults = dict(epochs=run.TrainArgs.epochs, max_train_samples=None, max_eval_samples=None, calib_batches=8)
     for k, v in {**defaults, **quick}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
