@@ -97,6 +97,7 @@ def test_compare_table_and_reuse(tiny_model_dir, glue_dir, tmp_path, capsys):
         (["train", "--alpha", "-1"], "alpha must be"),
         (["train", "--loss", "l3"], "kind must be"),
         (["train", "--method", "dora"], "method='dora'"),
+        (["train", "--model", "/no/such/model-dir"], "/no/such/model-dir"),
     ],
 )
 def test_bad_options_are_named(flags, needle, tmp_path, capsys):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -103,9 +104,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             run.skip(args)
         elif command in EXTRA:
             EXTRA[command][2](args)
-    except (RunError, ValueError, FileNotFoundError) as e:
-        # our own errors name the option / file at fault: show them without a stack trace
-        print(f"deft {sys.argv[1] if len(sys.argv) > 1 else ''}: error: {e}", file=sys.stderr)
+    except (RunError, ValueError, OSError) as e:
+        # our errors (and transformers' "not a local folder / hub id") name the option or file at fault:
+        # show them without a stack trace; DEFT_DEBUG=1 shows the trace
+        if os.environ.get("DEFT_DEBUG"):
+            raise
+        print(f"deft {command if 'command' in locals() else ''}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ndeft: interrupted; finished runs and the last checkpoint are kept (rerun with --resume)",
