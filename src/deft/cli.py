@@ -57,12 +57,15 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
                                 metavar=f.name.upper())
 
 
-def _read_config(path: str, cls: type) -> dict[str, Any]:
-    data = read_mapping(path, "--config")
+def _read_config(path: str, cls: type, what: str = "--config") -> dict[str, Any]:
+    try:
+        data = read_mapping(path, what)
+    except (OSError, ValueError) as e:
+        raise RunError(str(e)) from None
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise RunError(f"--config {path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise RunError(f"{what} {path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     return data
 
 

@@ -88,10 +88,7 @@ def base_args(args: SweepArgs) -> TrainArgs:
     elif isinstance(b, str):
         from .cli import _read_config
 
-        try:
-            values = _read_config(b, TrainArgs)
-        except RunError as e:  # it says --config; here the file came from --base
-            raise RunError(str(e).replace("--config", "--base", 1)) from None
+        values = _read_config(b, TrainArgs, what="--base")
     elif b is None:
         values = {}
     else:
