@@ -7,34 +7,19 @@ import os
 import sys
 from pathlib import Path
 
-from transformers import TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_trainer import _Tok, tiny_lora_bert, toy_dataset  # noqa: E402
+from test_trainer import pad_features, sgd_step_args, tiny_lora_bert, toy_dataset  # noqa: E402
 
 from deft.trainer import DensityConfig, DeftTrainer  # noqa: E402
 
 out_file, per_device = sys.argv[1], int(sys.argv[2])
 model = tiny_lora_bert()
 before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-args = TrainingArguments(
-    output_dir=str(Path(out_file).parent / "ckpt"),
-    per_device_train_batch_size=per_device,
-    max_steps=1,
-    learning_rate=1.0,
-    optim="sgd",
-    lr_scheduler_type="constant",
-    weight_decay=0.0,
-    report_to=[],
-    save_strategy="no",
-    logging_steps=1,
-    remove_unused_columns=False,
-    use_cpu=True,
-    ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
-    seed=0,
-)
+args = sgd_step_args(Path(out_file).parent / "ckpt", per_device,
+                     ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None)
 trainer = DeftTrainer(model, args, density=DensityConfig(alpha=1.0, eps=1e-2), train_dataset=toy_dataset(),
-                      data_collator=_Tok().pad)
+                      data_collator=pad_features)
 trainer.train()
 if trainer.is_world_process_zero():
     delta = {n: (p.detach() - before[n]).flatten().tolist() for n, p in model.named_parameters() if p.requires_grad}

@@ -35,6 +35,7 @@ from deft.quantize import (
 )
 from deft.testing import tiny_config
 from deft.trainer import DensityConfig, DeftTrainer
+from test_trainer import pad_features
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -65,14 +66,7 @@ def toy_dataset(n: int = 16, seed: int = 0):
             for i, L in enumerate(torch.randint(3, 14, (n,), generator=g))]
 
 
-def collate(features):
-    n = max(len(f["input_ids"]) for f in features)
-    ids = torch.zeros(len(features), n, dtype=torch.long)
-    mask = torch.zeros(len(features), n, dtype=torch.long)
-    for i, f in enumerate(features):
-        ids[i, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
-        mask[i, : len(f["input_ids"])] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([f["labels"] for f in features])}
+collate = pad_features  # the toy-dataset collator shared with test_trainer
 
 
 def train_steps(model, tmp_path, steps: int = 3, alpha: float = 1.0) -> DeftTrainer:

@@ -50,7 +50,7 @@ def squad_dir(tmp_path_factory) -> Path:
                (f"{country}-2", f"What does {city} have many of?", "old buildings")])
         p2 = (f"The people of {country} speak their own language. {city} has a famous museum.",
               [(f"{country}-3", f"What does {city} have?", "a famous museum"),
-               (f"{country}-4", f"Who speaks their own language?", f"The people of {country}")])
+               (f"{country}-4", "Who speaks their own language?", f"The people of {country}")])
         arts.append(_article(country, [p1, p2]))
     d = tmp_path_factory.mktemp("squad")
     (d / "dev-v1.1.json").write_text(json.dumps(_squad_json(arts)), encoding="utf-8")

@@ -19,24 +19,27 @@ from deft.trainer import DensityConfig, DeftTrainer
 HERE = Path(__file__).parent
 
 
-class _Tok:
-    """Just enough tokenizer for DataCollatorWithPadding (pads input_ids with 0, mask with 0)."""
+def pad_features(features):
+    """Right-pad token-id lists with 0 (mask 0): the collator of the toy datasets."""
+    n = max(len(f["input_ids"]) for f in features)
+    ids = torch.zeros(len(features), n, dtype=torch.long)
+    mask = torch.zeros(len(features), n, dtype=torch.long)
+    for i, f in enumerate(features):
+        ids[i, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
+        mask[i, : len(f["input_ids"])] = 1
+    out = {"input_ids": ids, "attention_mask": mask}
+    if "labels" in features[0]:
+        out["labels"] = torch.tensor([f["labels"] for f in features])
+    return out
 
-    padding_side = "right"
-    pad_token_id = 0
-    model_input_names = ["input_ids", "attention_mask"]
 
-    def pad(self, features, padding=True, max_length=None, pad_to_multiple_of=None, return_tensors="pt", **kw):
-        n = max(len(f["input_ids"]) for f in features)
-        ids = torch.zeros(len(features), n, dtype=torch.long)
-        mask = torch.zeros(len(features), n, dtype=torch.long)
-        for i, f in enumerate(features):
-            ids[i, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
-            mask[i, : len(f["input_ids"])] = 1
-        out = {"input_ids": ids, "attention_mask": mask}
-        if "labels" in features[0]:
-            out["labels"] = torch.tensor([f["labels"] for f in features])
-        return out
+def sgd_step_args(output_dir, per_device: int, ga: int = 1, **kw) -> TrainingArguments:
+    """One plain SGD step at lr 1: the parameter change is exactly -gradient."""
+    return TrainingArguments(
+        output_dir=str(output_dir), per_device_train_batch_size=per_device, gradient_accumulation_steps=ga,
+        max_steps=1, learning_rate=1.0, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0,
+        report_to=[], save_strategy="no", logging_steps=1, remove_unused_columns=False, use_cpu=True, seed=0, **kw,
+    )
 
 
 def toy_dataset(n=8, seed=0):
@@ -63,28 +66,13 @@ def tiny_lora_bert(seed=0):
 def one_step(tmp_path, *, batch, ga, alpha, granularity="token"):
     model = tiny_lora_bert()
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    args = TrainingArguments(
-        output_dir=str(tmp_path / f"b{batch}-ga{ga}-a{alpha}"),
-        per_device_train_batch_size=batch,
-        gradient_accumulation_steps=ga,
-        max_steps=1,
-        learning_rate=1.0,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        remove_unused_columns=False,
-        use_cpu=True,
-        seed=0,
-    )
+    args = sgd_step_args(tmp_path / f"b{batch}-ga{ga}-a{alpha}", batch, ga)
     trainer = DeftTrainer(
         model,
         args,
         density=DensityConfig(alpha=alpha, eps=1e-2, granularity=granularity),
         train_dataset=toy_dataset(),
-        data_collator=_Tok().pad,
+        data_collator=pad_features,
     )
     trainer.train()
     return {n: (p.detach() - before[n]) for n, p in model.named_parameters() if p.requires_grad}, trainer
@@ -121,7 +109,7 @@ def test_logs_and_eval_density(tmp_path):
     assert 0 <= metrics["eval_density"] <= 1
     assert "eval_density_layer_0" in metrics and "eval_density_layer_1" in metrics
     # eval density equals an independent measurement of the same model on the same data
-    batches = [_Tok().pad(toy_dataset()[i : i + 8]) for i in range(0, 8, 8)]
+    batches = [pad_features(toy_dataset()[i : i + 8]) for i in range(0, 8, 8)]
     report = deft.measure_density(trainer.model, batches)
     assert metrics["eval_density"] == pytest.approx(report.overall)
 
