@@ -13,10 +13,11 @@ pruned model as ``--model`` on the prune folder.
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from .fields import help_field as _h
 from .io import write_json
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -30,8 +31,6 @@ REPORT_NAME = "prune_report.json"
 MASKS_NAME = "prune_masks.safetensors"  # == deft.prune.MASKS_NAME
 
 
-def _h(text: str, **kw: Any):
-    return field(metadata={"help": text}, **kw)
 
 
 @dataclass

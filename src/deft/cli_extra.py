@@ -12,13 +12,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .energy import EnergyConfig, EnergyReport, estimate_energy
+from .fields import help_field as _h
 from .io import write_json, write_text
 from .run import RunError
 from .sweep import SweepArgs, sweep
-
-
-def _h(text: str, **kw: Any):
-    return field(metadata={"help": text}, **kw)
 
 
 @dataclass

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from .constants import MLP_SPECS, full_match, layer_group
+from .fields import help_field as _h
 from .io import read_mapping
 from .probe import _unwrap_hf_model
 
@@ -64,8 +65,6 @@ OP_HELP = {
 MemoryLevel = Literal["dram", "sram"]
 
 
-def _h(text: str, **kw: Any):
-    return field(metadata={"help": text}, **kw)
 
 
 @dataclass

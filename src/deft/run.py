@@ -11,10 +11,11 @@ import math
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .fields import help_field as _h
 from .io import write_json, write_text
 from .metrics import DensityReport, density_change
 
@@ -23,8 +24,6 @@ class RunError(RuntimeError):
     """A run cannot start as asked (bad option combination, existing output, missing data)."""
 
 
-def _h(text: str, **kw: Any):
-    return field(metadata={"help": text}, **kw)
 
 
 @dataclass
@@ -132,26 +131,21 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _subset(items: list, n: int | None, seed: int) -> list:
-    if n is None or n >= len(items):
-        return items
-    import random
-
-    idx = sorted(random.Random(seed).sample(range(len(items)), n))
-    return [items[i] for i in idx]
-
 
 def load_model_and_tokenizer(name: str, task: str, *, trust_remote_code: bool = False, **load_kwargs: Any):
     """Tokenizer and sequence-classification model for a GLUE ``task`` (see :mod:`deft.tasks`)."""
-    from .tasks import load_model_and_tokenizer as load  # lazily: `deft --help` should not import torch
+    from .tasks import (
+        load_model_and_tokenizer as load,  # lazily: `deft --help` should not import torch
+    )
 
     return load(name, task, trust_remote_code=trust_remote_code, **load_kwargs)
 
 
 def _load_split(args, task: str, split: str, n: int | None, seed: int):
     from .data import load_glue
+    from .tasks import seeded_subset
 
-    return _subset(load_glue(task, split, data_dir=args.data_dir, source=args.data_source), n, seed)
+    return seeded_subset(load_glue(task, split, data_dir=args.data_dir, source=args.data_source), n, seed)
 
 
 def _method_config(args: TrainArgs):
@@ -326,8 +320,9 @@ def _eval_loader(run_cfg: dict[str, Any], tok, n: int | None, batch_size: int):
     from transformers import DataCollatorWithPadding
 
     from .data import GlueDataset, load_glue
+    from .tasks import seeded_subset
 
-    ex = _subset(load_glue(run_cfg["task"], "dev", data_dir=run_cfg["data_dir"], source=run_cfg["data_source"]), n, 0)
+    ex = seeded_subset(load_glue(run_cfg["task"], "dev", data_dir=run_cfg["data_dir"], source=run_cfg["data_source"]), n, 0)
     ds = GlueDataset(ex, tok, run_cfg["max_length"])
     return list(torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=DataCollatorWithPadding(tok)))
 

@@ -14,10 +14,11 @@ import json
 import math
 import re
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from .fields import help_field as _h
 from .io import write_json, write_text
 from .run import RunError, TrainArgs
 
@@ -26,8 +27,6 @@ ROW_KEYS = ("point", "dir", "model", "task", "method", "alpha", "loss", "eps", "
             "metric", "density", "union_density", "trainable_percent", "train_time_s")
 
 
-def _h(text: str, **kw: Any):
-    return field(metadata={"help": text}, **kw)
 
 
 @dataclass
