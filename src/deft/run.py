@@ -24,8 +24,6 @@ class RunError(RuntimeError):
     """A run cannot start as asked (bad option combination, existing output, missing data)."""
 
 
-
-
 @dataclass
 class TrainArgs:
     """Arguments of ``deft train`` (and of each run of ``deft compare``)."""
@@ -129,7 +127,6 @@ def _versions() -> dict[str, str]:
         "python": platform.python_version(),
         "machine": f"{platform.machine()} {platform.system()}",
     }
-
 
 
 def load_model_and_tokenizer(name: str, task: str, *, trust_remote_code: bool = False, **load_kwargs: Any):
