@@ -65,6 +65,59 @@ def timeit_pair(dense, sparse, min_run_time: float, rounds: int) -> tuple[float,
     return best[0], best[1]
 
 
+def cuda_graph_pair(dense, sparse, n_inputs: int, rounds: int) -> tuple[float, float]:
+    """Seconds per call of each on the GPU: ``n_inputs`` calls (one per input) captured in one CUDA graph,
+    replayed and timed with CUDA events; the median of ``rounds`` timings of 20 replays each.
+
+    A graph removes the Python and launch overhead (tens of microseconds per eager call, as long as the
+    7B GEMV itself), which is how a decode loop worth optimising runs (CUDA graphs / torch.compile).
+    """
+    graphs = []
+    for fn in (dense, sparse):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):  # warm-up on a side stream, as capture requires (and Triton autotuning)
+            for _ in range(3):
+                for _ in range(n_inputs):
+                    fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(n_inputs):
+                fn()
+        graphs.append(g)
+    times: list[list[float]] = [[], []]
+    for _ in range(rounds):
+        for i, g in enumerate(graphs):  # interleaved
+            g.replay()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(20):
+                g.replay()
+            end.record()
+            end.synchronize()
+            times[i].append(start.elapsed_time(end) / 1e3 / (20 * n_inputs))
+    med = [sorted(t)[len(t) // 2] for t in times]
+    return med[0], med[1]
+
+
+def peak_bandwidth(device: str) -> float | None:
+    """Measured device-memory bandwidth in bytes/s (a 1 GiB copy, bytes read + written), GPU only."""
+    if device != "cuda":
+        return None
+    a = torch.empty(1 << 29, dtype=torch.float16, device="cuda").normal_()
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        b.copy_(a)
+    end.record()
+    end.synchronize()
+    return 2 * a.numel() * a.element_size() * 20 / (start.elapsed_time(end) / 1e3)
+
+
 def crossover(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Density below which sparse wins: the sweep's last winning density and a linear interpolation."""
     rows = sorted(rows, key=lambda r: r["density"])
@@ -82,6 +135,9 @@ def crossover(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run(device: str, quick: bool, dtype: torch.dtype) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)
+    bandwidth = peak_bandwidth(device)
+    if bandwidth:
+        print(f"measured copy bandwidth: {bandwidth / 1e12:.2f} TB/s (read + write)")
     min_run_time, rounds = (0.05, 3) if quick else (0.3, 5)
     results: list[dict[str, Any]] = []
     for shape, (width, hidden) in SHAPES.items():
@@ -102,12 +158,27 @@ def run(device: str, quick: bool, dtype: torch.dtype) -> dict[str, Any]:
                 xs = [make_input(regime, tokens, width, d, gen).to(device=device, dtype=dtype) for _ in range(n_inputs)]
                 nxt = itertools.cycle(xs).__next__
                 with torch.inference_mode():
-                    t_dense, t_sparse = timeit_pair(lambda: lin(nxt()), lambda: sparse(nxt()), min_run_time, rounds)
+                    if device == "cuda" and regime == "decode":
+                        # the graph replays the calls in order: the dense and sparse closures see every input
+                        it_d, it_s = itertools.cycle(xs).__next__, itertools.cycle(xs).__next__
+                        t_dense, t_sparse = cuda_graph_pair(lambda: lin(it_d()), lambda: sparse(it_s()),
+                                                            n_inputs, 5 if quick else 15)
+                    else:
+                        t_dense, t_sparse = timeit_pair(lambda: lin(nxt()), lambda: sparse(nxt()), min_run_time,
+                                                        rounds)
                 row = dict(shape=shape, regime=regime, tokens=tokens, density=d, dense_ms=1e3 * t_dense,
-                           sparse_ms=1e3 * t_sparse, speedup=t_dense / t_sparse)
+                           sparse_ms=1e3 * t_sparse, speedup=t_dense / t_sparse, target_speedup=0.7 / d)
+                if bandwidth:
+                    # bytes the kernels must read: all of W2 (dense) / the active rows of W2^T (sparse), + x, y
+                    w_bytes = width * hidden * lin.weight.element_size()
+                    io = (tokens * (width + hidden)) * lin.weight.element_size()
+                    row["dense_bw_frac"] = (w_bytes + io) / t_dense / bandwidth
+                    row["sparse_bw_frac"] = (d * w_bytes + io) / t_sparse / bandwidth
                 results.append(row)
-                print(f"{shape:>5} {regime:>7} tokens={tokens:<5} density={100 * d:5.1f}%  dense {row['dense_ms']:9.3f} ms"
-                      f"  sparse {row['sparse_ms']:9.3f} ms  speedup {row['speedup']:5.2f}x", flush=True)
+                roof = (f"  of peak bw: dense {100 * row['dense_bw_frac']:3.0f}% sparse {100 * row['sparse_bw_frac']:3.0f}%"
+                        if bandwidth else "")
+                print(f"{shape:>5} {regime:>7} tokens={tokens:<5} density={100 * d:5.1f}%  dense {row['dense_ms']:9.4f} ms"
+                      f"  sparse {row['sparse_ms']:9.4f} ms  speedup {row['speedup']:5.2f}x{roof}", flush=True)
     summary = {}
     for shape in SHAPES:
         for regime in ("decode", "batched"):
@@ -116,7 +187,7 @@ def run(device: str, quick: bool, dtype: torch.dtype) -> dict[str, Any]:
             est = "never" if c["crossover_density"] is None else f"~{100 * c['crossover_density']:.0f}%"
             print(f"crossover {shape}/{regime}: sparse wins below {est} density "
                   f"(won at {[f'{100 * d:g}%' for d in c['sparse_wins_at']]})")
-    return {"results": results, "crossover": summary}
+    return {"results": results, "crossover": summary, "copy_bandwidth_bytes_per_s": bandwidth}
 
 
 def machine(device: str) -> dict[str, Any]:

@@ -15,6 +15,8 @@ from transformers import AutoModel, PreTrainedTokenizerFast
 from deft.data import EXTRACTIVE_META_KEYS, make_synthetic_images
 from deft.run import TrainArgs
 from deft.tasks import (
+    _glue_examples,
+    glue_data_label,
     CausalPrompter,
     PadCollator,
     load_squad_data,
@@ -245,3 +247,27 @@ def test_image_vit(tmp_path):
 def test_unknown_task_names_the_choices(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="unknown task 'translation'.*nor squad, image or lm-instruct"):
         setup_task(_args(tiny_model_dir, "translation", None, tmp_path))
+
+
+def test_glue_folder_without_train_file_splits_dev_once(tmp_path):
+    # QNLI in ../shared/data has only dev.tsv: a fixed 80/20 split, the same for every --seed, disjoint
+    d = tmp_path / "QNLI"
+    d.mkdir()
+    rows = ["index\tquestion\tsentence\tlabel"] + [
+        f"{i}\tq{i}?\ts{i}.\t{'entailment' if i % 2 else 'not_entailment'}" for i in range(50)
+    ]
+    (d / "dev.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    parts = []
+    for seed in (0, 1):
+        args = TrainArgs(task="qnli", data_dir=str(tmp_path), seed=seed)
+        train, dev = _glue_examples(args, "qnli")
+        parts.append(([e.text_a for e in train], [e.text_a for e in dev]))
+        assert "split 80/20" in glue_data_label(args, "qnli")
+    (train, dev), again = parts
+    assert again == (train, dev)
+    assert len(dev) == 10 and len(train) == 40
+    assert set(train).isdisjoint(dev) and set(train) | set(dev) == {f"q{i}?" for i in range(50)}
+    # with a train file present nothing is split
+    (d / "train.tsv").write_text("\n".join(rows[:11]) + "\n", encoding="utf-8")
+    train2, dev2 = _glue_examples(TrainArgs(task="qnli", data_dir=str(tmp_path)), "qnli")
+    assert len(train2) == 10 and len(dev2) == 50

@@ -38,6 +38,7 @@ class EnergyArgs:
     per_layer: bool = _h("also print the per-layer table", default=False)
     output: str | None = _h("folder for energy.json, energy.md and the breakdown plot (a run folder: the "
                             "report picks it up)", default=None)
+    activation: str | None = _h("the activation the adapter was trained with (deft train --activation)", default=None)
     trust_remote_code: bool = _h("allow model code from the hub", default=False)
 
 
@@ -75,7 +76,8 @@ def energy(args: EnergyArgs) -> EnergyReport:
     from .run import _load_split, load_model_and_tokenizer
 
     cfg = EnergyConfig.from_file(args.hardware) if args.hardware else EnergyConfig()  # fail before loading
-    model, tok = load_model_and_tokenizer(args.model, args.task, trust_remote_code=args.trust_remote_code)
+    model, tok = load_model_and_tokenizer(args.model, args.task, trust_remote_code=args.trust_remote_code,
+                                          activation=args.activation)
     if args.adapter:
         model = load_trainable(model, args.adapter, task_type="SEQ_CLS")
         if args.merge_lora:

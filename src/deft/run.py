@@ -78,6 +78,8 @@ class TrainArgs:
     resume: bool = _h("continue the interrupted run in --output from its last checkpoint", default=False)
     overwrite: bool = _h("start over even if --output holds a finished or interrupted run", default=False)
     gradient_checkpointing: bool = _h("recompute activations in backward to save memory", default=False)
+    activation: str | None = _h("replace every MLP activation by this one before training, e.g. relu "
+                                "('relufication' of a GELU/SiLU model; then --loss tanh applies)", default=None)
     trust_remote_code: bool = _h("allow model code from the hub (off: only transformers' own classes)", default=False)
     sites: list[str] | None = _h("module-name globs of the activations, for model types deft does not know",
                                  default=None)
@@ -107,6 +109,7 @@ class MeasureArgs:
     threshold: float = _h("|x| > threshold counts as non-zero", default=0.0)
     include_padding: bool = _h("count padded positions", default=False)
     sites: list[str] | None = _h("module-name globs for unknown model types", default=None)
+    activation: str | None = _h("the activation the adapter was trained with (deft train --activation)", default=None)
     output: str | None = _h("write density.json here (a folder)", default=None)
     trust_remote_code: bool = _h("allow model code from the hub", default=False)
 
@@ -307,7 +310,8 @@ def _load_run_model(run_dir: Path):
 
     res = json.loads((run_dir / "results.json").read_text())
     cfg = res["config"]
-    model, tok = load_model_and_tokenizer(cfg["model"], cfg["task"], trust_remote_code=cfg.get("trust_remote_code", False))
+    model, tok = load_model_and_tokenizer(cfg["model"], cfg["task"], trust_remote_code=cfg.get("trust_remote_code", False),
+                                          activation=cfg.get("activation"))
     model = load_trainable(model, run_dir / "adapter", task_type="SEQ_CLS")
     return model.eval(), tok, res
 
@@ -392,7 +396,8 @@ def measure(args: MeasureArgs) -> DensityReport:
     from .methods import load_trainable
     from .metrics import measure_density
 
-    model, tok = load_model_and_tokenizer(args.model, args.task, trust_remote_code=args.trust_remote_code)
+    model, tok = load_model_and_tokenizer(args.model, args.task, trust_remote_code=args.trust_remote_code,
+                                          activation=args.activation)
     if args.adapter:
         model = load_trainable(model, args.adapter, task_type="SEQ_CLS")
     dev = GlueDataset(_load_split(args, args.task, "dev", args.max_eval_samples, 0), tok, args.max_length)

@@ -172,8 +172,11 @@ def _tokenizer(path: str, trust_remote_code: bool):
 
 
 # ---------------------------------------------------------------------------------------------- GLUE
-def load_model_and_tokenizer(name: str, task: str, *, trust_remote_code: bool = False, **load_kwargs: Any):
-    """Tokenizer and sequence-classification model for a GLUE ``task`` (pad token set for decoders)."""
+def load_model_and_tokenizer(name: str, task: str, *, trust_remote_code: bool = False, activation: str | None = None,
+                             **load_kwargs: Any):
+    """Tokenizer and sequence-classification model for a GLUE ``task`` (pad token set for decoders).
+
+    ``activation`` swaps the MLP activations (see :func:`deft.activations.swap_activation`)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from .models import resolve
@@ -189,22 +192,56 @@ def load_model_and_tokenizer(name: str, task: str, *, trust_remote_code: bool = 
     model = AutoModelForSequenceClassification.from_pretrained(
         path, config=config, trust_remote_code=trust_remote_code, **load_kwargs
     )
+    if activation:
+        from .activations import swap_activation
+
+        swap_activation(model, activation)
     return model, tok
+
+
+# Where a local GLUE folder has only its dev file (QNLI in ../shared/data), the dev file is split once,
+# with a fixed seed independent of --seed, so every run and seed trains and scores on the same rows.
+GLUE_DEV_SPLIT_EVAL_FRACTION = 0.2
+GLUE_DEV_SPLIT_SEED = 0
+
+
+def _dev_only(args: TaskArgs, task: str) -> bool:
+    if args.data_source not in ("auto", "local") or not args.data_dir:
+        return False
+    spec = glue_task(task)
+    root = Path(args.data_dir)
+    has = [any((d / spec.file_name(s)).is_file() for d in (root / spec.dir_name, root)) for s in ("train", "dev")]
+    return not has[0] and has[1]
 
 
 def glue_data_label(args: TaskArgs, task: str = "sst2") -> str:
     if args.data_source == "builtin" or (args.data_source == "auto" and args.data_dir is None and task == "sst2"):
         return "builtin SST-2 sample (3,000 train rows, full dev)"
+    if _dev_only(args, task):
+        pct = round(100 * GLUE_DEV_SPLIT_EVAL_FRACTION)
+        return (f"local GLUE dev file in {args.data_dir} split {100 - pct}/{pct} (seed {GLUE_DEV_SPLIT_SEED}): "
+                "no train file, so scores are on a held-out part of dev, not comparable with published dev scores")
     if args.data_dir:
         return f"local GLUE files in {args.data_dir}"
     return "Hugging Face hub (glue)"
 
 
+def split_dev(dev: list, eval_fraction: float = GLUE_DEV_SPLIT_EVAL_FRACTION, seed: int = GLUE_DEV_SPLIT_SEED
+              ) -> tuple[list, list]:
+    """A seeded (train, eval) split of one labelled file, both parts kept in file order."""
+    n_eval = round(eval_fraction * len(dev))
+    held = set(random.Random(seed).sample(range(len(dev)), n_eval))
+    return [e for i, e in enumerate(dev) if i not in held], [e for i, e in enumerate(dev) if i in held]
+
+
 def _glue_examples(args: TaskArgs, task: str) -> tuple[list, list]:
     from .data import load_glue
 
-    train = load_glue(task, "train", data_dir=args.data_dir, source=args.data_source)
-    dev = load_glue(task, "dev", data_dir=args.data_dir, source=args.data_source)
+    if _dev_only(args, task):
+        train, dev = split_dev(load_glue(task, "dev", data_dir=args.data_dir, source=args.data_source))
+    else:
+        train = load_glue(task, "train", data_dir=args.data_dir, source=args.data_source)
+        dev = load_glue(task, "dev", data_dir=args.data_dir, source=args.data_source)
     # eval subsets use seed 0 so every seed of a comparison is scored on the same rows
     return seeded_subset(train, args.max_train_samples, args.seed), seeded_subset(dev, args.max_eval_samples, 0)
 
@@ -671,6 +708,10 @@ def train_with_setup(args: Any, setup: TaskSetup | None = None) -> dict[str, Any
 
     set_seed(args.seed)
     setup = setup or setup_task(args)
+    if getattr(args, "activation", None):
+        from .activations import swap_activation
+
+        swap_activation(setup.model, args.activation)
     model, compression = prepare_compressed_model(setup.model, args)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

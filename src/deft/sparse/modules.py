@@ -35,6 +35,11 @@ Regime = Literal["auto", "decode", "batched"]
 # W2 columns costs as much as the memory-bound GEMM itself. GPUs will differ: pass max_density there.
 DEFAULT_MAX_DENSITY = {"per_token": 0.35, "union": 0.7, "union_few_tokens": 0.3}
 FEW_TOKENS = 64
+# CUDA, one token: the Triton op costs ~10 us of fixed work (three small kernels) before it saves any
+# bytes. Measured on an H100 (benchmarks/README.md): SmolLM2's 1536x576 W2 (0.9 M weights, 4.9 us dense)
+# never wins; LLaMA-7B's 11008x4096 W2 (45 M) wins below ~43 % density. Smaller weights stay on cuBLAS
+# unless max_density is given explicitly. The density itself is not checked on CUDA (that needs a sync).
+CUDA_MIN_WEIGHTS = 1 << 24  # 16.8 M weights: a 4096 x 4096 projection and up
 
 
 @dataclass
@@ -65,8 +70,10 @@ def _has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _has_triton()
+def _use_triton(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    # the Triton op has no backward: gradients through the layer take the differentiable torch path
+    needs_grad = torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and not needs_grad and _has_triton()
 
 
 class SparseDown(nn.Module):
@@ -83,7 +90,8 @@ class SparseDown(nn.Module):
         regime: ``"decode"`` always gathers per token, ``"batched"`` always uses the union of the batch,
             ``"auto"`` gathers per token for a single token and uses the union otherwise.
         max_density: active fraction above which the dense kernel runs instead (``None``: the measured
-            defaults in :data:`DEFAULT_MAX_DENSITY`; 1.0 forces the sparse kernel).
+            defaults in :data:`DEFAULT_MAX_DENSITY`, and on CUDA the dense kernel for one token when the
+            weight has fewer than :data:`CUDA_MIN_WEIGHTS` entries; 1.0 forces the sparse kernel).
         track_stats: count skipped work in :attr:`stats` (costs a host sync per call on GPU).
     """
 
@@ -191,7 +199,11 @@ class SparseDown(nn.Module):
 
     def _per_token(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        if n == 1 and _use_triton(x):
+        if n == 1 and x.is_cuda and self.max_density is None and self.weight.numel() < CUDA_MIN_WEIGHTS:
+            if self.track_stats:
+                self._count(1, int((x.abs() > self.threshold).sum()), dense=True)
+            return self._dense(x if self.threshold == 0 else x * (x.abs() > self.threshold))
+        if n == 1 and _use_triton(x, self.weight):
             from .triton_gemv import sparse_gemv  # only ever imported with CUDA + triton present
 
             out = sparse_gemv(x[0].contiguous(), self._weight_t(), self.threshold)[None]

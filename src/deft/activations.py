@@ -1,0 +1,35 @@
+"""Swap the MLP activation of a pretrained model ("relufication"), e.g. GELU -> ReLU before PEFT.
+
+A GELU or SiLU output is exactly zero only far below zero, so a GELU model is dense; replacing the
+activation by ReLU and adapting with PEFT (Mirzadeh et al. 2023, "ReLU strikes back") makes half the
+units exactly zero from the start, and the tanh surrogate of DEFT then applies as written for ReLU.
+The modules are found by name through the architecture table, like the probe's sites.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .constants import full_match, mlp_spec
+from .probe import _unwrap_hf_model
+
+
+def swap_activation(model: nn.Module, name: str) -> list[str]:
+    """Replace every MLP activation module of ``model`` by transformers' ``name`` activation, in place.
+
+    Returns the swapped module names. Raises ValueError for an unknown activation name or when the
+    model has no activation module where the table says it should be.
+    """
+    from transformers.activations import ACT2CLS, get_activation
+
+    if name not in ACT2CLS:
+        raise ValueError(f"--activation {name!r} is not a transformers activation; choose from {sorted(ACT2CLS)}")
+    top = _unwrap_hf_model(model)
+    model_type = getattr(getattr(top, "config", None), "model_type", None)
+    spec = mlp_spec(model_type)
+    found = [n for n, m in top.named_modules() if full_match(spec.act, n) and isinstance(m, nn.Module)]
+    if not found:
+        raise ValueError(f"no MLP activation module matching {spec.act!r} in this {model_type!r} model")
+    for n in found:
+        parent, _, child = n.rpartition(".")
+        setattr(top.get_submodule(parent) if parent else top, child, get_activation(name))
+    return found
