@@ -464,3 +464,19 @@ def test_image_folder_errors(tmp_path):
         ds[[p.name for p, _ in ds.samples].index("broken.png")]
     with pytest.raises(DataError, match="not a folder"):
         ImageFolderDataset(tmp_path / "absent", vit_image_processor(16))
+
+
+def test_squad_windows_that_stop_early_are_an_error():
+    # tokenizers 0.23.2 returned only the first overflow window: the end of the context was lost silently
+    from deft.data.squad import QAExample, _check_windows_cover_contexts
+
+    class Enc(dict):
+        def sequence_ids(self, i):
+            return [None, 0, None, 1, 1, None]
+
+    ex = QAExample(id="q1", question="q?", context="x" * 400, answers=["x"], answer_starts=[0])
+    full = Enc(offset_mapping=[[(0, 0), (0, 2), (0, 0), (0, 200), (200, 400), (0, 0)]], overflow_to_sample_mapping=[0])
+    _check_windows_cover_contexts(full, [ex])  # reaches the end: fine
+    cut = Enc(offset_mapping=[[(0, 0), (0, 2), (0, 0), (0, 100), (100, 200), (0, 0)]], overflow_to_sample_mapping=[0])
+    with pytest.raises(DataError, match="q1: the tokenizer's overflow windows stop at character 200"):
+        _check_windows_cover_contexts(cut, [ex])

@@ -101,7 +101,7 @@ def _encode(examples: Sequence[QAExample], tokenizer: Any, max_length: int, stri
         raise DataError("extractive SQuAD preprocessing needs a fast tokenizer (offset mappings); "
                         f"got {type(tokenizer).__name__}")
     # Long contexts become several windows overlapping by `stride` tokens; only the context is cut.
-    return tokenizer(
+    enc = tokenizer(
         [e.question.lstrip() for e in examples],  # leading spaces waste tokens and shift nothing useful
         [e.context for e in examples],
         truncation="only_second",
@@ -110,6 +110,33 @@ def _encode(examples: Sequence[QAExample], tokenizer: Any, max_length: int, stri
         return_overflowing_tokens=True,
         return_offsets_mapping=True,
     )
+    _check_windows_cover_contexts(enc, examples)
+    return enc
+
+
+def _check_windows_cover_contexts(enc: Any, examples: Sequence[QAExample], slack: int = 50) -> None:
+    """The windows of every example must reach the end of its context.
+
+    tokenizers 0.23.2 returned only the first overflow window, so the rest of a long context vanished
+    without an error; answers there could never be found. ``slack`` characters of tolerance allow for
+    trailing text a tokenizer normalises away.
+    """
+    reach = [0] * len(examples)
+    for i, offsets in enumerate(enc["offset_mapping"]):
+        j = enc["overflow_to_sample_mapping"][i]
+        ids = enc.sequence_ids(i)
+        ends = [o[1] for o, sid in zip(offsets, ids) if sid == 1]
+        if ends:
+            reach[j] = max(reach[j], max(ends))
+    for e, r in zip(examples, reach):
+        if r < len(e.context.rstrip()) - slack:
+            import tokenizers
+
+            raise DataError(
+                f"SQuAD example {e.id}: the tokenizer's overflow windows stop at character {r} of a "
+                f"{len(e.context)}-character context (tokenizers {tokenizers.__version__}); "
+                "tokenizers 0.23.2 drops windows: pip install 'tokenizers>=0.23.3'"
+            )
 
 
 def _model_inputs(enc: Any, i: int) -> dict[str, list[int]]:
