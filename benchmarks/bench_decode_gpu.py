@@ -14,8 +14,9 @@ Variants, timed alternately in one run:
     down        ``deft.sparsify(mode="threshold")``: the down-projection input h = act(gate) * up is
                 thresholded per layer to the target density and W2 is read only for active units
                 (Triton split-K sparse GEMV), i.e. what DEFT's MLP sparsity can give
-    all         TEAL-style: the inputs of every projection (q/k/v/o, gate/up, down) are thresholded to the
-                target density and each projection reads only its active weight rows
+    all         TEAL-style, ``deft.sparsify(targets="all")``: the inputs of every projection (q/k/v/o,
+                gate/up, down) are thresholded to the target density and each projection reads only its
+                active weight rows
 Thresholds are calibrated per projection on the model's own activations (eager decode steps).
 
     python benchmarks/bench_decode_gpu.py --out decode_gpu.json
@@ -106,22 +107,6 @@ def calibrate(model: nn.Module, dec: Decoder, densities: list[float], steps: int
     return out
 
 
-def wrap_all(model: nn.Module, thresholds: dict[str, float]) -> None:
-    """TEAL-style: every projection becomes an input-sparse SparseDown with its calibrated threshold."""
-    for name, thr in thresholds.items():
-        parent, _, child = name.rpartition(".")
-        mod = model.get_submodule(name)
-        base = mod.base_layer if isinstance(mod, SparseDown) else mod
-        setattr(model.get_submodule(parent), child, SparseDown(base, threshold=thr, regime="decode", max_density=1.0))
-
-
-def unwrap_all(model: nn.Module) -> None:
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, SparseDown):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, mod.base_layer)
-
-
 def graph_time(dec: Decoder, tokens: int, rounds: int) -> float:
     """Seconds per decode step: the step captured once, replayed ``tokens`` times per round, best round."""
     s = torch.cuda.Stream()
@@ -194,11 +179,11 @@ def main(argv: list[str] | None = None) -> dict:
                  regime="decode", max_density=1.0)
         row["down_measured_density"] = measured_density(model, dec, ("down_proj",))
         row["down_s"] = graph_time(dec, args.tokens, rounds)
-        unsparsify(model)
-        wrap_all(model, thresholds[d])
+        # every projection (TEAL's setting), through the library as well
+        sparsify(model, mode="threshold", threshold=thresholds[d], targets="all", regime="decode", max_density=1.0)
         row["all_measured_density"] = measured_density(model, dec, sum(PROJ_INPUTS.values(), ()))
         row["all_s"] = graph_time(dec, args.tokens, rounds)
-        unwrap_all(model)
+        unsparsify(model)
         row["dense_s"] = graph_time(dec, args.tokens, rounds)  # again, so drift shows
         dense = min(dense_t, row["dense_s"])
         row["down_speedup"] = dense / row["down_s"]

@@ -7,7 +7,10 @@ Pretrained MiniLM uses GELU, which has almost no exact zeros, so sparsity is cre
     thr@D       the GELU model with per-layer magnitude thresholds calibrated so that a fraction D of the
                 down-projection inputs stays non-zero (TEAL-style, deft.sparse.calibrate_thresholds)
 
-and each is run with both sparse paths of deft.sparse.SparseDown:
+or comes from training: ``--run DIR`` adds a finished ``deft train`` LoRA run on MiniLM (its adapter merged,
+its ``--activation`` applied), e.g. a DEFT run whose density loss silenced most units, timed exactly.
+
+Each is run with both sparse paths of deft.sparse.SparseDown:
 
     union       units zero for every token of the batch are sliced out of W2, one GEMM (regime="batched")
     per-token   every token gathers its own active W2 columns (regime="decode", embedding_bag on CPU)
@@ -15,7 +18,8 @@ and each is run with both sparse paths of deft.sparse.SparseDown:
 Every variant is timed interleaved with its dense twin in the same run (the same model without
 sparsify: GELU for gelu/thr, ReLU for relu); `speedup` = dense time / sparse time of the whole forward.
 Also reported: per-token and union density of the down-projection input, and the mean cosine between
-the variant's mean-pooled embeddings and the dense GELU model's.
+the variant's mean-pooled embeddings and the dense GELU model's (for ``--run`` variants: the dense run
+model's, so 1.0 up to float reassociation).
 
     python benchmarks/bench_encoder.py --quick --out encoder.json
 """
@@ -56,6 +60,18 @@ def relu_fied(model: nn.Module) -> nn.Module:
     return relu
 
 
+def trained_encoder(run_dir: str) -> nn.Module:
+    """The encoder of a finished LoRA run on MiniLM, with the adapter merged so SparseDown can wrap W2."""
+    from pathlib import Path
+
+    from deft.run import _load_run_model
+
+    model, _, res = _load_run_model(Path(run_dir))
+    if res["config"]["method"] != "lora":
+        raise SystemExit(f"--run {run_dir}: only LoRA runs can be merged for timing (method {res['config']['method']!r})")
+    return model.merge_and_unload().base_model.eval()
+
+
 def pooled(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.inference_mode():
         h = model(**batch).last_hidden_state
@@ -92,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
                          "no per-token row for the GELU model (< 90 s on 2 CPU cores)")
     ap.add_argument("--targets", default=None,
                     help="threshold variants: target densities, comma separated (default 0.1,0.3; --quick: 0.1)")
+    ap.add_argument("--run", action="append", default=[],
+                    help="a finished `deft train` LoRA run folder on MiniLM to time as well (repeatable)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     start = time.perf_counter()
@@ -111,17 +129,20 @@ def main(argv: list[str] | None = None) -> None:
     reference = pooled(gelu, batch)
     relu = relu_fied(gelu)
 
-    variants: list[tuple[str, nn.Module, dict[str, Any]]] = [("gelu exact", gelu, dict(mode="exact"))]
-    variants.append(("relu exact", relu, dict(mode="exact")))
+    variants: list[tuple[str, nn.Module, dict[str, Any], torch.Tensor]] = [
+        ("gelu exact", gelu, dict(mode="exact"), reference), ("relu exact", relu, dict(mode="exact"), reference)]
     targets = args.targets or ("0.1" if args.quick else "0.1,0.3")
     for target in (float(t) for t in targets.split(",")):
         thresholds = calibrate_thresholds(gelu, calib, target)
-        variants.append((f"thr@{target:g}", gelu, dict(mode="threshold", threshold=thresholds)))
+        variants.append((f"thr@{target:g}", gelu, dict(mode="threshold", threshold=thresholds), reference))
+    for run_dir in args.run:
+        enc = trained_encoder(run_dir)
+        variants.append((f"run:{os.path.basename(os.path.normpath(run_dir))}", enc, dict(mode="exact"), pooled(enc, batch)))
 
     results = []
     print(f"MiniLM-L6 batch {BATCH}, {batch['input_ids'].shape[1]} tokens/sentence (padded), "
           f"torch threads {torch.get_num_threads()}")
-    for name, base, kw in variants:
+    for name, base, kw, ref in variants:
         for regime in ("batched", "decode"):
             if args.quick and name == "gelu exact" and regime == "decode":
                 continue  # nothing to gather per token in a GELU model: the slowest row, skipped for time
@@ -129,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
             # max_density=1.0 times the sparse kernel even where the dense one would be chosen by default
             sparsify(sparse, regime=regime, max_density=1.0, track_stats=True, **kw)
             # this first call warms up and fills the skip counters (a few int additions per layer)
-            cosine = float(torch.cosine_similarity(pooled(sparse, batch), reference, dim=-1).mean())
+            cosine = float(torch.cosine_similarity(pooled(sparse, batch), ref, dim=-1).mean())
             dens = densities(sparse, regime)
             t_dense, t_sparse = time_pair(base, sparse, batch, rounds)
             row = dict(variant=name, path="union" if regime == "batched" else "per-token", **dens,
@@ -138,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
                        speedup=t_dense / t_sparse)
             results.append(row)
             dkey = "union_density" if regime == "batched" else "per_token_density"
-            print(f"{name:>11} {row['path']:>9}: {dkey.replace('_', ' ')} {100 * dens[dkey]:5.1f}%  "
+            print(f"{name:>16} {row['path']:>9}: {dkey.replace('_', ' ')} {100 * dens[dkey]:5.1f}%  "
                   f"dense {row['dense_sent_per_s']:6.1f} sent/s  sparse {row['sparse_sent_per_s']:6.1f} sent/s  "
                   f"speedup {row['speedup']:.2f}x  cosine {cosine:.4f}", flush=True)
 

@@ -246,7 +246,7 @@ def test_bad_arguments_are_refused():
     model, _ = _model("bert")
     with pytest.raises(ValueError, match="mode='threshold'"):
         sparsify(model, threshold=0.1)
-    with pytest.raises(KeyError, match="names no down-projection"):
+    with pytest.raises(KeyError, match="names no sparsified layer"):
         sparsify(model, mode="threshold", threshold={"encoder.layer.9.output.dense": 0.1})
     with pytest.raises(ValueError, match="regime"):
         sparsify(model, regime="prefill")
@@ -255,6 +255,64 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="target_density"):
         calibrate_thresholds(model, [], 0.0)
     assert not sparse_modules(model)  # a refused call leaves the model as it was
+
+
+# ---------------------------------------------------------------------------------------------- all projections
+# block linears of each tiny family (2 layers), counted by hand: BERT 2 x (q, k, v, o, up, down); T5
+# encoder 2 x (q, k, v, o, wi, wo) + decoder 2 x (self q, k, v, o + cross q, k, v, o + wi, wo)
+ALL_LINEARS = {"bert": 12, "gpt2": 8, "llama": 14, "opt": 12, "distilbert": 12, "t5": 32}
+
+
+@pytest.mark.parametrize("model_type", sorted(ALL_LINEARS))
+def test_all_projections_exact_mode_matches_dense(model_type):
+    model, cfg = _model(model_type)
+    batch = _batch(model_type, cfg)
+    ref = _hidden(model, batch)
+    sparsify(model, targets="all", regime="batched", max_density=1.0)
+    assert len(sparse_modules(model)) == ALL_LINEARS[model_type]
+    torch.testing.assert_close(_hidden(model, batch), ref, **TOL)
+    unsparsify(model)
+    assert not sparse_modules(model)
+
+
+@pytest.mark.parametrize("target", [0.2, 0.5])
+def test_all_projections_thresholds_reach_target_on_every_input(target):
+    # independent count: plain pre-hooks on the original layers see the same inputs the calibration saw
+    model, cfg = _model("llama")
+    batches = [_batch("llama", cfg, seed=s, batch=4, seq=9) for s in (1, 2)]
+    thresholds = calibrate_thresholds(model, batches, target, targets="all")
+    assert len(thresholds) == ALL_LINEARS["llama"] and all(t > 0 for t in thresholds.values())
+    counts = {n: [0, 0] for n in thresholds}
+    hooks = []
+    for n in thresholds:
+        def fn(_m, args, n=n):
+            counts[n][0] += int((args[0].abs() > thresholds[n]).sum())
+            counts[n][1] += args[0].numel()
+        hooks.append(model.get_submodule(n).register_forward_pre_hook(fn))
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    for h in hooks:
+        h.remove()
+    for n, (above, total) in counts.items():
+        assert above / total == pytest.approx(target, abs=0.02), n
+    # the thresholded model equals zeroing those inputs by hand
+    zeroing = [model.get_submodule(n).register_forward_pre_hook(
+        lambda _m, args, t=thresholds[n]: (args[0] * (args[0].abs() > t),)) for n in thresholds]
+    want = _hidden(model, batches[0])
+    for h in zeroing:
+        h.remove()
+    sparsify(model, mode="threshold", threshold=thresholds, targets="all", regime="decode", max_density=1.0)
+    torch.testing.assert_close(_hidden(model, batches[0]), want, **TOL)
+
+
+def test_all_projections_bad_targets_and_threshold_names():
+    model, _ = _model("bert")
+    with pytest.raises(ValueError, match="targets must be 'down' or 'all'"):
+        sparsify(model, targets="mlp")
+    with pytest.raises(KeyError, match="threshold names no sparsified layer"):
+        sparsify(model, mode="threshold", threshold={"pooler.dense": 0.1}, targets="all")
+    assert not sparse_modules(model)
 
 
 # ---------------------------------------------------------------------------------------------- CUDA

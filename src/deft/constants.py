@@ -136,6 +136,16 @@ def is_gated(spec: MLPSpec, config) -> bool:
     return bool(getattr(config, "is_gated_act", False))
 
 
+# Every family's transformer blocks live in a numbered stack under one of these names; the linear layers
+# inside a block (attention q/k/v/o and the MLP) are what TEAL-style sparsity of all projections wraps.
+BLOCK_STACK = r"(^|\.)(layer|layers|h|block)\.\d+\."
+
+
+def in_block(name: str) -> bool:
+    """True when the dotted module ``name`` lies inside a numbered transformer block."""
+    return re.search(BLOCK_STACK, name) is not None
+
+
 def full_match(pattern: str, name: str) -> bool:
     """True when the dotted module ``name`` ends with a component sequence matching ``pattern``."""
     return re.search(rf"(^|\.){pattern}$", name) is not None

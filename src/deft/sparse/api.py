@@ -12,12 +12,13 @@ from typing import Any, Iterable, Literal, Mapping
 import torch
 from torch import nn
 
-from ..constants import full_match, is_gated, mlp_spec
+from ..constants import full_match, in_block, is_gated, mlp_spec
 from ..metrics import measure_density
 from ..probe import ActivationProbe, Site, _unwrap_hf_model
-from .modules import Regime, SkipStats, SparseDown, SparseGatedMLP, eligible_gated_mlp
+from .modules import Regime, SkipStats, SparseDown, SparseGatedMLP, _conv1d_type, eligible_gated_mlp
 
 Mode = Literal["exact", "threshold"]
+Targets = Literal["down", "all"]
 
 
 def _down_sites(top: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -30,6 +31,24 @@ def _down_sites(top: nn.Module) -> list[tuple[str, nn.Module]]:
             f"({type(top).__name__}) with pattern {spec.down!r}"
         )
     return found
+
+
+def _all_sites(top: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every nn.Linear / Conv1D inside a transformer block: attention q/k/v/o and the whole MLP."""
+    conv1d = _conv1d_type()
+    kinds = (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+    found = [(n, m) for n, m in top.named_modules() if type(m) in kinds and in_block(n)]
+    if not found:
+        raise ValueError(f"found no linear layer inside numbered transformer blocks of this {type(top).__name__}")
+    return found
+
+
+def _sites(top: nn.Module, targets: str) -> list[tuple[str, nn.Module]]:
+    if targets == "down":
+        return _down_sites(top)
+    if targets == "all":
+        return _all_sites(top)
+    raise ValueError(f"targets must be 'down' or 'all', got {targets!r}")
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -57,6 +76,7 @@ def sparsify(
     max_density: float | None = None,
     gate_skip: bool = True,
     track_stats: bool = False,
+    targets: Targets = "down",
 ) -> nn.Module:
     """Swap every MLP down-projection of ``model`` for a zero-skipping :class:`SparseDown`, in place.
 
@@ -71,6 +91,10 @@ def sparsify(
         gate_skip: in exact mode, also replace LLaMA-style gated MLPs by :class:`SparseGatedMLP`, which
             skips the W_up rows of units whose gate activation is zero.
         track_stats: count skipped work per layer, read with :func:`sparse_stats` (host sync on GPU).
+        targets: ``"down"`` (the MLP down-projections, whose input DEFT sparsifies) or ``"all"``: every
+            linear layer inside the transformer blocks (attention q/k/v/o, MLP up/gate/down) skips the
+            weight rows of its inactive inputs, TEAL's setting. In threshold mode each needs its own
+            threshold (``calibrate_thresholds(..., targets="all")``); ``gate_skip`` does not apply.
 
     Returns the same model object. Calling it again re-configures (it undoes the previous call first).
     Forward hooks registered on the original down-projections do not carry over.
@@ -78,8 +102,9 @@ def sparsify(
     if mode not in ("exact", "threshold"):
         raise ValueError(f"mode must be 'exact' or 'threshold', got {mode!r}")
     top = _unwrap_hf_model(model)
+    sites = _sites(top, targets)  # validates targets before anything changes
     unsparsify(model)
-    sites = _down_sites(top)
+    sites = _sites(top, targets)
     names = [n for n, _ in sites]
     if mode == "exact":
         if (isinstance(threshold, Mapping) and any(threshold.values())) or (
@@ -90,7 +115,7 @@ def sparsify(
     elif isinstance(threshold, Mapping):
         unknown = sorted(set(threshold) - set(names))
         if unknown:
-            raise KeyError(f"threshold names no down-projection: {unknown}; the sites are: {names}")
+            raise KeyError(f"threshold names no sparsified layer ({targets=}): {unknown}; the sites are: {names}")
         per_site = {n: float(threshold.get(n, 0.0)) for n in names}
     else:
         per_site = dict.fromkeys(names, float(threshold))
@@ -103,7 +128,8 @@ def sparsify(
         )
         parent_name, child = _split(name)
         parent = top.get_submodule(parent_name)
-        if mode == "exact" and gate_skip and gated and child == "down_proj" and eligible_gated_mlp(parent):
+        if (mode == "exact" and gate_skip and targets == "down" and gated and child == "down_proj"
+                and eligible_gated_mlp(parent)):
             grand_name, mlp_child = _split(parent_name)
             setattr(top.get_submodule(grand_name), mlp_child, SparseGatedMLP(parent, sparse, max_density=max_density))
         else:
@@ -182,6 +208,7 @@ def calibrate_thresholds(
     include_padding: bool = False,
     max_values: int = 1 << 24,
     seed: int = 0,
+    targets: Targets = "down",
 ) -> dict[str, float]:
     """Per-layer thresholds that leave ``target_density`` of the down-projection inputs above them.
 
@@ -193,13 +220,65 @@ def calibrate_thresholds(
     """
     if not 0.0 < target_density <= 1.0:
         raise ValueError(f"target_density must be in (0, 1], got {target_density!r}")
-    probe = _ValueProbe(model, include_padding=include_padding, max_values=max_values, seed=seed)
-    measure_density(model, batches, probe=probe)
+    if targets == "all":
+        values = _input_values(model, batches, include_padding=include_padding, max_values=max_values, seed=seed)
+    elif targets == "down":
+        probe = _ValueProbe(model, include_padding=include_padding, max_values=max_values, seed=seed)
+        measure_density(model, batches, probe=probe)
+        values = probe.values
+    else:
+        raise ValueError(f"targets must be 'down' or 'all', got {targets!r}")
     out: dict[str, float] = {}
-    for site in probe.sites:
-        v = torch.cat(probe.values[site.name]) if probe.values[site.name] else torch.empty(0)
+    for name, parts in values.items():
+        v = torch.cat(parts) if parts else torch.empty(0)
         if v.numel() == 0:
-            raise ValueError(f"no calibration values reached {site.name}: were the batches empty?")
+            raise ValueError(f"no calibration values reached {name}: were the batches empty?")
         k = int(round((1.0 - target_density) * v.numel()))  # this many values must be <= the threshold
-        out[site.name] = float(torch.kthvalue(v, k).values) if k > 0 else 0.0
+        out[name] = float(torch.kthvalue(v, k).values) if k > 0 else 0.0
     return out
+
+
+def _keep(stored: list[torch.Tensor], v: torch.Tensor, max_values: int, gen: torch.Generator) -> None:
+    """Append ``v``; past ``max_values`` keep a uniform random half of everything (bounded memory)."""
+    stored.append(v)
+    while sum(t.numel() for t in stored) > max_values:
+        stored[:] = [torch.cat([t[torch.rand(t.numel(), generator=gen) < 0.5] for t in stored])]
+
+
+def _input_values(model: nn.Module, batches: Iterable[Mapping[str, Any]], *, include_padding: bool, max_values: int,
+                  seed: int) -> dict[str, list[torch.Tensor]]:
+    """|input| of every block linear layer (targets="all"), padded positions left out via attention_mask.
+
+    A layer whose input has one row per token of the batch is masked with the batch's attention mask;
+    other inputs (a decoder fed decoder_input_ids, say) keep every row.
+    """
+    top = _unwrap_hf_model(model)
+    sites = _all_sites(top)
+    gen = torch.Generator().manual_seed(seed)
+    values: dict[str, list[torch.Tensor]] = {n: [] for n, _ in sites}
+    mask: list[torch.Tensor | None] = [None]
+
+    def hook(name: str):
+        def fn(_module: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            rows = x.reshape(-1, x.shape[-1]).abs().float()
+            m = mask[0]
+            if m is not None and not include_padding and m.numel() == rows.shape[0]:
+                rows = rows[m.reshape(-1).bool().to(rows.device)]
+            _keep(values[name], rows.reshape(-1).cpu(), max_values, gen)
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in sites]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                mask[0] = batch.get("attention_mask")
+                dev = next(model.parameters()).device
+                model(**{k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()})
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return values
