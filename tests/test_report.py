@@ -226,3 +226,28 @@ def test_extra_commands_fit_the_cli_parser():
     cli._add_fields(p, EnergyArgs)
     ns = p.parse_args(["--model", "m", "--no-merge-lora", "--hardware", "hw.yaml"])
     assert (ns.model, ns.merge_lora, ns.hardware) == ("m", False, "hw.yaml")
+
+
+def test_group_settings_matches_baselines_by_activation_and_ignores_loss_options_at_alpha_0(tmp_path):
+    from deft.report import Run, group_settings
+
+    def fake(name, metric, density, **cfg):
+        base = {"model": "m", "task": "sst2", "method": "lora", "alpha": 0.0, "loss": "l0", "eps": 1e-7, "seed": 0}
+        return Run(tmp_path / name, {"config": {**base, **cfg}, "metric": metric,
+                                     "density": {"overall": density}, "trainable_percent": 1.0})
+
+    runs = [
+        fake("gelu-peft", 0.80, 1.0),  # written before --activation existed: no such key
+        fake("gelu-peft-s1", 0.82, 1.0, seed=1, activation=None),
+        fake("relu-peft-tanh", 0.78, 0.16, activation="relu", loss="tanh"),  # loss options mean nothing at alpha 0
+        fake("relu-peft-l0", 0.76, 0.14, activation="relu", seed=1),
+        fake("gelu-deft", 0.78, 0.8, alpha=3.0),
+        fake("relu-deft", 0.74, 0.01, alpha=3.0, loss="tanh", activation="relu"),
+    ]
+    settings = {s.runs[0].dir.name: s for s in group_settings(runs)}
+    assert len(settings) == 4
+    assert [r.dir.name for r in settings["gelu-peft"].runs] == ["gelu-peft", "gelu-peft-s1"]
+    assert [r.dir.name for r in settings["relu-peft-tanh"].runs] == ["relu-peft-tanh", "relu-peft-l0"]
+    assert settings["gelu-deft"].baseline is settings["gelu-peft"]
+    assert settings["relu-deft"].baseline is settings["relu-peft-tanh"]
+    assert "activation=relu" in settings["relu-deft"].label and "loss" not in settings["relu-peft-tanh"].label

@@ -113,18 +113,20 @@ def group_settings(runs: Sequence[Run]) -> list[Setting]:
     """Runs grouped by every option but the seed; labels name the options that differ between settings."""
     by_key: dict[tuple, Setting] = {}
     for r in runs:
-        key = tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in r.config.items() if k not in _NOT_SETTING))
+        key = _setting_key(r.config)
         by_key.setdefault(key, Setting(key, [])).runs.append(r)
     settings = list(by_key.values())
     configs = [s.config for s in settings]
-    varying = [k for k in configs[0] if k not in _NOT_SETTING and len({json.dumps(c.get(k)) for c in configs}) > 1]
+    all_keys = dict.fromkeys(k for c in configs for k in c)  # runs of older versions may lack newer options
+    varying = [k for k in all_keys if k not in _NOT_SETTING and len({json.dumps(c.get(k)) for c in configs}) > 1]
     varying.sort(key=lambda k: (_LABEL_ORDER.index(k) if k in _LABEL_ORDER else len(_LABEL_ORDER), k))
     for s in settings:
         c = s.config
         s.varying = {k: c.get(k) for k in varying}
         kind = "PEFT" if not c.get("alpha") else "DEFT"
-        extra = " ".join(f"{'α' if k == 'alpha' else k}={model_short(c[k]) if k == 'model' else _fmt_value(c[k])}"
-                         for k in varying if k != "method")
+        shown = [k for k in varying if k != "method" and (kind == "DEFT" or k not in _LOSS_OPTIONS or k == "alpha")]
+        extra = " ".join(f"{'α' if k == 'alpha' else k}={model_short(c[k]) if k == 'model' else _fmt_value(c.get(k))}"
+                         for k in shown)
         method = c.get("method", "?")
         s.label = f"{kind} {method}" + (f" {extra}" if extra else ("" if kind == "PEFT" else f" α={c['alpha']:g}"))
         s.runs.sort(key=lambda r: r.config.get("seed", 0))
@@ -148,10 +150,17 @@ def group_settings(runs: Sequence[Run]) -> list[Setting]:
     return settings
 
 
+def _setting_key(config: dict[str, Any]) -> tuple:
+    """Every option but the seed; an unset option (None) equals a missing one; at alpha = 0 the density
+    loss's other options train nothing, so PEFT runs that differ only there are one setting."""
+    skip = set(_NOT_SETTING) | (set(_LOSS_OPTIONS) - {"alpha"} if not config.get("alpha") else set())
+    return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in config.items() if k not in skip and v is not None))
+
+
 def _base_key(config: dict[str, Any]) -> tuple:
     """The options a DEFT setting shares with its PEFT baseline: all but the seed and the density loss's."""
     return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in config.items()
-                        if k not in _NOT_SETTING and k not in _LOSS_OPTIONS))
+                        if k not in _NOT_SETTING and k not in _LOSS_OPTIONS and v is not None))
 
 
 def _mean_std(xs: Iterable[Any]) -> tuple[float, float]:
