@@ -373,3 +373,16 @@ def test_sparse_down_on_cuda_keeps_gradients():
     sparse(h).float().sum().backward()
     ref = h.float().sum(0)  # d(sum(W h + b))/dW[o, i] = h[i]
     torch.testing.assert_close(lin.weight.grad.float(), ref.expand(32, 64), atol=1e-2, rtol=1e-2)
+
+
+def test_calibration_subsample_stays_uniform_past_its_cap():
+    # values seen early and late must be equally likely to survive the cap (else late batches dominate)
+    from deft.sparse.api import _Subsample
+
+    s = _Subsample(cap=500, gen=torch.Generator().manual_seed(0))
+    for _ in range(4):
+        s.add(torch.zeros(1000))
+    s.add(torch.ones(1000))
+    kept = torch.cat(s.parts)
+    assert kept.numel() <= 500
+    assert kept.mean().item() == pytest.approx(0.2, abs=0.06)  # 1,000 of 5,000 values were ones

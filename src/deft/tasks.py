@@ -208,10 +208,10 @@ GLUE_DEV_SPLIT_SEED = 0
 def _dev_only(args: TaskArgs, task: str) -> bool:
     if args.data_source not in ("auto", "local") or not args.data_dir:
         return False
-    spec = glue_task(task)
-    root = Path(args.data_dir)
-    has = [any((d / spec.file_name(s)).is_file() for d in (root / spec.dir_name, root)) for s in ("train", "dev")]
-    return not has[0] and has[1]
+    from .data.glue import find_local_file
+
+    spec, root = glue_task(task), Path(args.data_dir)
+    return find_local_file(spec, "train", root) is None and find_local_file(spec, "dev", root) is not None
 
 
 def glue_data_label(args: TaskArgs, task: str = "sst2") -> str:

@@ -206,14 +206,18 @@ def _split(split: str) -> Split:
     raise DataError(f"split={split!r}: GLUE splits are 'train' and 'dev' (the test sets have no labels)")
 
 
-def _local_file(spec: GlueTask, split: Split, data_dir: Path) -> Path:
+def find_local_file(spec: GlueTask, split: Split, data_dir: Path) -> Path | None:
+    """The split's TSV under ``data_dir`` (the GLUE root, or the task folder itself), or None."""
     name = spec.file_name(split)
-    candidates = [data_dir / spec.dir_name / name, data_dir / name]  # GLUE root, or the task folder itself
-    for path in candidates:
-        if path.is_file():
-            return path
+    return next((p for p in (data_dir / spec.dir_name / name, data_dir / name) if p.is_file()), None)
+
+
+def _local_file(spec: GlueTask, split: Split, data_dir: Path) -> Path:
+    path = find_local_file(spec, split, data_dir)
+    if path is not None:
+        return path
     raise DataError(
-        f"{candidates[0]}: no such file. --data-dir should be the GLUE root laid out as "
+        f"{data_dir / spec.dir_name / spec.file_name(split)}: no such file. --data-dir should be the GLUE root laid out as "
         f"TASK_DIR/{{train,dev}}.tsv, here {spec.dir_name}/{spec.train_file} and {spec.dir_name}/{spec.dev_file}"
     )
 

@@ -101,8 +101,9 @@ def sparsify(
     """
     if mode not in ("exact", "threshold"):
         raise ValueError(f"mode must be 'exact' or 'threshold', got {mode!r}")
+    if targets not in ("down", "all"):
+        raise ValueError(f"targets must be 'down' or 'all', got {targets!r}")
     top = _unwrap_hf_model(model)
-    sites = _sites(top, targets)  # validates targets before anything changes
     unsparsify(model)
     sites = _sites(top, targets)
     names = [n for n, _ in sites]
@@ -169,35 +170,42 @@ def _restore_params(sparse: SparseDown) -> None:
     base.bias = sparse.bias
 
 
+class _Subsample:
+    """A uniform random subsample of every value added to it, at most ``cap`` values (bounded memory)."""
+
+    def __init__(self, cap: int, gen: torch.Generator) -> None:
+        self.cap = cap
+        self.gen = gen
+        self.parts: list[torch.Tensor] = []
+        self.keep_every = 1  # each new value is kept with p = 1 / keep_every
+
+    def add(self, v: torch.Tensor) -> None:
+        if self.keep_every > 1:
+            v = v[torch.rand(v.numel(), generator=self.gen) < 1.0 / self.keep_every]
+        self.parts.append(v)
+        # past the cap, halve what is stored and the keep rate: every value seen stays equally likely
+        while sum(t.numel() for t in self.parts) > self.cap:
+            self.parts[:] = [torch.cat([t[torch.rand(t.numel(), generator=self.gen) < 0.5] for t in self.parts])]
+            self.keep_every *= 2
+
+
 class _ValueProbe(ActivationProbe):
     """A down-input probe that also keeps (a random subsample of) the |h| values it counts."""
 
     def __init__(self, model: nn.Module, *, include_padding: bool, max_values: int, seed: int) -> None:
         super().__init__(model, point="down_input", include_padding=include_padding)
-        self.max_values = max_values
-        self.values: dict[str, list[torch.Tensor]] = {s.name: [] for s in self.sites}
-        self.keep_every: dict[str, int] = {s.name: 1 for s in self.sites}  # keep each value with p = 1/keep
-        self.gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        self.values: dict[str, _Subsample] = {s.name: _Subsample(max_values, gen) for s in self.sites}
 
     def reset(self) -> None:
         super().reset()
         for v in getattr(self, "values", {}).values():
-            v.clear()
+            v.parts.clear()
 
     def _count(self, site: Site, x: torch.Tensor, mask: torch.Tensor | None) -> None:
         super()._count(site, x, mask)
         v = x.abs() if mask is None else x.abs()[mask]
-        v = v.reshape(-1).float().cpu()
-        keep = self.keep_every[site.name]
-        if keep > 1:
-            v = v[torch.rand(v.numel(), generator=self.gen) < 1.0 / keep]
-        stored = self.values[site.name]
-        stored.append(v)
-        # past the cap, halve what is stored and the keep rate: every value seen stays equally likely
-        while sum(t.numel() for t in stored) > self.max_values:
-            halved = [t[torch.rand(t.numel(), generator=self.gen) < 0.5] for t in stored]
-            stored[:] = [torch.cat(halved)]
-            self.keep_every[site.name] *= 2
+        self.values[site.name].add(v.reshape(-1).float().cpu())
 
 
 def calibrate_thresholds(
@@ -229,8 +237,8 @@ def calibrate_thresholds(
     else:
         raise ValueError(f"targets must be 'down' or 'all', got {targets!r}")
     out: dict[str, float] = {}
-    for name, parts in values.items():
-        v = torch.cat(parts) if parts else torch.empty(0)
+    for name, sample in values.items():
+        v = torch.cat(sample.parts) if sample.parts else torch.empty(0)
         if v.numel() == 0:
             raise ValueError(f"no calibration values reached {name}: were the batches empty?")
         k = int(round((1.0 - target_density) * v.numel()))  # this many values must be <= the threshold
@@ -238,15 +246,8 @@ def calibrate_thresholds(
     return out
 
 
-def _keep(stored: list[torch.Tensor], v: torch.Tensor, max_values: int, gen: torch.Generator) -> None:
-    """Append ``v``; past ``max_values`` keep a uniform random half of everything (bounded memory)."""
-    stored.append(v)
-    while sum(t.numel() for t in stored) > max_values:
-        stored[:] = [torch.cat([t[torch.rand(t.numel(), generator=gen) < 0.5] for t in stored])]
-
-
 def _input_values(model: nn.Module, batches: Iterable[Mapping[str, Any]], *, include_padding: bool, max_values: int,
-                  seed: int) -> dict[str, list[torch.Tensor]]:
+                  seed: int) -> dict[str, _Subsample]:
     """|input| of every block linear layer (targets="all"), padded positions left out via attention_mask.
 
     A layer whose input has one row per token of the batch is masked with the batch's attention mask;
@@ -255,7 +256,7 @@ def _input_values(model: nn.Module, batches: Iterable[Mapping[str, Any]], *, inc
     top = _unwrap_hf_model(model)
     sites = _all_sites(top)
     gen = torch.Generator().manual_seed(seed)
-    values: dict[str, list[torch.Tensor]] = {n: [] for n, _ in sites}
+    values = {n: _Subsample(max_values, gen) for n, _ in sites}
     mask: list[torch.Tensor | None] = [None]
 
     def hook(name: str):
@@ -265,7 +266,7 @@ def _input_values(model: nn.Module, batches: Iterable[Mapping[str, Any]], *, inc
             m = mask[0]
             if m is not None and not include_padding and m.numel() == rows.shape[0]:
                 rows = rows[m.reshape(-1).bool().to(rows.device)]
-            _keep(values[name], rows.reshape(-1).cpu(), max_values, gen)
+            values[name].add(rows.reshape(-1).cpu())
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in sites]
