@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
+import warnings
 
 import pytest
 import torch
@@ -24,6 +26,7 @@ from deft.methods import (
     apply_method,
     count_parameters,
     load_trainable,
+    pooler_module_name,
     qlora_available,
     qlora_quantization_config,
     resolve_targets,
@@ -359,6 +362,7 @@ def test_unsupported_combinations_raise_method_error(family, task, method):
         ("adapter_reduction_factor", 0),
         ("adapter_non_linearity", "nope"),
         ("target_modules", " , "),
+        ("train_pooler", "yes"),
     ],
 )
 def test_bad_options_name_the_option(option, value):
@@ -375,3 +379,62 @@ def test_config_round_trip_and_task_type():
     with pytest.raises(ValueError, match="task_type"):
         apply_method(build("bert", "SEQ_CLS"), cfg, task_type="CLASSIFY")
     assert "qlora" in METHODS and "full" not in METHODS
+
+
+# ---------------------------------------------------------------- the BERT pooler
+
+
+POOLERS = [  # (family, task, full name of the pooler the classifier reads, or None)
+    ("bert", "SEQ_CLS", "bert.pooler"),
+    ("roberta", "SEQ_CLS", None),  # RobertaForSequenceClassification has no pooler: its head has the dense layer
+    ("llama", "SEQ_CLS", None),
+]
+
+
+@pytest.mark.parametrize("family,task,expected", POOLERS, ids=[f"{f}-{t}" for f, t, _ in POOLERS])
+def test_pooler_module_name(family, task, expected):
+    assert pooler_module_name(build(family, task), task) == expected
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter-pfeiffer", "prompt"])
+def test_train_pooler_trains_it_fully_and_round_trips(tmp_path, method):
+    cfg = dataclasses.replace(method_config(method), train_pooler=True)
+    base = build("bert", "SEQ_CLS")
+    n_pooler = sum(p.numel() for p in base.bert.pooler.parameters())
+    with pytest.warns(UserWarning, match="pooler"):
+        frozen = count_parameters(apply_method(build("bert", "SEQ_CLS"), method_config(method), task_type="SEQ_CLS"))
+    model = apply_method(base, cfg, task_type="SEQ_CLS")
+    pooler = [(n, p) for n, p in model.named_parameters() if ".pooler." in n]
+    # trained fully (peft keeps a trainable copy and a frozen original), and LoRA does not wrap it
+    assert sum(p.numel() for _, p in pooler if p.requires_grad) == n_pooler
+    assert not any("lora_" in n for n, _ in pooler)
+    assert count_parameters(model).trainable == frozen.trainable + n_pooler
+    loss = model(**batch("SEQ_CLS")).loss
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in pooler if p.requires_grad)
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    save_trainable(model, tmp_path, cfg, task_type="SEQ_CLS")
+    loaded = load_trainable(build("bert", "SEQ_CLS"), tmp_path, task_type="SEQ_CLS")
+    inputs = {k: v for k, v in batch("SEQ_CLS").items() if k != "labels"}
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
+
+
+def test_frozen_untrained_pooler_warns_and_a_trained_one_does_not(tmp_path):
+    with pytest.warns(UserWarning, match=r"bert\.pooler .*--train-pooler"):
+        frozen = apply_method(build("bert", "SEQ_CLS"), MethodConfig("lora"), task_type="SEQ_CLS")
+    save_trainable(frozen, tmp_path, MethodConfig("lora"), task_type="SEQ_CLS")
+    model = build("bert", "SEQ_CLS")
+    with torch.no_grad():
+        model.bert.pooler.dense.bias.fill_(0.01)  # what any pretrained pooler looks like
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        apply_method(model, MethodConfig("lora"), task_type="SEQ_CLS")
+        apply_method(build("bert", "SEQ_CLS"), MethodConfig("lora", train_pooler=True), task_type="SEQ_CLS")
+        load_trainable(build("bert", "SEQ_CLS"), tmp_path, task_type="SEQ_CLS")  # reloading a run: no advice
+    assert not [w for w in seen if "pooler" in str(w.message)]

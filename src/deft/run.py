@@ -68,6 +68,8 @@ class TrainArgs:
     num_virtual_tokens: int = _h("prefix / prompt tuning virtual tokens", default=20)
     adapter_type: str = _h("bottleneck adapter: pfeiffer or houlsby", default="pfeiffer")
     adapter_reduction_factor: int = _h("adapter bottleneck = hidden // factor", default=16)
+    train_pooler: bool = _h("classification: also train the backbone's pooler (BERT's dense + tanh on [CLS]) fully; "
+                            "needed when the checkpoint's pooler is untrained, as in all-MiniLM-L6-v2", default=False)
     quantize: int | None = _h("quantize the frozen base weights to 8 or 4 bits (QLoRA-style)", default=None)
     quant_backend: str = _h("auto (bitsandbytes on CUDA, deft's int codes on CPU), deft or bnb", default="auto")
     quant_group_size: int | None = _h("quantization group size (4-bit default 64)", default=None)
@@ -161,6 +163,7 @@ def _method_config(args: TrainArgs):
         num_virtual_tokens=args.num_virtual_tokens,
         adapter_type=args.adapter_type,
         adapter_reduction_factor=args.adapter_reduction_factor,
+        train_pooler=args.train_pooler,
     )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from .adapters import AdapterWrapper, BottleneckAdapter
 from .apply import apply_method, qlora_available, qlora_quantization_config
 from .config import ADAPTER_TYPES, METHODS, TASK_TYPES, MethodConfig, MethodError
-from .targets import head_module_names, resolve_targets
+from .targets import head_module_names, pooler_module_name, resolve_targets
 from .trainable import ParamCount, count_parameters, load_trainable, read_method, save_trainable
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "count_parameters",
     "head_module_names",
     "load_trainable",
+    "pooler_module_name",
     "qlora_available",
     "qlora_quantization_config",
     "read_method",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import warnings
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from .targets import (
     key_value_names,
     mlp_linear_names,
     names_to_regex,
+    pooler_module_name,
     resolve_targets,
 )
 
@@ -154,6 +156,12 @@ def _prompt_learning_config(model: nn.Module, cfg: MethodConfig, task_type: str,
     )
 
 
+def _looks_untrained(module: nn.Module) -> bool:
+    # a pretrained dense layer never ends with every bias exactly zero; a freshly initialised one does
+    biases = [p for n, p in module.named_parameters() if n.endswith("bias")]
+    return bool(biases) and all(bool((b == 0).all()) for b in biases)
+
+
 def _train_heads(model: nn.Module, heads: list[str]) -> None:
     for name in heads:
         model.get_submodule(name).requires_grad_(True)
@@ -169,6 +177,16 @@ def apply_method(model: nn.Module, cfg: MethodConfig, *, task_type: str) -> nn.M
     if task_type not in TASK_TYPES:
         raise ValueError(f"task_type={task_type!r} is not one of {', '.join(TASK_TYPES)}")
     heads = head_module_names(model, task_type)
+    pooler = pooler_module_name(model, task_type)
+    if pooler is not None and cfg.train_pooler:
+        heads.append(pooler)  # trained fully, like the head (and kept out of LoRA's targets)
+    elif pooler is not None and _looks_untrained(model.get_submodule(pooler)):
+        warnings.warn(
+            f"{pooler} (model_type={_model_type(model)!r}) looks untrained (all biases zero) and stays frozen: "
+            "the classifier then sees a near-constant input and small tasks may not learn at all; "
+            "pass train_pooler=True (CLI: --train-pooler)",
+            stacklevel=2,
+        )
 
     if cfg.method == "qlora":
         _require_qlora()

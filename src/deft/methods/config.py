@@ -69,6 +69,15 @@ class MethodConfig:
         default=16, metadata={"help": "Adapter bottleneck = hidden size // factor (at least 1)."}
     )
     adapter_non_linearity: str = field(default="relu", metadata={"help": "Activation inside the adapter bottleneck."})
+    train_pooler: bool = field(
+        default=False,
+        metadata={
+            "help": "Sequence classification only: also train the backbone's pooler (BERT / ALBERT: dense + tanh "
+            "on the first token, feeding the classifier) fully, as RoBERTa's classification head trains its "
+            "dense layer. Off (peft's default) keeps it frozen, which starves checkpoints whose pooler was never "
+            "trained: all-MiniLM-L6-v2's has weights of std 0.009 and a zero bias."
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (list, tuple)):
@@ -79,6 +88,8 @@ class MethodConfig:
         self._check_choice("lora_bias", ("none", "lora_only", "all"))
         self._check_choice("adapter_non_linearity", ADAPTER_NON_LINEARITIES)
         self._check_int("lora_r", minimum=1)
+        if not isinstance(self.train_pooler, bool):
+            raise ValueError(f"train_pooler must be True or False, got {self.train_pooler!r}")
         self._check_int("num_virtual_tokens", minimum=1)
         self._check_int("adapter_reduction_factor", minimum=1)
         if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool) or self.lora_alpha <= 0:

@@ -62,6 +62,20 @@ def head_module_names(model: nn.Module, task_type: str) -> list[str]:
     ]
 
 
+def pooler_module_name(model: nn.Module, task_type: str) -> str | None:
+    """Full name of the backbone's pooler (BERT-style dense + tanh on the first token), if the classifier reads it.
+
+    Only sequence classification goes through the pooler; transformers builds QA / token models without one.
+    """
+    if task_type != "SEQ_CLS":
+        return None
+    backbone = getattr(model, "base_model", model)
+    pooler = getattr(backbone, "pooler", None)
+    if backbone is model or not isinstance(pooler, nn.Module) or not any(True for _ in pooler.parameters()):
+        return None
+    return next((name for name, m in model.named_modules() if m is pooler), None)
+
+
 def _under(name: str, prefixes: list[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
