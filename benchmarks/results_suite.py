@@ -63,6 +63,9 @@ def groups() -> list[tuple[str, str, list[tuple[str, float, int]]]]:
     for task in ("mrpc", "stsb", "cola", "qnli", "rte"):
         out.append((f"{task}-lora-cpu", f"--task {task} --method lora {CPU_SMALL}",
                     [(lbl, al, s) for s in SEEDS for lbl, al in (("peft", 0.0), ("deft", DEFT_ALPHA["small"]))]))
+    # the other side of alpha 1 on the small tasks: it silences CoLA's weak signal and leaves STS-B untouched
+    out.append(("cola-lora-cpu-alpha0.3", f"--task cola --method lora {CPU_SMALL}", [("deft", 0.3, s) for s in SEEDS]))
+    out.append(("stsb-lora-cpu-alpha3", f"--task stsb --method lora {CPU_SMALL}", [("deft", 3.0, s) for s in SEEDS]))
     for method, lr in SAMPLE_LR.items():
         out.append((f"sample-{method}", f"--task sst2 --method {method} {SAMPLE} --lr {lr:g}",
                     [(lbl, al, s) for s in SEEDS for lbl, al in (("peft", 0.0), ("deft", a))]))
