@@ -38,6 +38,11 @@ SAMPLE = "--data-source builtin --epochs 1 --batch-size 8"
 SAMPLE_LR = {"lora": 1e-3, "adapter": 1e-3, "prefix": 1e-2, "prompt": 3e-2}  # prefix/prompt: 1e-3 stays at chance
 
 
+def _pairs(alpha: float) -> list[tuple[str, float, int]]:
+    """PEFT and DEFT (at ``alpha``) for every seed, seed by seed."""
+    return [(label, al, s) for s in SEEDS for label, al in (("peft", 0.0), ("deft", alpha))]
+
+
 def groups() -> list[tuple[str, str, list[tuple[str, float, int]]]]:
     """(group name, flags, [(label, alpha, seed)]) in priority order."""
     out = []
@@ -47,28 +52,23 @@ def groups() -> list[tuple[str, str, list[tuple[str, float, int]]]]:
     for alpha in (0.5, 1.0, 2.0, 5.0, 10.0):  # the alpha curve, seed 0 (alpha 0 and 3 are above)
         out.append((f"sst2-lora-alpha{alpha:g}", f"--task sst2 --method lora {SST2}", [("deft", alpha, 0)]))
     for task in SMALL:
-        out.append((f"{task}-lora", f"--task {task} --method lora {SMALL_RECIPE}",
-                    [(lbl, al, s) for s in SEEDS for lbl, al in (("peft", 0.0), ("deft", DEFT_ALPHA["small"]))]))
+        out.append((f"{task}-lora", f"--task {task} --method lora {SMALL_RECIPE}", _pairs(DEFT_ALPHA["small"])))
     for task in ("sst2", *SMALL):
         recipe = SST2 if task == "sst2" else SMALL_RECIPE
         alpha = DEFT_ALPHA["sst2" if task == "sst2" else "small"]
-        out.append((f"{task}-adapter", f"--task {task} --method adapter {recipe}",
-                    [(lbl, al, s) for s in SEEDS for lbl, al in (("peft", 0.0), ("deft", alpha))]))
+        out.append((f"{task}-adapter", f"--task {task} --method adapter {recipe}", _pairs(alpha)))
     for method in ("prefix", "prompt"):
-        out.append((f"sst2-{method}", f"--task sst2 --method {method} {SST2}",
-                    [(lbl, al, s) for s in SEEDS for lbl, al in (("peft", 0.0), ("deft", a))]))
+        out.append((f"sst2-{method}", f"--task sst2 --method {method} {SST2}", _pairs(a)))
     for name, extra in (("feature_map", "--granularity feature_map"), ("eps1e-5", "--eps 1e-5"),
                         ("eps1e-9", "--eps 1e-9")):
         out.append((f"sst2-lora-{name}", f"--task sst2 --method lora {SST2} {extra}", [("deft", a, 0)]))
     for task in ("mrpc", "stsb", "cola", "qnli", "rte"):
-        out.append((f"{task}-lora-cpu", f"--task {task} --method lora {CPU_SMALL}",
-                    [(lbl, al, s) for s in SEEDS for lbl, al in (("peft", 0.0), ("deft", DEFT_ALPHA["small"]))]))
+        out.append((f"{task}-lora-cpu", f"--task {task} --method lora {CPU_SMALL}", _pairs(DEFT_ALPHA["small"])))
     # the other side of alpha 1 on the small tasks: it silences CoLA's weak signal and leaves STS-B untouched
     out.append(("cola-lora-cpu-alpha0.3", f"--task cola --method lora {CPU_SMALL}", [("deft", 0.3, s) for s in SEEDS]))
     out.append(("stsb-lora-cpu-alpha3", f"--task stsb --method lora {CPU_SMALL}", [("deft", 3.0, s) for s in SEEDS]))
     for method, lr in SAMPLE_LR.items():
-        out.append((f"sample-{method}", f"--task sst2 --method {method} {SAMPLE} --lr {lr:g}",
-                    [(lbl, al, s) for s in SEEDS for lbl, al in (("peft", 0.0), ("deft", a))]))
+        out.append((f"sample-{method}", f"--task sst2 --method {method} {SAMPLE} --lr {lr:g}", _pairs(a)))
     return out
 
 

@@ -167,11 +167,13 @@ def _train_heads(model: nn.Module, heads: list[str]) -> None:
         model.get_submodule(name).requires_grad_(True)
 
 
-def apply_method(model: nn.Module, cfg: MethodConfig, *, task_type: str) -> nn.Module:
+def apply_method(model: nn.Module, cfg: MethodConfig, *, task_type: str, warn_frozen_pooler: bool = True) -> nn.Module:
     """Apply ``cfg.method`` to ``model`` and return the model to train.
 
     peft methods return a ``PeftModel``; bitfit and adapter modify ``model`` in place and return it.
-    Base weights are frozen; the task head (for SEQ_CLS, QUESTION_ANS, TOKEN_CLS, IMAGE_CLS) is trainable.
+    Base weights are frozen; the task head (for SEQ_CLS, QUESTION_ANS, TOKEN_CLS, IMAGE_CLS) is trainable, and
+    so is the backbone's pooler with ``cfg.train_pooler``; a frozen pooler that looks untrained is warned about
+    unless ``warn_frozen_pooler`` is False (rebuilding an already trained model, where the advice is too late).
     Raises :class:`MethodError` for a combination that cannot work (naming the method and model type).
     """
     if task_type not in TASK_TYPES:
@@ -180,7 +182,7 @@ def apply_method(model: nn.Module, cfg: MethodConfig, *, task_type: str) -> nn.M
     pooler = pooler_module_name(model, task_type)
     if pooler is not None and cfg.train_pooler:
         heads.append(pooler)  # trained fully, like the head (and kept out of LoRA's targets)
-    elif pooler is not None and _looks_untrained(model.get_submodule(pooler)):
+    elif pooler is not None and warn_frozen_pooler and _looks_untrained(model.get_submodule(pooler)):
         warnings.warn(
             f"{pooler} (model_type={_model_type(model)!r}) looks untrained (all biases zero) and stays frozen: "
             "the classifier then sees a near-constant input and small tasks may not learn at all; "

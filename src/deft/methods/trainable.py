@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -163,9 +162,7 @@ def load_trainable(base_model: nn.Module, in_dir: str | os.PathLike, *, task_typ
         raise MethodError(f"checkpoint {in_dir} was saved with task_type {saved_task!r}, got {task_type!r}")
     weights = _read_weights(in_dir / WEIGHTS_NAME)
 
-    with warnings.catch_warnings():  # the frozen-pooler advice is about training; this rebuilds a trained model
-        warnings.filterwarnings("ignore", message=r".*pooler.*looks untrained")
-        model = apply_method(base_model, cfg, task_type=task_type)
+    model = apply_method(base_model, cfg, task_type=task_type, warn_frozen_pooler=False)
     if _is_peft(model):
         from peft import set_peft_model_state_dict
 
