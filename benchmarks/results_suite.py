@@ -43,12 +43,17 @@ def _pairs(alpha: float) -> list[tuple[str, float, int]]:
     return [(label, al, s) for s in SEEDS for label, al in (("peft", 0.0), ("deft", alpha))]
 
 
+def _deft(alpha: float) -> list[tuple[str, float, int]]:
+    """DEFT alone at ``alpha`` for every seed (the group's PEFT baseline lives in another group)."""
+    return [("deft", alpha, s) for s in SEEDS]
+
+
 def groups() -> list[tuple[str, str, list[tuple[str, float, int]]]]:
     """(group name, flags, [(label, alpha, seed)]) in priority order."""
     out = []
     a = DEFT_ALPHA["sst2"]
     out.append(("sst2-lora", f"--task sst2 --method lora {SST2}",
-                [("peft", 0.0, s) for s in SEEDS] + [("deft", a, s) for s in SEEDS]))
+                [("peft", 0.0, s) for s in SEEDS] + _deft(a)))
     for alpha in (0.5, 1.0, 2.0, 5.0, 10.0):  # the alpha curve, seed 0 (alpha 0 and 3 are above)
         out.append((f"sst2-lora-alpha{alpha:g}", f"--task sst2 --method lora {SST2}", [("deft", alpha, 0)]))
     for task in SMALL:
@@ -65,8 +70,8 @@ def groups() -> list[tuple[str, str, list[tuple[str, float, int]]]]:
     for task in ("mrpc", "stsb", "cola", "qnli", "rte"):
         out.append((f"{task}-lora-cpu", f"--task {task} --method lora {CPU_SMALL}", _pairs(DEFT_ALPHA["small"])))
     # the other side of alpha 1 on the small tasks: it silences CoLA's weak signal and leaves STS-B untouched
-    out.append(("cola-lora-cpu-alpha0.3", f"--task cola --method lora {CPU_SMALL}", [("deft", 0.3, s) for s in SEEDS]))
-    out.append(("stsb-lora-cpu-alpha3", f"--task stsb --method lora {CPU_SMALL}", [("deft", 3.0, s) for s in SEEDS]))
+    out.append(("cola-lora-cpu-alpha0.3", f"--task cola --method lora {CPU_SMALL}", _deft(0.3)))
+    out.append(("stsb-lora-cpu-alpha3", f"--task stsb --method lora {CPU_SMALL}", _deft(3.0)))
     for method, lr in SAMPLE_LR.items():
         out.append((f"sample-{method}", f"--task sst2 --method {method} {SAMPLE} --lr {lr:g}", _pairs(a)))
     # the headline trade-off on a relufied MiniLM (GELU -> ReLU, then LoRA): against the ReLU PEFT baseline, the
@@ -74,7 +79,7 @@ def groups() -> list[tuple[str, str, list[tuple[str, float, int]]]]:
     relu = f"--task sst2 --method lora {SAMPLE} --lr {SAMPLE_LR['lora']:g} --activation relu --loss tanh"
     out.append(("sample-relu-tanh", relu, _pairs(0.3)))
     for alpha in (0.1, 0.5):
-        out.append((f"sample-relu-tanh-alpha{alpha:g}", relu, [("deft", alpha, s) for s in SEEDS]))
+        out.append((f"sample-relu-tanh-alpha{alpha:g}", relu, _deft(alpha)))
     return out
 
 
