@@ -67,8 +67,9 @@ def groups() -> list[tuple[str, str, list[tuple[str, float, int]]]]:
     for name, extra in (("feature_map", "--granularity feature_map"), ("eps1e-5", "--eps 1e-5"),
                         ("eps1e-9", "--eps 1e-9")):
         out.append((f"sst2-lora-{name}", f"--task sst2 --method lora {SST2} {extra}", [("deft", a, 0)]))
-    for task in ("mrpc", "stsb", "cola", "qnli", "rte"):
-        out.append((f"{task}-lora-cpu", f"--task {task} --method lora {CPU_SMALL}", _pairs(DEFT_ALPHA["small"])))
+    for method in ("lora", "adapter"):
+        for task in ("mrpc", "stsb", "cola", "qnli", "rte"):
+            out.append((f"{task}-{method}-cpu", f"--task {task} --method {method} {CPU_SMALL}", _pairs(DEFT_ALPHA["small"])))
     # the other side of alpha 1 on the small tasks: it silences CoLA's weak signal and leaves STS-B untouched
     out.append(("cola-lora-cpu-alpha0.3", f"--task cola --method lora {CPU_SMALL}", _deft(0.3)))
     out.append(("stsb-lora-cpu-alpha3", f"--task stsb --method lora {CPU_SMALL}", _deft(3.0)))
