@@ -27,30 +27,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import json
 import os
-import platform
 import time
-from importlib import resources
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.benchmark import Timer
 from transformers import AutoModel, AutoTokenizer
 
 from deft.models import minilm_path
 from deft.sparse import calibrate_thresholds, sparse_stats, sparsify
 
+from _common import interleaved, loadavg, machine, sst2_sentences, write_json
+
 BATCH = 32
-
-
-def sentences(n: int) -> list[str]:
-    path = resources.files("deft") / "data" / "builtin" / "sst2_dev.tsv"
-    with path.open(encoding="utf-8") as f:
-        rows = [r["sentence"] for r in csv.DictReader(f, delimiter="\t")]
-    return (rows * (n // len(rows) + 1))[:n]
 
 
 def relu_fied(model: nn.Module) -> nn.Module:
@@ -84,13 +74,9 @@ def time_pair(dense: nn.Module, sparse: nn.Module, batch: dict, rounds: int) -> 
 
     One forward is ~1 s here, so every round is one call per model rather than an autorange block.
     """
-    best = [float("inf"), float("inf")]
     with torch.inference_mode():
-        for _ in range(rounds):
-            for i, model in enumerate((dense, sparse)):
-                t = Timer("m(**b)", globals={"m": model, "b": batch}).timeit(number=1).times[0]
-                best[i] = min(best[i], t)
-    return best[0], best[1]
+        t_dense, t_sparse = interleaved([lambda: dense(**batch), lambda: sparse(**batch)], rounds)
+    return min(t_dense), min(t_sparse)
 
 
 def densities(model: nn.Module, regime: str) -> dict[str, float]:
@@ -114,12 +100,12 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     start = time.perf_counter()
     rounds, calib_batches, max_length = (2, 2, 32) if args.quick else (7, 8, 128)
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    before = machine()
 
     path = minilm_path()
     tok = AutoTokenizer.from_pretrained(path)
     gelu = AutoModel.from_pretrained(path).eval()
-    texts = sentences(BATCH * (calib_batches + 1))
+    texts = sst2_sentences(BATCH * (calib_batches + 1))
 
     def encode(chunk: list[str]) -> dict[str, torch.Tensor]:
         return dict(tok(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
@@ -168,16 +154,10 @@ def main(argv: list[str] | None = None) -> None:
         "config": {"batch": BATCH, "tokens_per_sentence": int(batch["input_ids"].shape[1]), "quick": args.quick,
                    "rounds": rounds, "max_length": max_length, "calibration_sentences": BATCH * calib_batches,
                    "seconds": round(time.perf_counter() - start, 1)},
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "loadavg_1min_before": load_before,
-                    "loadavg_1min_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
+        "machine": {**before, "loadavg_1min_after": loadavg()},
     }
     print(f"done in {out['config']['seconds']} s")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=2)
-        print(f"wrote {args.out}")
+    write_json(args.out, out)
 
 
 if __name__ == "__main__":

@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import os
-import platform
 import time
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.benchmark import Timer
 
 from deft.sparse import SparseDown
+
+from _common import interleaved, loadavg, machine, write_json
 
 SHAPES = {"135M": (1536, 576), "7B": (11008, 4096)}  # (in = MLP width, out = hidden)
 DENSITIES = (0.05, 0.10, 0.20, 0.30, 0.50, 0.70, 1.00)
@@ -51,18 +49,10 @@ def make_input(regime: str, tokens: int, width: int, density: float, gen: torch.
 
 
 def timeit_pair(dense, sparse, min_run_time: float, rounds: int) -> tuple[float, float]:
-    """Seconds per call of each, interleaved over ``rounds`` and the fastest block kept.
-
-    The minimum, not the median: on a shared machine other processes only ever add time, and
-    interleaving makes both sides see the same background load.
-    """
+    """Seconds per call of each, interleaved over ``rounds`` and the fastest block kept (see _common)."""
     dense(), sparse()  # warm-up: lazy caches (W2^T), Triton compilation
-    best = [float("inf"), float("inf")]
-    for _ in range(rounds):
-        for i, fn in enumerate((dense, sparse)):
-            m = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
-            best[i] = min(best[i], min(m.times))
-    return best[0], best[1]
+    t_dense, t_sparse = interleaved([dense, sparse], rounds, min_run_time=min_run_time)
+    return min(t_dense), min(t_sparse)
 
 
 def cuda_graph_pair(dense, sparse, n_inputs: int, rounds: int) -> tuple[float, float]:
@@ -190,22 +180,6 @@ def run(device: str, quick: bool, dtype: torch.dtype) -> dict[str, Any]:
     return {"results": results, "crossover": summary, "copy_bandwidth_bytes_per_s": bandwidth}
 
 
-def machine(device: str) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "device": device,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        # other processes' load on a shared machine: timings are the fastest of interleaved rounds
-        "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-    }
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -220,15 +194,12 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     before = machine(args.device)
     out = run(args.device, args.quick, dtype)
-    out["machine"] = {**before, "loadavg_1min_after": machine(args.device)["loadavg_1min"]}
+    out["machine"] = {**before, "loadavg_1min_after": loadavg()}
     out["config"] = {"quick": args.quick, "dtype": str(dtype), "densities": DENSITIES,
                      "shapes": {k: {"in": v[0], "out": v[1]} for k, v in SHAPES.items()},
                      "seconds": round(time.perf_counter() - start, 1)}
     print(f"done in {out['config']['seconds']} s")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=2)
-        print(f"wrote {args.out}")
+    write_json(args.out, out)
 
 
 if __name__ == "__main__":

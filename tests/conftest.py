@@ -1,11 +1,28 @@
-"""Shared fixtures: a tiny BERT saved with the real MiniLM tokenizer, and a tiny SST-2 folder."""
+"""Shared fixtures: a tiny BERT saved with the real MiniLM tokenizer, and a tiny SST-2 folder.
+
+Tests on real data sets (the full GLUE TSVs, SQuAD v1.1) read them from ``DEFT_TEST_DATA``: a folder with
+``glue/TASK/{train,dev}.tsv`` (the GLUE download script's layout) and ``squad/dev-v1.1.json``. It
+defaults to ``../shared/data`` beside the checkout; a test whose file is absent is skipped, saying so.
+"""
 from __future__ import annotations
 
+import os
 from importlib.resources import files
 from pathlib import Path
 
 import pytest
 import torch
+
+TEST_DATA = Path(os.environ.get("DEFT_TEST_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+
+
+def need_test_data(path: str | Path) -> Path:
+    """``TEST_DATA / path`` (an absolute ``path`` is taken as is), or skip the test saying how to enable it."""
+    full = TEST_DATA / path
+    if not full.exists():
+        pytest.skip(f"{full} not present: set DEFT_TEST_DATA=/path/to/data (GLUE TSVs in glue/TASK/{{train,dev}}.tsv, "
+                    "SQuAD in squad/dev-v1.1.json) to run this test")
+    return full
 
 
 def _save_tiny_bert(d: Path, **overrides) -> Path:

@@ -95,8 +95,8 @@ def test_compare_table_and_reuse(tiny_model_dir, glue_dir, tmp_path, capsys):
     [
         (["train", "--task", "foo"], "unknown task 'foo'"),
         (["train", "--alpha", "-1"], "alpha must be"),
-        (["train", "--loss", "l3"], "kind must be"),
-        (["train", "--method", "dora"], "method='dora'"),
+        (["train", "--loss", "l3"], "argument --loss: invalid choice: 'l3' (choose from 'l0', 'tanh')"),
+        (["train", "--method", "dora"], "argument --method: invalid choice: 'dora'"),
         (["train", "--model", "/no/such/model-dir"], "/no/such/model-dir"),
     ],
 )

@@ -1,6 +1,6 @@
 """deft.data: GLUE / SQuAD / image-folder loading and the task metrics.
 
-Real-file tests read ../shared/data (beside the checkout) (row counts from its README) and skip a file that is absent.
+Real-file tests read DEFT_TEST_DATA (see conftest.py; row counts from the official GLUE files) and skip a file that is absent.
 Every metric is checked against a value worked out by hand here, not by the library under test.
 """
 from __future__ import annotations
@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.resources
 import json
 import math
-import os
 import random
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TEST_DATA, need_test_data
 
 from deft.data import (
     GLUE_TASKS,
@@ -38,10 +38,8 @@ from deft.data import (
     vit_image_processor,
 )
 
-# the shared data folder sits beside the checkout (../shared/data); DEFT_SHARED_DATA overrides it
-DATA = Path(os.environ.get("DEFT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-GLUE = DATA / "glue"
-SQUAD_DEV = DATA / "squad" / "dev-v1.1.json"
+GLUE = TEST_DATA / "glue"
+SQUAD_DEV = TEST_DATA / "squad" / "dev-v1.1.json"
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +51,12 @@ def tokenizer():
 
 
 def _need(path: Path) -> Path:
-    if not path.is_file():
-        pytest.skip(f"{path} not present")
-    return path
+    return need_test_data(path)
 
 
 # ---- GLUE: real files ----------------------------------------------------------------------------
 
-# (rows, {label id: count} or None) from /work/shared/data/README.md
+# (rows, {label id: count} or None) of the official GLUE files
 EXPECTED = {
     ("sst2", "train"): (67349, {1: 37569, 0: 29780}),
     ("sst2", "dev"): (872, {1: 444, 0: 428}),
@@ -161,6 +157,8 @@ MALFORMED = [
              "0\tg\tf\ty\t0\tn\tn\tA.\tB.\tnan\n", 2, "not a finite number"),
     ("sst2", "text\tlabel\nfine\t1\n", 1, "header lacks column"),
     ("sst2", "", 1, "empty file"),
+    ("sst2", "sentence\tlabel\n", 2, "no data rows after the header line"),  # would fail later as num_samples=0
+    ("cola", "\n\n", 1, "no data rows"),
 ]
 
 
@@ -200,8 +198,9 @@ def test_glue_option_errors(tmp_path, monkeypatch):
     # No `datasets` installed (None in sys.modules makes the import fail): the hub path says what to do.
     monkeypatch.setitem(sys.modules, "datasets", None)
     for source in ("hub", "auto"):
-        with pytest.raises(DataError, match="--data-dir"):
+        with pytest.raises(DataError, match="--data-dir") as err:
             load_glue("rte", "dev", source=source)
+        assert "pip install 'deft-sparsity[hub]'" in str(err.value)
 
 
 # ---- GLUE: built-in SST-2 sample -----------------------------------------------------------------

@@ -250,7 +250,7 @@ def test_unknown_task_names_the_choices(tiny_model_dir, tmp_path):
 
 
 def test_glue_folder_without_train_file_splits_dev_once(tmp_path):
-    # QNLI in ../shared/data has only dev.tsv: a fixed 80/20 split, the same for every --seed, disjoint
+    # a GLUE copy with only QNLI's dev.tsv: a fixed 80/20 split, the same for every --seed, disjoint
     d = tmp_path / "QNLI"
     d.mkdir()
     rows = ["index\tquestion\tsentence\tlabel"] + [

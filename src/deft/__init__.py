@@ -12,6 +12,7 @@ Core API::
 """
 from __future__ import annotations
 
+from .errors import ConfigError, DeftError
 from .constants import MLP_SPECS, SUPPORTED_MODEL_TYPES, UnsupportedModelError
 from .losses import DensityLoss
 from .metrics import DensityReport, LayerDensity, density_change, measure_density
@@ -22,6 +23,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationProbe",
+    "ConfigError",
+    "DeftError",
     "DensityLoss",
     "DensityReport",
     "LayerDensity",
@@ -35,10 +38,18 @@ __all__ = [
 
 def __getattr__(name: str):
     # Training pieces pull in transformers.Trainer and peft: import them only when asked for.
-    if name in ("DeftTrainer", "DensityConfig"):
+    if name in ("DeftTrainer", "DensityConfig", "DensityMixin"):
         from . import trainer
 
         return getattr(trainer, name)
+    if name in ("density", "DensityTerm"):
+        from . import loop
+
+        return getattr(loop, name)
+    if name == "DeftSFTTrainer":  # needs the optional trl: a DeftError naming the extra when it is missing
+        from . import integrations
+
+        return integrations.DeftSFTTrainer
     if name in ("sparsify", "unsparsify", "calibrate_thresholds"):
         from . import sparse
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from .constants import full_match, mlp_spec
+from .errors import ConfigError
 from .probe import _unwrap_hf_model
 
 
@@ -22,13 +23,13 @@ def swap_activation(model: nn.Module, name: str) -> list[str]:
     from transformers.activations import ACT2CLS, get_activation
 
     if name not in ACT2CLS:
-        raise ValueError(f"--activation {name!r} is not a transformers activation; choose from {sorted(ACT2CLS)}")
+        raise ConfigError(f"--activation {name!r} is not a transformers activation; choose from {sorted(ACT2CLS)}")
     top = _unwrap_hf_model(model)
     model_type = getattr(getattr(top, "config", None), "model_type", None)
     spec = mlp_spec(model_type)
     found = [n for n, m in top.named_modules() if full_match(spec.act, n) and isinstance(m, nn.Module)]
     if not found:
-        raise ValueError(f"no MLP activation module matching {spec.act!r} in this {model_type!r} model")
+        raise ConfigError(f"no MLP activation module matching {spec.act!r} in this {model_type!r} model")
     for n in found:
         parent, _, child = n.rpartition(".")
         setattr(top.get_submodule(parent) if parent else top, child, get_activation(name))

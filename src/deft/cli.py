@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
+import traceback
 import types
 import typing
 from pathlib import Path
@@ -16,6 +18,8 @@ from typing import Any, Sequence
 
 from .cli_compress import EXTRA_COMMANDS as _COMPRESS_COMMANDS
 from .cli_extra import EXTRA_COMMANDS as _REPORT_COMMANDS
+from .console import cli_session
+from .errors import DeftError
 from .io import read_mapping
 from .run import CompareArgs, MeasureArgs, RunError, SkipArgs, TrainArgs
 
@@ -40,10 +44,20 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _choices(f: dataclasses.Field, tp: Any) -> tuple[Any, ...] | None:
+    """The allowed values of a field: its ``choices`` metadata, or the values of a ``Literal`` type."""
+    if "choices" in f.metadata:
+        return tuple(f.metadata["choices"])
+    return tuple(typing.get_args(tp)) if typing.get_origin(tp) is typing.Literal else None
+
+
 def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp, is_list = _base_type(hints[f.name])
+        choices = _choices(f, tp)
+        if typing.get_origin(tp) is typing.Literal:
+            tp = type(choices[0])  # type: ignore[index]
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_ = f.metadata.get("help", "") + (f" (default: {default})" if default not in (None, False) else "")
@@ -53,8 +67,22 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
         elif tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
+            # with choices, argparse's own error names the flag and lists them; the metavar shows them in --help
             parser.add_argument(flag, type=tp, nargs="+" if is_list else None, default=None, help=help_,
-                                metavar=f.name.upper())
+                                choices=choices, metavar=None if choices else f.name.upper())
+
+
+def _check_choices(values: dict[str, Any], cls: type, what: str) -> None:
+    """Values from a --config file get the same choice check argparse gives flags."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        choices = _choices(f, _base_type(hints[f.name])[0])
+        if choices and f.name in values and values[f.name] is not None:
+            given = values[f.name] if isinstance(values[f.name], list) else [values[f.name]]
+            bad = [v for v in given if v not in choices]
+            if bad:
+                raise RunError(f"{what}: {f.name} (--{f.name.replace('_', '-')}) {bad[0]!r} is not one of "
+                               f"{', '.join(map(str, choices))}")
 
 
 def _read_config(path: str, cls: type, what: str = "--config") -> dict[str, Any]:
@@ -69,56 +97,112 @@ def _read_config(path: str, cls: type, what: str = "--config") -> dict[str, Any]
     return data
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reads ``--eps -1e-7`` as a value.
+
+    argparse takes an argument starting with '-' for an option unless it matches its negative-number
+    pattern, which (before Python 3.13) knows only ``-1`` and ``-1.5``: ``-1e-7`` became "expected one
+    argument". The wider pattern below also matches exponents and ``-inf``; deft has no option that looks
+    like a negative number, so nothing is lost.
+    """
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf$", re.IGNORECASE)
+
+    def error(self, message: str) -> typing.NoReturn:
+        # one line, like deft's other errors; argparse's default puts the whole usage (40 lines for train) first
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _add_verbose(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="also show the libraries' load reports, warnings and log lines")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deft", description="Density-efficient fine-tuning (DEFT)")
+    parser = _Parser(prog="deft", description="Density-efficient fine-tuning (DEFT)")
+    _add_verbose(parser, False)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (cls, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=(cls.__doc__ or help_).strip())
         p.add_argument("--config", help="YAML or JSON file with option values (flags override it)")
+        # SUPPRESS: `deft -v train` must not be reset to False by the sub-command's own default
+        _add_verbose(p, argparse.SUPPRESS)
         _add_fields(p, cls)
     return parser
 
 
 def parse(argv: Sequence[str] | None = None) -> tuple[str, Any]:
+    """(command, its arguments dataclass) from the command line (and its --config file)."""
+    command, args, _ = _parse(argv)
+    return command, args
+
+
+def _parse(argv: Sequence[str] | None) -> tuple[str, Any, bool]:
     ns = build_parser().parse_args(argv)
     cls, _ = COMMANDS[ns.command]
     values: dict[str, Any] = _read_config(ns.config, cls) if ns.config else {}
+    _check_choices(values, cls, f"--config {ns.config}")
     for f in dataclasses.fields(cls):
         v = getattr(ns, f.name)
         if v is not None and not (f.metadata.get("positional") and v == []):
             values[f.name] = v
-    return ns.command, cls(**values)
+    return ns.command, cls(**values), bool(getattr(ns, "verbose", False))
+
+
+def _command_of(argv: Sequence[str] | None) -> str | None:
+    """The sub-command named on the command line, for error lines printed before parsing finished."""
+    return next((a for a in (sys.argv[1:] if argv is None else argv) if a in COMMANDS), None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from . import run
 
+    prefix = f"deft {_command_of(argv)}" if _command_of(argv) else "deft"
     try:
-        command, args = parse(argv)
-        if command == "train":
-            res = run.train(args)
-            print(f"{res['main_metric']}: {res['metric']:.4f}   density: {100 * res['density']['overall']:.2f} %")
-            print(f"results: {Path(args.output) / 'results.json'}\nplot:    {Path(args.output) / 'layerwise_density.png'}")
-        elif command == "compare":
-            run.compare(args)
-        elif command == "measure":
-            run.measure(args)
-        elif command == "skip":
-            run.skip(args)
-        elif command in EXTRA:
-            EXTRA[command][2](args)
-    except (RunError, ValueError, OSError) as e:
-        # our errors (and transformers' "not a local folder / hub id") name the option or file at fault:
-        # show them without a stack trace; DEFT_DEBUG=1 shows the trace
+        try:
+            command, args, verbose = _parse(argv)
+        except SystemExit as e:  # argparse has printed its one-line error; --help exits 0 and goes on up
+            if e.code in (0, None):
+                raise
+            return e.code if isinstance(e.code, int) else 2
+        with cli_session(verbose):
+            _run(command, args, run)
+    except DeftError as e:
+        # a user error: its message names the option, file or model at fault; one line is enough
+        # (DEFT_DEBUG=1 shows the trace)
         if os.environ.get("DEFT_DEBUG"):
             raise
-        print(f"deft {command if 'command' in locals() else ''}: error: {e}", file=sys.stderr)
+        print(f"{prefix}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ndeft: interrupted; finished runs and the last checkpoint are kept (rerun with --resume)",
               file=sys.stderr)
         return 130
+    except Exception:  # noqa: BLE001 - anything else is deft's fault, not the user's: show where it happened
+        traceback.print_exc()
+        print(f"{prefix}: this is a bug, please report it with the command and the traceback above", file=sys.stderr)
+        return 1
     return 0
+
+
+def _run(command: str, args: Any, run: Any) -> None:
+    # under torchrun / accelerate launch every process runs the command; only the first one prints results
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if command == "train":
+        res = run.train(args)
+        if main_process:
+            print(f"{res['main_metric']}: {res['metric']:.4f}   density: {100 * res['density']['overall']:.2f} %")
+            print(f"results: {Path(args.output) / 'results.json'}\nplot:    {Path(args.output) / 'layerwise_density.png'}")
+    elif command == "compare":
+        run.compare(args)
+    elif command == "measure":
+        run.measure(args)
+    elif command == "skip":
+        run.skip(args)
+    elif command in EXTRA:
+        EXTRA[command][2](args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,6 +16,7 @@ from .fields import help_field as _h
 from .io import write_json, write_text
 from .run import RunError
 from .sweep import SweepArgs, sweep
+from .tune import TuneArgs, tune
 
 
 @dataclass
@@ -28,6 +29,8 @@ class EnergyArgs:
     adapter: str | None = _h("a run's adapter folder (RUN/adapter) to load on the model", default=None)
     merge_lora: bool = _h("merge LoRA / IA3 weights into the model first, as deployed (else priced apart)",
                           default=True)
+    use_thresholds: bool = _h("run under the adapter's thresholds.json when it has one: entries below a layer's "
+                              "threshold are priced as skipped (effective density)", default=True)
     hardware: str | None = _h("YAML/JSON file of EnergyConfig fields (mac_pj, dram_pj, sram_pj, ...)", default=None)
     data_dir: str | None = _h("GLUE folder with TASK/{train,dev}.tsv", default=None)
     data_source: str = _h("auto, local, hub or builtin", default="auto")
@@ -82,10 +85,16 @@ def energy(args: EnergyArgs) -> EnergyReport:
         model = load_trainable(model, args.adapter, task_type="SEQ_CLS")
         if args.merge_lora:
             model = _merge(model)
+    from .sparse.thresholds import find_thresholds, load_thresholds
+
+    th_file = find_thresholds(args.adapter) if args.adapter and args.use_thresholds else None
+    thresholds = load_thresholds(th_file, model) if th_file else None  # names hold before and after merging
     dev = GlueDataset(_load_split(args, args.task, "dev", args.max_eval_samples, 0), tok, args.max_length)
     loader = torch.utils.data.DataLoader(dev, batch_size=args.batch_size, collate_fn=DataCollatorWithPadding(tok))
     batches = ({k: v for k, v in b.items() if k != "labels"} for b in loader)
-    report = estimate_energy(model, batches, cfg, include_padding=args.include_padding)
+    report = estimate_energy(model, batches, cfg, include_padding=args.include_padding, thresholds=thresholds)
+    if th_file:
+        print(f"per-layer thresholds: {th_file} (applied; W2 inputs at or below them priced as skipped)")
     print(report.table(per_layer=args.per_layer))
     if args.output:
         out = Path(args.output)
@@ -101,7 +110,7 @@ def report(args: ReportArgs) -> tuple[Path, Path]:
     from .report import build_report
 
     if not args.run_dirs:
-        raise RunError("deft report: name at least one run, compare or sweep folder")
+        raise RunError("name at least one run, compare or sweep folder (RUN_DIRS)")
     html_path, md_path = build_report(args.run_dirs, args.output, title=args.title)
     print(f"report: {html_path}\n        {md_path}")
     return html_path, md_path
@@ -112,4 +121,6 @@ EXTRA_COMMANDS: dict[str, tuple[type, str, Callable[[Any], Any]]] = {
     "sweep": (SweepArgs, "train a grid of alphas / eps / betas / methods / seeds; resumable", sweep),
     "report": (ReportArgs, "self-contained HTML + Markdown report (tables, plots, configs) of finished runs",
                report),
+    "tune": (TuneArgs, ("multi-objective search (metric up, density down) over train options; resumable, "
+                        "many workers can share one study"), tune),
 }

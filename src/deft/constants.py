@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .errors import DeftError
+
 
 @dataclass(frozen=True)
 class MLPSpec:
@@ -112,7 +114,7 @@ MLP_SPECS: dict[str, MLPSpec] = {
 SUPPORTED_MODEL_TYPES = tuple(sorted(MLP_SPECS))
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(DeftError, ValueError):
     """Raised for a model type that is not in :data:`MLP_SPECS`."""
 
 

@@ -26,6 +26,9 @@ Differences from that simulator (it multiplies *global* non-zero fractions into 
   not compute them), matching how :func:`deft.measure_density` counts.
 * peft LoRA factors are priced unmerged, under the layer they adapt (merge them first for deployment
   numbers: ``model.merge_and_unload()``); deft's bottleneck adapters are priced under ``other``.
+* With per-layer thresholds (``estimate_energy(..., thresholds={site: t})``, the model's
+  ``thresholds.json``) the model runs thresholded, and a W2 input entry with ``|h| <= t_layer`` counts as
+  skipped like a zero: the price of the *effective* density. The exact-zero count is kept beside it.
 
 The default prices (45 nm, 32-bit float), from Horowitz, "Computing's energy problem (and what we can do
 about it)", ISSCC 2014, as tabulated e.g. by Han et al. (EIE, ISCA 2016):
@@ -141,6 +144,8 @@ class LayerEnergy:
     act_out: int = 0  # output activation words written
     act_out_nonzero: int = 0
     observed: bool = True  # False: operands not seen (attention matmuls), zero fractions assumed 1
+    threshold: float = 0.0  # input entries with |x| <= threshold count as skipped (0: exact zeros only)
+    act_in_exact_nonzero: int | None = None  # with a threshold: input entries != 0 before thresholding
 
     @property
     def input_nonzero_fraction(self) -> float:
@@ -177,6 +182,7 @@ class EnergyReport:
     examples: int = 0
     tokens: int = 0
     include_padding: bool = False
+    thresholds: dict[str, float] | None = None  # per-layer W2 input thresholds the model ran with
 
     # -- totals (pJ)
     @property
@@ -219,7 +225,16 @@ class EnergyReport:
         return tot
 
     def reprice(self, config: EnergyConfig) -> "EnergyReport":
-        return EnergyReport(self.layers, config, self.examples, self.tokens, self.include_padding)
+        return EnergyReport(self.layers, config, self.examples, self.tokens, self.include_padding, self.thresholds)
+
+    def down_input_density(self) -> tuple[float, float] | None:
+        """(effective, exact-zero) non-zero fraction of the MLP down-projection inputs, pooled over layers;
+        None unless the model ran with per-layer thresholds."""
+        ls = [l for l in self.layers if l.op == "mlp_down" and l.act_in_exact_nonzero is not None and l.act_in]
+        if not self.thresholds or not ls:
+            return None
+        n = sum(l.act_in for l in ls)
+        return sum(l.act_in_nonzero for l in ls) / n, sum(l.act_in_exact_nonzero or 0 for l in ls) / n
 
     # -- output
     def table(self, *, per_layer: bool = False) -> str:
@@ -249,6 +264,10 @@ class EnergyReport:
             f"{'':>10} {self.dense_pj / 1e6:11.3f} {total_skip / 1e6:11.3f} {self.ratio:6.3f}"
         )
         lines += ["", f"energy ratio (zero-skip / dense): {self.ratio:.4f}{per_ex}"]
+        dens = self.down_input_density()
+        if dens is not None:
+            lines.append(f"W2 inputs: effective density {100 * dens[0]:.2f} % (|h| > per-layer threshold, priced as "
+                         f"skipped), exact-zero density {100 * dens[1]:.2f} %")
         lines += [f"  {op}: {OP_HELP[op]}" for op in self.by_op()]
         if per_layer:
             w = max([len(l.name) for l in self.layers] + [5])
@@ -267,6 +286,7 @@ class EnergyReport:
             "examples": self.examples,
             "tokens": self.tokens,
             "include_padding": self.include_padding,
+            "thresholds": dict(self.thresholds) if self.thresholds is not None else None,
             "by_op": self.by_op(),
             "by_component": {"dense": self.by_component(zero_skip=False),
                              "zero_skip": self.by_component(zero_skip=True)},
@@ -285,6 +305,7 @@ class EnergyReport:
             examples=d.get("examples", 0),
             tokens=d.get("tokens", 0),
             include_padding=d.get("include_padding", False),
+            thresholds=dict(d["thresholds"]) if d.get("thresholds") is not None else None,
         )
 
 
@@ -369,7 +390,7 @@ def _cached_length(cache: Any, attn: nn.Module) -> int:
 class _Counter:
     """Forward hooks that fill one :class:`LayerEnergy` per Linear / Conv1D and per attention matmul."""
 
-    def __init__(self, model: nn.Module, include_padding: bool) -> None:
+    def __init__(self, model: nn.Module, include_padding: bool, thresholds: Mapping[str, float] | None = None) -> None:
         # the call we see is the one on `model`: peft's prefix tuning calls the backbone of a task model
         # directly, never the unwrapped task model's forward, so the depth and mask hooks go on `model`
         self.outer = model
@@ -384,6 +405,9 @@ class _Counter:
         self.tokens = 0
         self.handles: list[Any] = []
         self.layers: dict[str, LayerEnergy] = {}
+        # per-layer thresholds by site (owner) name; a LoRA factor or base_layer inherits its owner's
+        self.thresholds = {k: float(v) for k, v in (thresholds or {}).items() if v > 0}
+        self.exact_nonzero: dict[str, int] = {}
         conv1d = _conv1d_type()
         linear_types = (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
         named = list(self.top.named_modules())
@@ -423,6 +447,10 @@ class _Counter:
         # nn.Linear passed as the model still counts itself before the depth drops back to 0
         self.handles.append(self.outer.register_forward_pre_hook(self._top_pre, with_kwargs=True))
         attn, linears = dict(self.attn), dict(self.linears)
+        for site in self.thresholds:
+            # registered before the thresholds are applied: this pre-hook sees the raw input
+            self.exact_nonzero[site] = 0
+            self.handles.append(self.top.get_submodule(site).register_forward_pre_hook(self._exact_hook(site)))
         for name, m in self.top.named_modules():  # model order, so per-layer tables read top to bottom
             if name in attn:
                 for part in ("QK^T", "AV"):
@@ -481,8 +509,24 @@ class _Counter:
         return None  # e.g. the pooler / classifier on one vector per example
 
     # -- hooks
+    def _exact_hook(self, site: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if self.depth == 0 or not args or not torch.is_tensor(args[0]):
+                return
+            x = args[0].detach()
+            rows = self._valid_rows(site, tuple(x.shape[:-1]))
+            x2 = x.reshape(-1, x.shape[-1])
+            if rows is not None:
+                x2 = x2[rows.to(x2.device)]
+            self.exact_nonzero[site] += int((x2 != 0).sum())
+
+        return hook
+
     def _linear_hook(self, name: str):
         rec = self.layers[name]
+        owner = _owner(name)
+        threshold = self.thresholds.get(owner, 0.0)
+        rec.threshold = threshold
 
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if self.depth == 0 or not args or not torch.is_tensor(args[0]):
@@ -495,7 +539,8 @@ class _Counter:
             y2 = y.detach().reshape(-1, y.shape[-1])
             if rows is not None:
                 x2, y2 = x2[rows.to(x2.device)], y2[rows.to(y2.device)]
-            nz = x2 != 0
+            # a thresholded entry is skipped like a zero (the model runs masked, so this only restates it)
+            nz = x2.abs() > threshold if threshold > 0 else x2 != 0
             nnz = int(nz.sum())
             n = x2.shape[0]
             rec.calls += 1
@@ -568,20 +613,35 @@ def estimate_energy(
     cfg: EnergyConfig | None = None,
     *,
     include_padding: bool = False,
+    thresholds: Mapping[str, float] | None = None,
 ) -> EnergyReport:
     """Count MACs, zeros and memory traffic of ``model`` over ``batches`` (dicts of model inputs) and price them.
 
     Works on any ``nn.Module`` (plain modules get no attention matmuls and every layer is ``other``);
     transformers models of the types in :data:`deft.MLP_SPECS` get their MLP layers labelled. Runs
     under ``torch.no_grad`` in eval mode (the mode is restored). Batches may also be bare tensors.
+
+    ``thresholds`` = ``{site name: t}`` (a model's ``thresholds.json``, names as
+    :func:`deft.sparse.calibrate_thresholds` gives them): the model runs with every MLP down-projection
+    input ``|h| <= t`` zeroed, and those entries are priced as skipped (the effective density); each
+    such layer's exact-zero count is kept in ``act_in_exact_nonzero``.
     """
     cfg = cfg or EnergyConfig()
-    counter = _Counter(model, include_padding)
+    masking = None
+    if thresholds is not None:
+        from .sparse.thresholds import check_thresholds
+
+        thresholds = check_thresholds(thresholds, model)
+    counter = _Counter(model, include_padding, thresholds)
     was_training = model.training
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     model.eval()
     counter.attach()
     try:
+        if thresholds:
+            from .sparse.thresholds import apply_thresholds
+
+            masking = apply_thresholds(model, thresholds, include_padding=include_padding)
         with torch.no_grad():
             for batch in batches:
                 if torch.is_tensor(batch):
@@ -589,8 +649,14 @@ def estimate_energy(
                 else:
                     model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
     finally:
+        if masking is not None:
+            masking.detach()
         counter.detach()
         model.train(was_training)
     layers = [l for l in counter.layers.values() if l.calls > 0]
+    for l in layers:
+        owner = _owner(l.name)
+        if owner in counter.exact_nonzero:
+            l.act_in_exact_nonzero = counter.exact_nonzero[owner]
     return EnergyReport(layers=layers, config=cfg, examples=counter.examples, tokens=counter.tokens,
-                        include_padding=include_padding)
+                        include_padding=include_padding, thresholds=thresholds)

@@ -7,15 +7,54 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import ConfigError, MissingFileError
+
+
+def _umask() -> int:
+    # per call, since a program may change it. Linux shows it in /proc without touching it; elsewhere
+    # os.umask can only be read by setting it, so it is set straight back
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | os.PathLike, *, directory: bool = False) -> None:
+    """Give ``path`` the mode a plain ``open()`` (or ``mkdir``) would have: 0666 (0777) minus the umask.
+
+    ``tempfile.mkstemp`` / ``mkdtemp`` create 0600 / 0700 on purpose, and a rename keeps that mode, so
+    results written through a temp file would otherwise be private to their owner.
+    """
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def apply_umask_tree(root: str | os.PathLike) -> None:
+    """:func:`apply_umask` on a folder and everything in it (safetensors writes its files 0600 too)."""
+    mask = _umask()
+    for folder, dirs, files in os.walk(root):
+        os.chmod(folder, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o666 & ~mask)
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """``write(tmp)`` to a temp file in the target's folder, then ``os.replace`` it over ``path``."""
+    """``write(tmp)`` to a temp file in the target's folder, then ``os.replace`` it over ``path``.
+
+    The file ends up with the mode the user's umask gives new files (not mkstemp's 0600).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        apply_umask(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -47,7 +86,7 @@ def read_mapping(path: str | os.PathLike, what: str) -> dict[str, Any]:
     """A YAML (.yaml/.yml) or JSON file holding a mapping; errors name ``what`` and the file."""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"{what} {p}: no such file")
+        raise MissingFileError(f"{what} {p}: no such file")
     text = p.read_text(encoding="utf-8")
     try:
         if p.suffix in (".yaml", ".yml"):
@@ -57,7 +96,7 @@ def read_mapping(path: str | os.PathLike, what: str) -> dict[str, Any]:
         else:
             data = json.loads(text)
     except Exception as e:  # yaml.YAMLError / json.JSONDecodeError both carry the position
-        raise ValueError(f"{what} {p}: cannot parse: {e}") from None
+        raise ConfigError(f"{what} {p}: cannot parse: {e}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{what} {p}: expected a mapping of names to values")
+        raise ConfigError(f"{what} {p}: expected a mapping of names to values")
     return data

@@ -70,16 +70,27 @@ class DensityLoss:
         if not (isinstance(self.beta, (int, float)) and self.beta > 0):
             raise ValueError(f"beta must be a number > 0 (e.g. 10), got {self.beta!r}")
 
-    def surrogate(self, x: torch.Tensor) -> torch.Tensor:
+    def surrogate(self, x: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
+        """The differentiable count; with a ``threshold`` its reach is moved to that threshold.
+
+        Under a masked forward (training with a target density) an entry only costs work when
+        ``|x| > t``, so the surrogate should be steep around t rather than around ``sqrt(eps)``:
+        smooth-l0 uses ``eps = t^2`` (half a count at ``|x| = t``) and tanh uses ``beta = 1 / t``.
+        """
+        if threshold is not None and threshold > 0:
+            if self.kind == "l0":
+                return smooth_l0(x, max(threshold * threshold, self.eps))
+            return tanh_count(x, min(1.0 / threshold, self.beta))
         return smooth_l0(x, self.eps) if self.kind == "l0" else tanh_count(x, self.beta)
 
     # Called inside the probe's hook: turn a full activation into the few numbers the loss needs, so the
     # activation itself is not kept alive by the probe.
-    def reduce(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    def reduce(self, x: torch.Tensor, mask: torch.Tensor | None,
+               threshold: float | None = None) -> tuple[torch.Tensor, int]:
         # float32: eps=1e-7 underflows in fp16 and x^2 of small bf16 values loses all precision
         x = x.float()
         if self.granularity == "token":
-            f = self.surrogate(x)
+            f = self.surrogate(x, threshold)
             if mask is not None:
                 f = f * mask.unsqueeze(-1).to(f.dtype)
                 n = int(mask.sum()) * x.shape[-1]

@@ -39,6 +39,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .errors import ConfigError, MissingFileError
+
 try:  # GPT-2 style models use transformers' Conv1D: a Linear whose weight is stored (in, out)
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers always ships it today
@@ -84,14 +86,14 @@ class PruneConfig:
     def __post_init__(self) -> None:
         s = self.sparsity
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s < 1.0:
-            raise ValueError(f"sparsity must be a number in [0, 1), got {s!r}")
+            raise ConfigError(f"sparsity must be a number in [0, 1), got {s!r}")
         self.nm_pair()  # validates nm
         if not isinstance(self.targets, str) or not [t for t in self.targets.split(",") if t.strip()]:
-            raise ValueError(f"targets must be one of {', '.join(TARGET_SHORTHANDS)} or a comma list, "
+            raise ConfigError(f"targets must be one of {', '.join(TARGET_SHORTHANDS)} or a comma list, "
                              f"got {self.targets!r}")
         c = self.calib_batches
         if isinstance(c, bool) or not isinstance(c, int) or c < 1:
-            raise ValueError(f"calib_batches must be an integer >= 1, got {c!r}")
+            raise ConfigError(f"calib_batches must be an integer >= 1, got {c!r}")
 
     def nm_pair(self) -> tuple[int, int] | None:
         """``(N, M)`` of ``nm``, or None for unstructured pruning."""
@@ -99,7 +101,7 @@ class PruneConfig:
             return None
         m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(self.nm))
         if not m or not 0 < int(m.group(1)) < int(m.group(2)):
-            raise ValueError(f"nm must look like 'N:M' with 0 < N < M (e.g. '2:4'), got {self.nm!r}")
+            raise ConfigError(f"nm must look like 'N:M' with 0 < N < M (e.g. '2:4'), got {self.nm!r}")
         return int(m.group(1)), int(m.group(2))
 
     @property
@@ -186,7 +188,7 @@ def linear_layers(model: nn.Module, targets: str = "blocks") -> dict[str, nn.Mod
         from .methods.targets import attention_linear_names, mlp_linear_names
 
         if base is not model or any(".base_layer" in n for n, _ in base.named_modules()):
-            raise ValueError(f"targets={targets!r} needs the bare model; use targets='blocks' on a peft model")
+            raise ConfigError(f"targets={targets!r} needs the bare model; use targets='blocks' on a peft model")
         spec = mlp_spec(getattr(getattr(base, "config", None), "model_type", None))
         wanted: set[str] = set()
         if entries[0] in ("mlp", "mlp+attention"):
@@ -198,7 +200,7 @@ def linear_layers(model: nn.Module, targets: str = "blocks") -> dict[str, nn.Mod
     for entry in entries:  # peft's list semantics: the name equals the entry or ends with "." + entry
         hits = {n: m for n, m in linears.items() if n == entry or n.endswith("." + entry)}
         if not hits:
-            raise ValueError(f"targets entry {entry!r} matches no Linear/Conv1D outside the head and embeddings")
+            raise ConfigError(f"targets entry {entry!r} matches no Linear/Conv1D outside the head and embeddings")
         picked.update(hits)
     return {n: m for n, m in linears.items() if n in picked}
 
@@ -256,7 +258,7 @@ def wanda_mask(scores: torch.Tensor, cfg: PruneConfig) -> torch.Tensor:
     if nm is not None:
         n, m = nm
         if in_f % m:
-            raise ValueError(f"nm='{n}:{m}' needs in_features divisible by {m}, got a layer with {in_f}")
+            raise ConfigError(f"nm='{n}:{m}' needs in_features divisible by {m}, got a layer with {in_f}")
         groups = scores.reshape(out_f, in_f // m, m)
         keep = torch.zeros_like(groups, dtype=torch.bool)
         keep.scatter_(-1, groups.topk(n, dim=-1).indices, True)
@@ -284,16 +286,16 @@ def wanda_prune(model: nn.Module, batches: Iterable[Mapping[str, Any]], cfg: Pru
 
     cfg = cfg or PruneConfig()
     if unwrap(model) is not model:
-        raise ValueError("wanda_prune: prune the bare model before apply_method (got a peft model)")
+        raise ConfigError("wanda_prune: prune the bare model before apply_method (got a peft model)")
     targets = linear_layers(model, cfg.targets)
     if not targets:
-        raise ValueError(f"targets={cfg.targets!r} selects no Linear/Conv1D layer of this model")
+        raise ConfigError(f"targets={cfg.targets!r} selects no Linear/Conv1D layer of this model")
     quantized = [n for n, m in targets.items() if isinstance(m, QuantizedLinear)]
     if quantized:
-        raise ValueError(f"wanda_prune: {quantized[0]} is quantized; prune first, then quantize")
+        raise ConfigError(f"wanda_prune: {quantized[0]} is quantized; prune first, then quantize")
     calib = [b for _, b in zip(range(cfg.calib_batches), batches)]
     if not calib:
-        raise ValueError("wanda_prune needs at least one calibration batch")
+        raise ConfigError("wanda_prune needs at least one calibration batch")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
 
     # groups of layers pruned together: one transformer block each (or everything at once)
@@ -323,7 +325,7 @@ def wanda_prune(model: nn.Module, batches: Iterable[Mapping[str, Any]], cfg: Pru
             for n in names:
                 c, module = collectors[n], targets[n]
                 if c.sq is None:
-                    raise ValueError(f"wanda_prune: layer {n} received no calibration input (is it used by "
+                    raise ConfigError(f"wanda_prune: layer {n} received no calibration input (is it used by "
                                      "the forward pass of these batches?)")
                 first_tokens = first_tokens or c.tokens
                 keep = wanda_mask(wanda_scores(_weight_oi(module), c.sq.sqrt()), cfg)
@@ -349,12 +351,12 @@ def _resolve(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, n
     layers = linear_layers(model, "all-linear")
     missing = [n for n in masks if n not in layers]
     if missing:
-        raise ValueError(f"{len(missing)} mask(s) match no layer of this model, e.g. {missing[0]!r}; were they "
+        raise ConfigError(f"{len(missing)} mask(s) match no layer of this model, e.g. {missing[0]!r}; were they "
                          "saved on another architecture?")
     for n, mask in masks.items():
         shape = tuple(_logical_weight_shape(layers[n]))
         if tuple(mask.shape) != shape:
-            raise ValueError(f"mask {n!r} has shape {tuple(mask.shape)}, the layer's weight is {shape}")
+            raise ConfigError(f"mask {n!r} has shape {tuple(mask.shape)}, the layer's weight is {shape}")
     return {n: layers[n] for n in masks}
 
 
@@ -379,7 +381,7 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Modul
         mask = masks[n].to(module.weight.device)
         if isinstance(module, QuantizedLinear):
             if bool((module.dequantize()[~mask] != 0).any()):
-                raise ValueError(f"{n} is quantized with non-zero weights at pruned positions: prune before "
+                raise ConfigError(f"{n} is quantized with non-zero weights at pruned positions: prune before "
                                  "quantizing")
             continue
         module.weight.mul_(mask.to(module.weight.dtype))
@@ -441,9 +443,9 @@ def merge_lora_pruned(peft_model: nn.Module, masks: Mapping[str, torch.Tensor]) 
     from .quantize import QuantizedLinear
 
     if not callable(getattr(peft_model, "merge_and_unload", None)):
-        raise ValueError("merge_lora_pruned expects a peft model (with merge_and_unload)")
+        raise ConfigError("merge_lora_pruned expects a peft model (with merge_and_unload)")
     if any(isinstance(m, QuantizedLinear) for m in peft_model.modules()):
-        raise ValueError("merge_lora_pruned: the base is quantized; dequantize_model() it before merging")
+        raise ConfigError("merge_lora_pruned: the base is quantized; dequantize_model() it before merging")
     merged = peft_model.merge_and_unload()
     return apply_masks(merged, masks)
 
@@ -463,7 +465,7 @@ def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
     if path.is_dir():
         path = path / MASKS_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"no prune masks at {path} (written by `deft prune` / save_masks)")
+        raise MissingFileError(f"no prune masks at {path} (written by `deft prune` / save_masks)")
     return {n: t.bool() for n, t in load_file(str(path)).items()}
 
 

@@ -44,13 +44,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import DeftError
 from .prune import Conv1D, linear_layers, unwrap
 
 BACKENDS: tuple[str, ...] = ("auto", "deft", "bnb")
 DEFAULT_GROUP_SIZE_4BIT = 64
 
 
-class QuantError(ValueError):
+class QuantError(DeftError, ValueError):
     """A quantization backend cannot run here, or cannot be applied to this model."""
 
 
@@ -75,14 +76,14 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or self.bits not in (4, 8):
-            raise ValueError(f"bits must be 8 or 4, got {self.bits!r}")
+            raise QuantError(f"bits must be 8 or 4, got {self.bits!r}")
         g = self.group_size
         if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 2):
-            raise ValueError(f"group_size must be None or an integer >= 2, got {g!r}")
+            raise QuantError(f"group_size must be None or an integer >= 2, got {g!r}")
         if g is not None and self.bits == 4 and g % 2:
-            raise ValueError(f"group_size must be even for 4 bits (two codes per byte), got {g!r}")
+            raise QuantError(f"group_size must be even for 4 bits (two codes per byte), got {g!r}")
         if self.backend not in BACKENDS:
-            raise ValueError(f"backend={self.backend!r} is not one of {', '.join(BACKENDS)}")
+            raise QuantError(f"backend={self.backend!r} is not one of {', '.join(BACKENDS)}")
 
     def resolved_backend(self) -> str:
         if self.backend != "auto":

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from .errors import DeftError
 from .io import write_text
 from .metrics import DensityReport
 
@@ -32,7 +33,7 @@ _LABEL_ORDER = ("model", "task", "method", "alpha", "loss", "eps", "beta", "gran
                 "epochs", "lora_r", "target_modules")
 
 
-class ReportError(ValueError):
+class ReportError(DeftError, ValueError):
     """Nothing to report (no finished run under the given folders)."""
 
 

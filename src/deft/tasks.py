@@ -16,6 +16,7 @@ decoding steps never count as eval activations.
 """
 from __future__ import annotations
 
+import functools
 import os
 import random
 import re
@@ -39,6 +40,7 @@ from .data import (
     load_squad,
     split_squad,
 )
+from .errors import ConfigError
 
 SQUAD_EVAL_FRACTION = 0.2
 SQUAD_SPLIT_SEED = 0  # fixed, not --seed: runs with different seeds must be scored on the same questions
@@ -146,9 +148,30 @@ def seeded_subset(items: list, n: int | None, seed: int) -> list:
 
 
 # ---------------------------------------------------------------------------------------------- dispatch
+def _loads_model(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``fn`` (first argument: a model name, or args with ``.model``) inside :func:`deft.models.loading`:
+    quiet, and a model transformers cannot load is reported in one line naming it."""
+
+    @functools.wraps(fn)
+    def wrapper(first: Any, *a: Any, **kw: Any) -> Any:
+        from .models import loading
+
+        with loading(str(getattr(first, "model", first))):
+            return fn(first, *a, **kw)
+
+    return wrapper
+
+
+@_loads_model
 def setup_task(args: TaskArgs) -> TaskSetup:
     """The model, data, collator and metrics of ``args.task`` (set the seed first: heads are random)."""
     task = args.task.lower()
+    pad_to = getattr(args, "pad_to_max_length", None)
+    if pad_to is not None:
+        if task.replace("-", "").replace("_", "") not in GLUE_TASKS:
+            raise ConfigError(f"--pad-to-max-length is for GLUE tasks (the research code's setting), not {args.task!r}")
+        if not (isinstance(pad_to, int) and pad_to > 0):
+            raise ConfigError(f"--pad-to-max-length must be a whole number > 0, got {pad_to!r}")
     if task == "squad":
         return _squad_setup(args)
     if task == "image":
@@ -172,6 +195,7 @@ def _tokenizer(path: str, trust_remote_code: bool):
 
 
 # ---------------------------------------------------------------------------------------------- GLUE
+@_loads_model
 def load_model_and_tokenizer(name: str, task: str, *, trust_remote_code: bool = False, activation: str | None = None,
                              **load_kwargs: Any):
     """Tokenizer and sequence-classification model for a GLUE ``task`` (pad token set for decoders).
@@ -199,7 +223,7 @@ def load_model_and_tokenizer(name: str, task: str, *, trust_remote_code: bool = 
     return model, tok
 
 
-# Where a local GLUE folder has only its dev file (QNLI in ../shared/data), the dev file is split once,
+# Where a local GLUE folder has only its dev file (some GLUE copies lack QNLI's train.tsv), the dev file is split once,
 # with a fixed seed independent of --seed, so every run and seed trains and scores on the same rows.
 GLUE_DEV_SPLIT_EVAL_FRACTION = 0.2
 GLUE_DEV_SPLIT_SEED = 0
@@ -265,10 +289,16 @@ def _glue_setup(args: TaskArgs) -> TaskSetup:
     model, tok = load_model_and_tokenizer(args.model, spec.name, trust_remote_code=args.trust_remote_code,
                                           **compression_load_kwargs(args))
     train, dev = _glue_examples(args, spec.name)
+    pad_to = getattr(args, "pad_to_max_length", None)
+    # the research code pads every row to a fixed length; with --include-padding those positions then
+    # count in its density metric and loss, which is how its numbers must be reproduced
+    max_len = args.max_length if pad_to is None else min(args.max_length, pad_to)
+    collator = (DataCollatorWithPadding(tok) if pad_to is None
+                else DataCollatorWithPadding(tok, padding="max_length", max_length=pad_to))
     return TaskSetup(
         task=spec.name, task_type="SEQ_CLS", model=model, tokenizer_or_processor=tok,
-        train_dataset=GlueDataset(train, tok, args.max_length), eval_dataset=GlueDataset(dev, tok, args.max_length),
-        data_collator=DataCollatorWithPadding(tok), compute_metrics=partial(_glue_metrics, spec.name),
+        train_dataset=GlueDataset(train, tok, max_len), eval_dataset=GlueDataset(dev, tok, max_len),
+        data_collator=collator, compute_metrics=partial(_glue_metrics, spec.name),
         evaluate_fn=None, main_metric=spec.main_metric, data_label=glue_data_label(args, spec.name),
         details={"family": "glue"},
     )
@@ -677,11 +707,13 @@ def _image_setup(args: TaskArgs) -> TaskSetup:
 
 
 # ---------------------------------------------------------------------------------------------- training
-def train_with_setup(args: Any, setup: TaskSetup | None = None) -> dict[str, Any]:
+def train_with_setup(args: Any, setup: TaskSetup | None = None, callbacks: Sequence[Any] | None = None
+                     ) -> dict[str, Any]:
     """``deft train`` for any task: PEFT + density loss, checkpoints / resume, results.json, plot, adapter.
 
     ``args`` is a :class:`deft.run.TrainArgs`. ``setup`` defaults to ``setup_task(args)``, built after
-    the seed is set (pass one only to reuse a prepared task, e.g. in tests).
+    the seed is set (pass one only to reuse a prepared task, e.g. in tests). ``callbacks`` are extra
+    ``TrainerCallback`` s for the trainer (``deft tune`` watches the evaluations through one to prune).
     """
     from transformers import TrainingArguments, set_seed
 
@@ -698,8 +730,17 @@ def train_with_setup(args: Any, setup: TaskSetup | None = None) -> dict[str, Any
         raise run.RunError(f"{out} already holds a finished run (results.json); pass --overwrite or another --output")
     if last and not (args.resume or args.overwrite):
         raise run.RunError(f"{out} holds an interrupted run ({last}); pass --resume to continue it or --overwrite")
-    if args.resume and not last:
+    # under torchrun / accelerate launch every process runs this function; only the first one talks and writes
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if args.resume and not last and main_process:
         print(f"deft: no checkpoint in {ckpt_dir}; starting from scratch")
+    from .callbacks import TrainTimeCallback, checkpoint_progress, use_run_progress
+
+    time_before = 0.0  # seconds of training in the segments before an interruption (train_time_s adds them)
+    if args.resume and last:
+        time_before, step, total = checkpoint_progress(last)
+        if main_process:
+            print(f"deft: resuming from {Path(last).name}" + (f" (step {step} of {total})" if step is not None else ""))
     density_cfg = run._density_config(args)  # validate everything before loading anything heavy
     method_cfg = run._method_config(args)
 
@@ -749,11 +790,12 @@ def train_with_setup(args: Any, setup: TaskSetup | None = None) -> dict[str, Any
         eval_dataset=setup.eval_dataset,
         data_collator=setup.data_collator,
         compute_metrics=setup.compute_metrics,
-        callbacks=[DensityCSVCallback(out / "train_log.csv")],
+        callbacks=[TrainTimeCallback(time_before), DensityCSVCallback(out / "train_log.csv"), *(callbacks or ())],
     )
+    use_run_progress(trainer, quiet=args.quiet)
     t0 = time.time()
     trainer.train(resume_from_checkpoint=last if (args.resume and last) else None)
-    train_time = time.time() - t0
+    train_time = time_before + time.time() - t0
     evals = [h for h in trainer.state.log_history if "eval_density" in h]
     if evals and evals[-1].get("step") == trainer.state.global_step and trainer.last_density_report is not None:
         metrics = dict(evals[-1])  # the end-of-epoch evaluation already measured the final model
@@ -766,9 +808,18 @@ def train_with_setup(args: Any, setup: TaskSetup | None = None) -> dict[str, Any
         trainer.log(extra)  # into log_history (and the console) next to the teacher-forced eval
         metrics.update(extra)
 
-    save_trainable(trainer.model, out / "adapter", method_cfg, task_type=setup.task_type)
-    layerwise_density({f"{args.method} alpha={args.alpha:g}": report}, out / "layerwise_density.png",
-                      title=f"{args.model} / {setup.task}")
+    main_process = trainer.is_world_process_zero()  # the other processes of a multi-process run write nothing
+    if main_process:
+        save_trainable(trainer.model, out / "adapter", method_cfg, task_type=setup.task_type)
+    thresholds = trainer.final_thresholds()
+    if thresholds is not None and main_process:
+        # part of the model: sparsify(mode="threshold", threshold=<this>) serves it as it was evaluated
+        from .threshold import save_thresholds
+
+        save_thresholds(out / "adapter", thresholds)
+    if main_process:
+        layerwise_density({f"{args.method} alpha={args.alpha:g}": report}, out / "layerwise_density.png",
+                          title=f"{args.model} / {setup.task}")
     results = {
         "config": asdict(args),
         "task": setup.task,
@@ -777,6 +828,9 @@ def train_with_setup(args: Any, setup: TaskSetup | None = None) -> dict[str, Any
         "metric": metrics.get(f"eval_{setup.main_metric}"),
         "metrics": {k[5:]: v for k, v in metrics.items() if k.startswith("eval_") and "density_layer" not in k},
         "density": report.to_dict(),
+        # the per-layer thresholds the model was trained and evaluated under (the density above is then
+        # the effective density: entries at or below them were zeroed), None without --target-density
+        "thresholds": thresholds,
         "trainable_params": params.trainable,
         "total_params": params.total,
         "trainable_percent": params.percent,
@@ -789,6 +843,7 @@ def train_with_setup(args: Any, setup: TaskSetup | None = None) -> dict[str, Any
         "log_history": trainer.state.log_history,
         "versions": run._versions(),
     }
-    write_json(out / "results.json", results)
+    if main_process:
+        write_json(out / "results.json", results)
     trainer.probe.detach()
     return results

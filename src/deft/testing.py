@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .errors import UnknownNameError
+
 # Per-family overrides: each family spells "hidden size" / "layers" / "MLP width" differently.
 _COMMON = dict(vocab_size=128, max_position_embeddings=64)
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
@@ -44,5 +46,5 @@ def tiny_config(model_type: str, **overrides: Any):
     from transformers import AutoConfig
 
     if model_type not in TINY_CONFIGS:
-        raise KeyError(f"no tiny config for model_type {model_type!r}; known: {sorted(TINY_CONFIGS)}")
+        raise UnknownNameError(f"no tiny config for model_type {model_type!r}; known: {sorted(TINY_CONFIGS)}")
     return AutoConfig.for_model(model_type, **{**TINY_CONFIGS[model_type], **overrides})

@@ -1,4 +1,4 @@
-"""DeftTrainer: a drop-in ``transformers.Trainer`` that adds the density loss.
+"""DeftTrainer: a drop-in ``transformers.Trainer`` that adds the density loss; DensityMixin: the same for its subclasses.
 
 ``total = task_loss + alpha * density_loss``. Both terms are normalised over the *whole optimizer step*
 (all gradient-accumulation micro-batches, all DDP processes), so one step is the same for GA=1 and
@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
+from .errors import ConfigError
 from .losses import DensityLoss
 from .metrics import DensityReport
 from .probe import ActivationProbe
+from .threshold import THRESHOLDS_FILE, ThresholdTracker, read_thresholds, save_thresholds, scheduled_density
 
 
 @dataclass
@@ -51,6 +54,27 @@ class DensityConfig:
         default=0.5, metadata={"help": "ADA-DEFT: share of the adaptive part (0 = uniform weights, 1 = fully adaptive)"}
     )
     adaptive_every: int = field(default=10, metadata={"help": "ADA-DEFT: update the weights every N optimizer steps"})
+    target_density: float | None = field(
+        default=None,
+        metadata={"help": "train under the sparsity the model is served with: mask |h| <= t_layer at every W2 input, "
+                          "t_layer lowered so this share of units stays active (see deft.threshold)"},
+    )
+    density_ramp: float = field(
+        default=0.6, metadata={"help": "target-density mode: share of training over which the density goes 1 -> target"}
+    )
+    density_schedule: Literal["cosine", "linear"] = field(
+        default="cosine", metadata={"help": "target-density mode: shape of that ramp"}
+    )
+    threshold_momentum: float = field(
+        default=0.9, metadata={"help": "target-density mode: moving-average factor of the per-layer thresholds"}
+    )
+    straight_through: bool = field(
+        default=False, metadata={"help": "target-density mode: pass gradients through masked units (else they get 0)"}
+    )
+    distill: float = field(
+        default=0.0, metadata={"help": "weight of a KL term to the dense (unmasked) model's outputs (0 = off)"}
+    )
+    distill_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of that KL term"})
 
     def __post_init__(self) -> None:
         if not (isinstance(self.alpha, (int, float)) and self.alpha >= 0 and math.isfinite(self.alpha)):
@@ -61,6 +85,19 @@ class DensityConfig:
             raise ValueError(f"adaptive_mix must be in [0, 1], got {self.adaptive_mix!r}")
         if self.adaptive_gamma <= 0 or self.adaptive_every < 1:
             raise ValueError("adaptive_gamma must be > 0 and adaptive_every >= 1")
+        if self.target_density is not None:
+            if not (isinstance(self.target_density, (int, float)) and 0.0 < self.target_density <= 1.0):
+                raise ConfigError(f"target_density must be in (0, 1], got {self.target_density!r}")
+            if self.point == "activation":
+                raise ConfigError("target_density masks the W2 input: use point='auto' or 'down_input'")
+            scheduled_density(0.0, self.target_density, self.density_ramp, self.density_schedule)
+            if not 0.0 <= self.density_ramp <= 1.0:
+                raise ConfigError(f"density_ramp must be in [0, 1], got {self.density_ramp!r}")
+            if not 0.0 <= self.threshold_momentum < 1.0:
+                raise ConfigError(f"threshold_momentum must be in [0, 1), got {self.threshold_momentum!r}")
+        if not (self.distill >= 0 and math.isfinite(self.distill)) or not self.distill_temperature > 0:
+            raise ConfigError(f"distill must be >= 0 and distill_temperature > 0, got {self.distill!r}, "
+                              f"{self.distill_temperature!r}")
         self.make_loss()  # validates kind / eps / beta / granularity
 
     def make_loss(self) -> DensityLoss:
@@ -77,31 +114,58 @@ def _batch_size(batch: dict[str, Any]) -> int:
     return 1
 
 
-class DeftTrainer(Trainer):
-    """``transformers.Trainer`` + density loss + density metrics.
+class DensityMixin:
+    """Density loss + density metrics for any ``transformers.Trainer`` subclass.
 
-    Extra argument ``density`` (:class:`DensityConfig`). Logs ``task_loss``, ``density_loss`` and the
+    Put it first among the bases: ``class MySFT(deft.DensityMixin, trl.SFTTrainer)``, then pass the
+    extra keyword ``density`` (:class:`DensityConfig`). Logs ``task_loss``, ``density_loss`` and the
     running ``train_density`` every logging step; evaluation adds ``eval_density`` (overall),
     ``eval_density_<group>`` and ``eval_density_layer_<i>``. The last eval report is kept in
     ``trainer.last_density_report``.
+
+    The task loss is the parent trainer's own (``uses_parent_loss = True``): the mixin calls
+    ``super().compute_loss`` with the ``num_items_in_batch`` the Trainer passes, so e.g. TRL's
+    completion-only, packed or DFT loss and its entropy / token-accuracy metrics are kept as they are, and
+    adds ``alpha * density`` on top. The density term is normalised over the whole optimizer step (all
+    gradient-accumulation micro-batches, all DDP processes) whatever the parent does: when the Trainer
+    will divide the returned loss by the accumulation steps (a parent loss that is a micro-batch mean),
+    the density term is multiplied by them first. The density counts every real token the MLPs run
+    (prompt tokens too, which a completion-only loss ignores: serving runs them through the MLPs all the
+    same). Batches without an ``attention_mask`` (TRL's ``padding_free`` / packing) count every position,
+    which in those batches are all real tokens. ``distill`` needs the logits of the task forward and
+    works with :class:`DeftTrainer` only.
     """
 
-    loss_is_scaled_for_ga = True
+    #: True: the task loss is the parent class's ``compute_loss``; False: the mixin runs the model itself
+    uses_parent_loss = True
 
-    def __init__(self, model=None, args=None, *, density: DensityConfig | None = None, **kwargs: Any) -> None:
-        super().__init__(model=model, args=args, **kwargs)
+    def __init__(self, *args: Any, density: DensityConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.density = density or DensityConfig()
+        if self.uses_parent_loss and self.density.distill > 0:
+            raise ConfigError(f"DensityConfig.distill needs DeftTrainer's own task loss; "
+                              f"{type(self).__name__} uses its parent's compute_loss: set distill=0")
         self.density_loss = self.density.make_loss()
+        targeted = self.density.target_density is not None
         self.probe = ActivationProbe(
             self.model,
             sites=self.density.sites,
-            point=self.density.point,
+            # a served model skips W2 input units: that is where the target-density mode masks and counts
+            point="down_input" if targeted else self.density.point,
             threshold=self.density.threshold,
             include_padding=self.density.include_padding,
         )
         # with alpha = 0 nothing needs the loss partials: skip their cost, keep the counting
         self.probe.track(self.density_loss if self.density.alpha > 0 else None)
         self.probe.attach()
+        self.thresholds: ThresholdTracker | None = None
+        if targeted:
+            self.thresholds = ThresholdTracker(
+                self.probe, target=float(self.density.target_density), ramp=self.density.density_ramp,  # type: ignore[arg-type]
+                schedule=self.density.density_schedule, momentum=self.density.threshold_momentum,
+                straight_through=self.density.straight_through,
+            )
+            self.add_callback(_SaveThresholds(self))
         self.last_density_report: DensityReport | None = None
         self._step_totals: dict[str, Any] = {}
         self._log_sums = {"task_loss": 0.0, "density_loss": 0.0, "n": 0}
@@ -174,22 +238,29 @@ class DeftTrainer(Trainer):
         return a
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.uses_parent_loss:
+            return self._parent_loss_plus_density(model, inputs, return_outputs, num_items_in_batch)
         if not model.training or not torch.is_grad_enabled():
             outputs = model(**inputs)
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
             return (loss, outputs) if return_outputs else loss
 
+        teacher = self._teacher_outputs(model, inputs) if self.density.distill > 0 else None
+        if self.thresholds is not None:
+            self._threshold_step()
         outputs = model(**inputs)  # no num_items_in_batch: we want the micro-batch mean and rescale below
         task = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
         ws = max(1, self.args.world_size)
         ga = max(1, self.current_gradient_accumulation_steps)
         totals = self._step_totals
-        if totals.get("task"):
-            # DDP averages gradients over processes: the factor ws turns that average back into a sum
-            task_scaled = task * (self._task_items(inputs) * ws / totals["task"])
-        else:
-            task_scaled = task / ga
+        # DDP averages gradients over processes: the factor ws turns that average back into a sum
+        share = self._task_items(inputs) * ws / totals["task"] if totals.get("task") else 1.0 / ga
+        task_scaled = task * share
         loss = task_scaled
+        if teacher is not None:
+            kd = distill_loss(outputs["logits"], teacher, inputs, self.density.distill_temperature)
+            self._log_sums["distill_loss"] = self._log_sums.get("distill_loss", 0.0) + float(kd.detach())
+            loss = loss + self.density.distill * kd * share
         self._log_sums["task_loss"] += float(task.detach())
         self._log_sums["n"] += 1
 
@@ -201,6 +272,82 @@ class DeftTrainer(Trainer):
             dens_scaled = self._scaled_density(inputs, dens_mean, ws, ga)
             loss = loss + self.current_alpha() * dens_scaled
         return (loss, outputs) if return_outputs else loss
+
+    def _parent_loss_plus_density(self, model, inputs, return_outputs, num_items_in_batch):
+        training = model.training and torch.is_grad_enabled()
+        if training and self.thresholds is not None:
+            self._threshold_step()
+        result = super().compute_loss(  # type: ignore[misc]
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+        if not training:
+            return result
+        loss, outputs = result if return_outputs else (result, None)
+        ga = max(1, self.current_gradient_accumulation_steps)
+        # Trainer.training_step divides the returned loss by the accumulation steps unless the loss is
+        # already normalised over the whole step: the same test it makes, so the density term can be
+        # pre-multiplied to come out of that division normalised over the step too
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (bool(getattr(self, "model_accepts_loss_kwargs", False)) and num_items_in_batch is not None) \
+                or getattr(self, "compute_loss_func", None) is not None
+        # logged on the scale of Trainer's own "loss": averaging (ga x a step-normalised share) over the
+        # micro-batches gives the step's mean
+        self._log_sums["task_loss"] += float(loss.detach()) * (ga if scaled else 1)
+        self._log_sums["n"] += 1
+        if self.density.alpha > 0:
+            if self.density.adaptive:
+                self._update_adaptive_weights()
+            dens_mean = self.density_loss(self.probe)
+            self._log_sums["density_loss"] += float(dens_mean.detach())
+            dens_step = self._scaled_density(inputs, dens_mean, max(1, self.args.world_size), ga)
+            loss = loss + self.current_alpha() * dens_step * (1 if scaled else ga)
+        return (loss, outputs) if return_outputs else loss
+
+    # ------------------------------------------------------------------ target density / distillation
+    def _threshold_step(self) -> None:
+        assert self.thresholds is not None
+        pending = self.thresholds.pending()
+        if self.args.world_size > 1 and pending and torch.distributed.is_initialized():
+            # every process masks with the same thresholds: average the quantiles their batches measured
+            names = sorted(pending)
+            v = torch.tensor([pending[n] for n in names], dtype=torch.float64, device=self.args.device)
+            torch.distributed.all_reduce(v)
+            pending = {n: float(x) / self.args.world_size for n, x in zip(names, v.tolist())}
+        progress = self.state.global_step / self.state.max_steps if self.state.max_steps else 1.0
+        self.thresholds.step(progress, pending)
+
+    def _teacher_outputs(self, model, inputs) -> torch.Tensor:
+        """Logits of the same model, dense (no masking) and without dropout: what distillation holds on to."""
+        snap = self._density_snapshot()
+        masks = self.probe.thresholds_in_use()
+        target, self.probe.target = self.probe.target, None
+        self.probe.mask_below(None)
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model(**inputs)
+        finally:
+            model.train()
+            self.probe.mask_below(masks or None, straight_through=self.density.straight_through)
+            self.probe.target = target
+            self._restore_snapshot(snap)
+        return out["logits"].detach()
+
+    def final_thresholds(self) -> dict[str, float] | None:
+        """The per-layer thresholds the model was last evaluated with (None unless target_density is set)."""
+        return dict(self.thresholds.thresholds) if self.thresholds is not None else None
+
+    def train(self, resume_from_checkpoint=None, *args: Any, **kwargs: Any):
+        if self.thresholds is not None and resume_from_checkpoint:
+            ckpt = resume_from_checkpoint
+            if ckpt is True:
+                from transformers.trainer_utils import get_last_checkpoint
+
+                ckpt = get_last_checkpoint(self.args.output_dir)
+            if ckpt and (Path(ckpt) / THRESHOLDS_FILE).exists():
+                self.thresholds.load_state_dict({"thresholds": read_thresholds(Path(ckpt) / THRESHOLDS_FILE)})
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _update_adaptive_weights(self) -> None:
         """ADA-DEFT layer weights from each layer's recent train density (see docs/ada-deft.md).
@@ -275,6 +422,10 @@ class DeftTrainer(Trainer):
             if self.density.alpha > 0:
                 logs["density_loss"] = round(self._log_sums["density_loss"] / n, 6)
                 logs["alpha"] = self.current_alpha()
+            if "distill_loss" in self._log_sums:
+                logs["distill_loss"] = round(self._log_sums["distill_loss"] / n, 6)
+            if self.thresholds is not None:
+                logs["target_density_now"] = round(self.thresholds.density, 6)
             if self.density.adaptive and self.density_loss.layer_weights is not None:
                 w = list(self.density_loss.layer_weights)
                 logs["ada_weight_min"], logs["ada_weight_max"] = round(min(w), 4), round(max(w), 4)
@@ -306,3 +457,54 @@ class DeftTrainer(Trainer):
         for i, layer in enumerate(report.layers):
             output.metrics[f"{prefix}_density_layer_{i}"] = layer.density
         return output
+
+
+class DeftTrainer(DensityMixin, Trainer):
+    """``transformers.Trainer`` + density loss + density metrics (:class:`DensityMixin`).
+
+    Extra argument ``density`` (:class:`DensityConfig`). Unlike the mixin on another trainer, it runs the
+    model itself and normalises the task loss over the whole optimizer step too (the module docstring
+    says why), so one step is the same for any accumulation / process count; it also supports
+    ``distill``.
+    """
+
+    uses_parent_loss = False
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, model=None, args=None, *, density: DensityConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(model=model, args=args, density=density, **kwargs)
+
+
+class _SaveThresholds(TrainerCallback):
+    """Writes the current thresholds into each checkpoint, so ``--resume`` masks as the run did."""
+
+    def __init__(self, trainer: DensityMixin) -> None:
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.trainer.thresholds is not None:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                save_thresholds(ckpt, self.trainer.thresholds.thresholds)
+        return control
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, inputs: dict[str, Any], temperature: float = 1.0):
+    """KL(teacher || student) of the softmax outputs, mean over examples (or valid tokens); MSE for one output.
+
+    2-D logits (classification) average over the batch; 3-D logits (token-level) over the positions the
+    attention mask marks real. A single output (regression) uses the squared error instead.
+    """
+    s, t = student.float(), teacher.float()
+    if s.shape[-1] == 1:
+        return torch.nn.functional.mse_loss(s, t)
+    T = temperature
+    kl = torch.nn.functional.kl_div(
+        torch.log_softmax(s / T, dim=-1), torch.log_softmax(t / T, dim=-1), log_target=True, reduction="none"
+    ).sum(-1) * (T * T)
+    if kl.dim() == 2:
+        mask = inputs.get("attention_mask")
+        if torch.is_tensor(mask) and mask.shape == kl.shape:
+            m = mask.to(kl.dtype)
+            return (kl * m).sum() / m.sum().clamp_min(1.0)
+    return kl.mean()

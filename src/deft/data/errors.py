@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from os import PathLike
 
+from ..errors import DeftError
 
-class DataError(ValueError):
+
+class DataError(DeftError, ValueError):
     """Bad input data or a bad data option.
 
     Messages name where the problem is, so a user can open the file and fix it: ``path:LINE: what is

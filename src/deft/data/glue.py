@@ -178,6 +178,12 @@ def _parse_rows(reader: Any, spec: GlueTask, path: Path) -> list[Example]:
             raise DataError.at(path, line, f"expected {len(header)} tab-separated columns, found {len(row)}")
         label = _parse_label(row[il], spec, path, line)
         examples.append(Example(row[ia], row[ib] if ib is not None else None, label, line))
+    if not examples:
+        # caught here, naming the file: an empty split otherwise fails much later, deep in the Trainer
+        # ("num_samples=0"), without saying which file was empty
+        first = 1 if spec.columns is not None else 2
+        raise DataError.at(path, first, "no data rows" + (" after the header line" if spec.columns is None else "")
+                           + f"; expected one tab-separated {spec.dir_name} example per line")
     return examples
 
 
@@ -239,8 +245,8 @@ def _load_hub(spec: GlueTask, split: Split) -> list[Example]:
         import datasets  # optional: only hub loading needs it
     except ImportError as e:
         raise DataError(
-            f"GLUE {spec.name} from the Hugging Face hub needs the `datasets` package, which is not installed; "
-            f"pip install datasets, or download GLUE and pass --data-dir DIR with {layout}"
+            f"GLUE {spec.name} from the Hugging Face hub needs the `datasets` package, which is not installed: "
+            f"pip install 'deft-sparsity[hub]', or download GLUE and pass --data-dir DIR with {layout}"
         ) from e
     hub_split = "train" if split == "train" else spec.hub_dev_split
     try:

@@ -26,7 +26,7 @@ class BottleneckAdapter(nn.Module):
     def __init__(self, hidden: int, bottleneck: int, non_linearity: str = "relu") -> None:
         super().__init__()
         if hidden < 1 or bottleneck < 1:
-            raise ValueError(f"adapter sizes must be >= 1, got hidden={hidden}, bottleneck={bottleneck}")
+            raise MethodError(f"adapter sizes must be >= 1, got hidden={hidden}, bottleneck={bottleneck}")
         self.down = nn.Linear(hidden, bottleneck)
         self.act = ACT2FN[non_linearity]
         self.up = nn.Linear(bottleneck, hidden)

@@ -68,8 +68,11 @@ def _peft_task_type(task_type: str) -> str | None:
 def _get_peft_model(model: nn.Module, peft_config, cfg: MethodConfig, task_type: str) -> nn.Module:
     from peft import get_peft_model
 
+    from ..console import quiet_loading
+
     try:
-        return get_peft_model(model, peft_config)
+        with quiet_loading():  # peft's FutureWarning about transformers' renamed is_gradient_checkpointing
+            return get_peft_model(model, peft_config)
     except (ValueError, TypeError, AttributeError, KeyError, NotImplementedError, RuntimeError) as e:
         raise MethodError(
             f"peft cannot apply method={cfg.method!r} to model_type={_model_type(model)!r} "
@@ -177,7 +180,7 @@ def apply_method(model: nn.Module, cfg: MethodConfig, *, task_type: str, warn_fr
     Raises :class:`MethodError` for a combination that cannot work (naming the method and model type).
     """
     if task_type not in TASK_TYPES:
-        raise ValueError(f"task_type={task_type!r} is not one of {', '.join(TASK_TYPES)}")
+        raise MethodError(f"task_type={task_type!r} is not one of {', '.join(TASK_TYPES)}")
     heads = head_module_names(model, task_type)
     pooler = pooler_module_name(model, task_type)
     if pooler is not None and cfg.train_pooler:

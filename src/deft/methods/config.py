@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from ..errors import DeftError
+
 METHODS: tuple[str, ...] = ("lora", "prefix", "prompt", "ia3", "bitfit", "adapter", "qlora")
 ADAPTER_TYPES: tuple[str, ...] = ("pfeiffer", "houlsby")
 # Shorthands understood by `target_modules`; anything else is a comma-separated list of module names.
@@ -22,7 +24,7 @@ ADAPTER_NON_LINEARITIES: tuple[str, ...] = ("relu", "gelu", "gelu_new", "silu", 
                                             "leaky_relu", "mish", "quick_gelu")
 
 
-class MethodError(ValueError):
+class MethodError(DeftError, ValueError):
     """A method cannot be applied to this model (unsupported combination, missing dependency, bad checkpoint)."""
 
 
@@ -89,15 +91,15 @@ class MethodConfig:
         self._check_choice("adapter_non_linearity", ADAPTER_NON_LINEARITIES)
         self._check_int("lora_r", minimum=1)
         if not isinstance(self.train_pooler, bool):
-            raise ValueError(f"train_pooler must be True or False, got {self.train_pooler!r}")
+            raise MethodError(f"train_pooler must be True or False, got {self.train_pooler!r}")
         self._check_int("num_virtual_tokens", minimum=1)
         self._check_int("adapter_reduction_factor", minimum=1)
         if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool) or self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be a number > 0, got {self.lora_alpha!r}")
+            raise MethodError(f"lora_alpha must be a number > 0, got {self.lora_alpha!r}")
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+            raise MethodError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if not isinstance(self.target_modules, str) or not self.target_names():
-            raise ValueError(
+            raise MethodError(
                 f"target_modules must be one of {', '.join(TARGET_SHORTHANDS)} or a comma-separated list of "
                 f"module names, got {self.target_modules!r}"
             )
@@ -105,13 +107,13 @@ class MethodConfig:
     def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
         value = getattr(self, name)
         if value not in choices:
-            raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+            raise MethodError(f"{name}={value!r} is not one of {', '.join(choices)}")
 
     def _check_int(self, name: str, minimum: int) -> None:
         value = getattr(self, name)
         # bool is an int subclass; `lora_r=True` is a mistake, not rank 1
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+            raise MethodError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
     def target_names(self) -> list[str]:
         """``target_modules`` split into its comma-separated entries (a shorthand is a one-entry list)."""
@@ -130,5 +132,5 @@ class MethodConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown MethodConfig option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise MethodError(f"unknown MethodConfig option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**data)

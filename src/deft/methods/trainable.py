@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,6 +20,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..errors import MissingFileError
+from ..io import apply_umask, atomic_write
 from .apply import apply_method
 from .config import MethodConfig, MethodError
 
@@ -75,20 +78,12 @@ def _model_type(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temp file next to ``path``, then move it over ``path`` in one step.
-
-    A crash mid-save then leaves the previous checkpoint intact instead of a truncated file.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def _base_name(model: nn.Module) -> str | None:
+    """The folder or hub id the base model was loaded from (transformers keeps it in the config)."""
+    config = getattr(model, "config", None)
+    if config is None and hasattr(model, "get_base_model"):
+        config = getattr(model.get_base_model(), "config", None)
+    return getattr(config, "_name_or_path", None) or None
 
 
 def save_trainable(
@@ -105,6 +100,7 @@ def save_trainable(
             model.save_pretrained(scratch, safe_serialization=True)
             for f in scratch.iterdir():
                 if f.is_file():
+                    apply_umask(f)  # safetensors writes 0600; results follow the user's umask
                     os.replace(f, out / f.name)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -113,17 +109,19 @@ def save_trainable(
         tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         if not tensors:
             raise MethodError("save_trainable: the model has no trainable parameters")
-        _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        # atomic: a crash mid-save leaves the previous checkpoint intact instead of a truncated file
+        atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
         peft_format = False
     record = {
         "deft_method_version": _FORMAT_VERSION,
         "method": cfg.to_dict(),
         "model_type": _model_type(model),
+        "base_model": _base_name(model),  # named in the error when the adapter is loaded on another model
         "task_type": task_type,
         "peft_format": peft_format,
     }
     # written last: its presence marks a complete checkpoint
-    _atomic_write(out / METHOD_NAME, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
+    atomic_write(out / METHOD_NAME, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
     return out
 
 
@@ -131,7 +129,7 @@ def read_method(in_dir: str | os.PathLike) -> dict:
     """The parsed ``deft_method.json`` of a checkpoint directory (with ``method`` as a :class:`MethodConfig`)."""
     path = Path(in_dir) / METHOD_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"no deft checkpoint at {path} (expected {METHOD_NAME} written by save_trainable)")
+        raise MissingFileError(f"no deft checkpoint at {path} (expected {METHOD_NAME} written by save_trainable)")
     try:
         record = json.loads(path.read_text())
         record["method"] = MethodConfig.from_dict(record["method"])
@@ -142,21 +140,47 @@ def read_method(in_dir: str | os.PathLike) -> dict:
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise FileNotFoundError(f"missing weights file {path}")
+        raise MissingFileError(f"missing weights file {path}")
     try:
         return load_file(path)  # safetensors: no pickle, so no arbitrary code on load
     except (SafetensorError, OSError, ValueError) as e:
         raise MethodError(f"corrupt weights file {path}: {e}") from e
 
 
+def _trained_on(in_dir: Path, record: dict) -> str | None:
+    """The base model an adapter was trained on: deft's own record, else peft's adapter_config.json."""
+    name = record.get("base_model")
+    if not name:
+        try:
+            name = json.loads((in_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            name = None
+    return name or None
+
+
+def _mismatch(in_dir: Path, record: dict, base_model: nn.Module, detail: str) -> MethodError:
+    """One line naming the adapter folder, the base it was trained on, the model given and what differs."""
+    trained = _trained_on(in_dir, record)
+    return MethodError(f"adapter {in_dir} does not fit the model {_base_name(base_model) or 'given'} "
+                       f"({f'it was trained on {trained}' if trained else 'trained on another base model'}): {detail}")
+
+
+# torch's load_state_dict message, one such clause per differing tensor
+_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) from "
+                            r"checkpoint, the shape in current model is torch\.Size\(\[([^\]]*)\]\)")
+
+
 def load_trainable(base_model: nn.Module, in_dir: str | os.PathLike, *, task_type: str) -> nn.Module:
-    """Rebuild the saved method on a fresh ``base_model`` and load its trainable weights."""
+    """Rebuild the saved method on a fresh ``base_model`` and load its trainable weights.
+
+    An adapter trained on another base model raises one :class:`MethodError` naming the folder, both
+    models and the first tensor whose shape differs."""
     in_dir = Path(in_dir)
     record = read_method(in_dir)
     cfg: MethodConfig = record["method"]
     saved_type, model_type = record.get("model_type"), _model_type(base_model)
     if saved_type is not None and model_type is not None and saved_type != model_type:
-        raise MethodError(f"checkpoint {in_dir} was trained on model_type {saved_type!r}, got {model_type!r}")
+        raise _mismatch(in_dir, record, base_model, f"model_type {saved_type!r} there, {model_type!r} here")
     saved_task = record.get("task_type")
     if saved_task is not None and saved_task != task_type:
         raise MethodError(f"checkpoint {in_dir} was saved with task_type {saved_task!r}, got {task_type!r}")
@@ -166,7 +190,16 @@ def load_trainable(base_model: nn.Module, in_dir: str | os.PathLike, *, task_typ
     if _is_peft(model):
         from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(model, weights)
+        try:
+            result = set_peft_model_state_dict(model, weights)
+        except RuntimeError as e:
+            sizes = _SIZE_MISMATCH.findall(str(e))
+            if not sizes:
+                raise
+            name, saved, here = sizes[0]
+            more = f" (and {len(sizes) - 1} more tensors)" if len(sizes) > 1 else ""
+            raise _mismatch(in_dir, record, base_model,
+                            f"{name} has shape ({saved}) in the adapter, ({here}) in the model{more}") from None
         # peft loads prompt embeddings into the prompt encoder itself but still reports them as unexpected
         unexpected = [k for k in result.unexpected_keys if k != "prompt_embeddings"]
         # missing_keys lists every frozen base weight too; only the method's own weights matter
@@ -174,26 +207,20 @@ def load_trainable(base_model: nn.Module, in_dir: str | os.PathLike, *, task_typ
         if cfg.method in ("prefix", "prompt") and "prompt_embeddings" not in weights:
             missing.append("prompt_embeddings")
         if unexpected or missing:
-            raise MethodError(
-                f"{in_dir / WEIGHTS_NAME} does not fit method={cfg.method!r} on model_type {model_type!r}: "
-                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
+            raise _mismatch(in_dir, record, base_model, f"method={cfg.method!r}: missing {missing[:5]}, "
+                            f"unexpected {unexpected[:5]}")
         return model
 
     params = dict(model.named_parameters())
     wanted = {n for n, p in params.items() if p.requires_grad}
     missing, unexpected = sorted(wanted - weights.keys()), sorted(weights.keys() - params.keys())
     if missing or unexpected:
-        raise MethodError(
-            f"{in_dir / WEIGHTS_NAME} does not fit method={cfg.method!r} on model_type {model_type!r}: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+        raise _mismatch(in_dir, record, base_model, f"method={cfg.method!r}: missing {missing[:5]}, "
+                        f"unexpected {unexpected[:5]}")
     with torch.no_grad():
         for name, tensor in weights.items():
             if params[name].shape != tensor.shape:
-                raise MethodError(
-                    f"{in_dir / WEIGHTS_NAME}: {name} has shape {tuple(tensor.shape)}, "
-                    f"the model expects {tuple(params[name].shape)}"
-                )
+                raise _mismatch(in_dir, record, base_model, f"{name} has shape {tuple(tensor.shape)} in the "
+                                f"adapter, {tuple(params[name].shape)} in the model")
             params[name].copy_(tensor)
     return model

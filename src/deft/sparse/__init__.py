@@ -11,15 +11,35 @@ The CUDA kernel (:mod:`deft.sparse.triton_gemv`) is imported only when a CUDA te
 """
 from __future__ import annotations
 
-from .api import calibrate_thresholds, sparse_modules, sparse_stats, sparsify, unsparsify
+from .api import (
+    calibrate_threshold_curve,
+    calibrate_thresholds,
+    sparse_modules,
+    sparse_stats,
+    sparsify,
+    unsparsify,
+)
 from .modules import DEFAULT_MAX_DENSITY, SkipStats, SparseDown, SparseGatedMLP
+from .thresholds import (
+    ThresholdError,
+    apply_thresholds,
+    check_thresholds,
+    find_thresholds,
+    load_thresholds,
+)
 
 __all__ = [
     "DEFAULT_MAX_DENSITY",
     "SkipStats",
     "SparseDown",
     "SparseGatedMLP",
+    "ThresholdError",
+    "apply_thresholds",
+    "calibrate_threshold_curve",
     "calibrate_thresholds",
+    "check_thresholds",
+    "find_thresholds",
+    "load_thresholds",
     "sparse_modules",
     "sparse_stats",
     "sparsify",

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..constants import full_match, in_block, is_gated, mlp_spec
+from ..errors import ConfigError, UnknownNameError
 from ..metrics import measure_density
 from ..probe import ActivationProbe, Site, _unwrap_hf_model
 from .modules import Regime, SkipStats, SparseDown, SparseGatedMLP, _conv1d_type, eligible_gated_mlp
@@ -26,7 +27,7 @@ def _down_sites(top: nn.Module) -> list[tuple[str, nn.Module]]:
     spec = mlp_spec(getattr(config, "model_type", None))
     found = [(n, m) for n, m in top.named_modules() if full_match(spec.down, n)]
     if not found:
-        raise ValueError(
+        raise ConfigError(
             f"found no MLP down-projection in this {getattr(config, 'model_type', None)!r} model "
             f"({type(top).__name__}) with pattern {spec.down!r}"
         )
@@ -39,7 +40,7 @@ def _all_sites(top: nn.Module) -> list[tuple[str, nn.Module]]:
     kinds = (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
     found = [(n, m) for n, m in top.named_modules() if type(m) in kinds and in_block(n)]
     if not found:
-        raise ValueError(f"found no linear layer inside numbered transformer blocks of this {type(top).__name__}")
+        raise ConfigError(f"found no linear layer inside numbered transformer blocks of this {type(top).__name__}")
     return found
 
 
@@ -48,7 +49,7 @@ def _sites(top: nn.Module, targets: str) -> list[tuple[str, nn.Module]]:
         return _down_sites(top)
     if targets == "all":
         return _all_sites(top)
-    raise ValueError(f"targets must be 'down' or 'all', got {targets!r}")
+    raise ConfigError(f"targets must be 'down' or 'all', got {targets!r}")
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -100,9 +101,9 @@ def sparsify(
     Forward hooks registered on the original down-projections do not carry over.
     """
     if mode not in ("exact", "threshold"):
-        raise ValueError(f"mode must be 'exact' or 'threshold', got {mode!r}")
+        raise ConfigError(f"mode must be 'exact' or 'threshold', got {mode!r}")
     if targets not in ("down", "all"):
-        raise ValueError(f"targets must be 'down' or 'all', got {targets!r}")
+        raise ConfigError(f"targets must be 'down' or 'all', got {targets!r}")
     top = _unwrap_hf_model(model)
     unsparsify(model)
     sites = _sites(top, targets)
@@ -111,12 +112,12 @@ def sparsify(
         if (isinstance(threshold, Mapping) and any(threshold.values())) or (
             not isinstance(threshold, Mapping) and threshold != 0
         ):
-            raise ValueError("mode='exact' skips exact zeros only; use mode='threshold' for a non-zero threshold")
+            raise ConfigError("mode='exact' skips exact zeros only; use mode='threshold' for a non-zero threshold")
         per_site = dict.fromkeys(names, 0.0)
     elif isinstance(threshold, Mapping):
         unknown = sorted(set(threshold) - set(names))
         if unknown:
-            raise KeyError(f"threshold names no sparsified layer ({targets=}): {unknown}; the sites are: {names}")
+            raise UnknownNameError(f"threshold names no sparsified layer ({targets=}): {unknown}; the sites are: {names}")
         per_site = {n: float(threshold.get(n, 0.0)) for n in names}
     else:
         per_site = dict.fromkeys(names, float(threshold))
@@ -226,8 +227,29 @@ def calibrate_thresholds(
     sees the raw input of the down-projection). When a layer already has more exact zeros than
     ``1 - target_density`` its threshold is 0 and its density stays below the target.
     """
-    if not 0.0 < target_density <= 1.0:
-        raise ValueError(f"target_density must be in (0, 1], got {target_density!r}")
+    return calibrate_threshold_curve(model, batches, [target_density], include_padding=include_padding,
+                                     max_values=max_values, seed=seed, targets=targets)[target_density]
+
+
+def calibrate_threshold_curve(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    target_densities: Iterable[float],
+    *,
+    include_padding: bool = False,
+    max_values: int = 1 << 24,
+    seed: int = 0,
+    targets: Targets = "down",
+) -> dict[float, dict[str, float]]:
+    """:func:`calibrate_thresholds` for several target densities from one pass over ``batches``.
+
+    Returns ``{target density: {site name: threshold}}``; each entry equals what
+    ``calibrate_thresholds(model, batches, target)`` returns (same values sample, same quantile).
+    """
+    wanted = list(target_densities)
+    for target_density in wanted:
+        if not 0.0 < target_density <= 1.0:
+            raise ConfigError(f"target_density must be in (0, 1], got {target_density!r}")
     if targets == "all":
         values = _input_values(model, batches, include_padding=include_padding, max_values=max_values, seed=seed)
     elif targets == "down":
@@ -235,14 +257,15 @@ def calibrate_thresholds(
         measure_density(model, batches, probe=probe)
         values = probe.values
     else:
-        raise ValueError(f"targets must be 'down' or 'all', got {targets!r}")
-    out: dict[str, float] = {}
+        raise ConfigError(f"targets must be 'down' or 'all', got {targets!r}")
+    out: dict[float, dict[str, float]] = {d: {} for d in wanted}
     for name, sample in values.items():
         v = torch.cat(sample.parts) if sample.parts else torch.empty(0)
         if v.numel() == 0:
-            raise ValueError(f"no calibration values reached {name}: were the batches empty?")
-        k = int(round((1.0 - target_density) * v.numel()))  # this many values must be <= the threshold
-        out[name] = float(torch.kthvalue(v, k).values) if k > 0 else 0.0
+            raise ConfigError(f"no calibration values reached {name}: were the batches empty?")
+        for target_density in wanted:
+            k = round((1.0 - target_density) * v.numel())  # this many values must be <= the threshold
+            out[target_density][name] = float(torch.kthvalue(v, k).values) if k > 0 else 0.0
     return out
 
 
