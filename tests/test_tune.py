@@ -70,10 +70,12 @@ def test_space_file_is_parsed(tmp_path):
 
 def test_default_space():
     space = tune.load_space(None)
-    assert space["alpha"] == Param("alpha", low=0.1, high=10.0, log=True)
+    # the recommended recipe's knobs: training under thresholds, no density loss (alpha 0 by default)
+    assert set(space) == {"target_density", "lr", "density_ramp", "straight_through"}
+    assert space["target_density"] == Param("target_density", low=0.01, high=0.3, log=True)
     assert space["lr"] == Param("lr", low=3e-4, high=3e-3, log=True)
-    assert space["alpha_warmup"] == Param("alpha_warmup", low=0.0, high=0.6)
-    assert space["target_density"] == Param("target_density", low=0.02, high=0.5, log=True)  # TrainArgs has it
+    assert space["straight_through"].choices == (False, True)
+    assert tune.TuneArgs().alpha == 0.0 and tune.TuneArgs().eval_every == 0.5
 
 
 @pytest.mark.parametrize("text, needle", [
@@ -200,8 +202,9 @@ def test_study_writes_trials_front_and_resumes(tiny_model_dir, glue_dir, tmp_pat
     assert base_res["config"]["alpha"] == 0 and base_res["config"]["target_density"] is None
     # trial 1 trained with the sampled options on top of the command's own
     res1 = json.loads((out / "trial-0001" / "results.json").read_text())
-    for k in ("alpha", "lr", "alpha_warmup", "target_density"):
+    for k in ("lr", "density_ramp", "straight_through", "target_density"):
         assert res1["config"][k] == pytest.approx(t1.params[k])
+    assert res1["config"]["alpha"] == 0  # tune's default: the recommended recipe, no density loss
     assert res1["config"]["epochs"] == 1 and res1["config"]["max_train_samples"] == 16
     for t, res in ((t0, base_res), (t1, res1)):
         run_dir = out / f"trial-{t.number:04d}"
@@ -315,7 +318,7 @@ def test_interrupted_trial_is_rerun_in_its_folder(tmp_path, monkeypatch):
     t0, t1 = _study(out).trials
     assert t1.state.name == "COMPLETE" and t1.params == t0.params
     assert len(calls) == 1 and calls[0].output == str(out / "trial-0000") and calls[0].resume  # same folder, resumed
-    assert calls[0].alpha == pytest.approx(t0.params["alpha"])
+    assert calls[0].target_density == pytest.approx(t0.params["target_density"])
 
 
 def test_trial_of_a_dead_worker_is_rerun(tmp_path, monkeypatch):
@@ -366,3 +369,15 @@ def test_two_processes_share_one_study(tiny_model_dir, glue_dir, tmp_path):
     # the worker that finished last wrote the whole study into its pareto.json
     counts = [json.loads((tmp_path / f"worker{i}" / "pareto.json").read_text())["trials"]["complete"] for i in range(2)]
     assert max(counts) == len(done)
+
+
+def test_eval_every_evaluates_mid_run(tiny_model_dir, glue_dir, tmp_path):
+    """--eval-every 0.5 (tune's default): an evaluation half-way, so pruning has something to decide on."""
+    from deft import ConfigError, run
+
+    kw = dict(model=str(tiny_model_dir), data_dir=str(glue_dir), data_source="local", alpha=0.0, epochs=1,
+              batch_size=4, max_train_samples=16, max_eval_samples=8, quiet=True)
+    res = run.train(run.TrainArgs(**kw, eval_every=0.5, output=str(tmp_path / "run")))
+    assert [h["step"] for h in res["log_history"] if "eval_accuracy" in h] == [2, 4]  # 4 steps, every 2
+    with pytest.raises(ConfigError, match="--eval-every"):
+        run.train(run.TrainArgs(**kw, eval_every=1.5, output=str(tmp_path / "bad")))

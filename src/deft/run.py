@@ -59,6 +59,8 @@ class TrainArgs:
                                 default=False)
     distill: float = _h("weight of a KL term to the same model's dense (unmasked) outputs (0 = off)", default=0.0)
     epochs: float = _h("training epochs", default=1.0)
+    eval_every: float | None = _h("evaluate every this share of training (e.g. 0.25; default: once per epoch); "
+                                  "deft tune prunes on these evaluations", default=None)
     lr: float = _h("peak learning rate (linear decay, warmup_ratio warm-up)", default=1e-3)
     warmup_ratio: float = _h("fraction of steps of learning-rate warm-up", default=0.06)
     weight_decay: float = _h("AdamW weight decay", default=0.0)

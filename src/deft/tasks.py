@@ -742,6 +742,9 @@ def train_with_setup(args: Any, setup: TaskSetup | None = None, callbacks: Seque
         if main_process:
             print(f"deft: resuming from {Path(last).name}" + (f" (step {step} of {total})" if step is not None else ""))
     density_cfg = run._density_config(args)  # validate everything before loading anything heavy
+    eval_every = getattr(args, "eval_every", None)
+    if eval_every is not None and not 0 < eval_every < 1:
+        raise ConfigError(f"--eval-every is a share of training, 0 < x < 1; got {eval_every!r}")
     method_cfg = run._method_config(args)
 
     from .callbacks import DensityCSVCallback
@@ -769,7 +772,9 @@ def train_with_setup(args: Any, setup: TaskSetup | None = None, callbacks: Seque
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.eval_batch_size,
         gradient_accumulation_steps=args.grad_accum,
-        eval_strategy="epoch",
+        # a float eval_steps < 1 is a share of the training steps in transformers
+        eval_strategy="steps" if args.eval_every else "epoch",
+        eval_steps=args.eval_every or None,
         save_strategy="epoch",
         save_total_limit=1,
         logging_steps=args.logging_steps,

@@ -25,9 +25,8 @@ Decisions, and why:
   trial with the density loss off (alpha 0, no target density, no distillation) as its first trial. Two
   workers that start together may both enqueue it: the later one becomes an ordinary search trial.
 * **Pruning** (``--prune``, on by default): Optuna's pruners do not support several objectives, so deft
-  prunes by its own rule. At every evaluation before the last (evaluations happen once per epoch, so
-  runs of one epoch are never pruned) the trial's metric is compared with the baseline's at the same
-  share of training (the baseline's latest evaluation at or before it): a trial more than
+  prunes by its own rule. At every evaluation before the last (``--eval-every``: half-way by default)
+  the trial's metric is compared with the baseline's at the same share of training (the baseline's latest evaluation at or before it): a trial more than
   ``--prune-factor`` x ``--max-drop`` points below it is stopped. The question being answered is "how
   sparse within max-drop of the baseline": a run that far behind has rarely caught up by its end, and
   the factor (4 by default) leaves room for evaluation noise and for the density loss's warm-up. The
@@ -87,8 +86,12 @@ class TuneArgs(TrainArgs):
 
     output: str = _h("study folder: trial-NNNN run folders, study.db (default storage), pareto.json/csv/png",
                      default="runs/tune")
+    alpha: float = _h("density-loss weight of every trial unless searched (0: the recommended recipe, training "
+                      "under thresholds alone)", default=0.0)
+    eval_every: float | None = _h("evaluate every this share of training; pruning decides at these evaluations",
+                                  default=0.5)
     space: str | None = _h("YAML/JSON search space: OPTION: {low, high, log?, int?, step?} or {choices: [...]} "
-                           "(default: alpha, lr, alpha_warmup, target_density)", default=None)
+                           "(default: target_density, lr, density_ramp, straight_through)", default=None)
     trials: int = _h("finished trials the study should reach, counting earlier runs and other workers",
                      default=20)
     timeout: float | None = _h("start no new trial after this many seconds", default=None)
@@ -232,14 +235,14 @@ def _range(where: str, name: str, spec: Mapping[str, Any], base: Any) -> Param:
 
 
 def default_space() -> dict[str, Param]:
-    """alpha (log 0.1..10), lr (log 3e-4..3e-3), alpha_warmup (0..0.6), and target_density (log 0.02..0.5)
-    where this deft's TrainArgs has it."""
-    space = {"alpha": Param("alpha", low=0.1, high=10.0, log=True),
-             "lr": Param("lr", low=3e-4, high=3e-3, log=True),
-             "alpha_warmup": Param("alpha_warmup", low=0.0, high=0.6)}
-    if "target_density" in {f.name for f in fields(TrainArgs)}:
-        space["target_density"] = Param("target_density", low=0.02, high=0.5, log=True)
-    return space
+    """The recommended recipe's knobs (training under thresholds, no density loss: ``--alpha 0``, the
+    default of ``deft tune``): target_density (log 0.01..0.3), lr (log 3e-4..3e-3), density_ramp
+    (0.3..0.9) and straight_through. The paper's exact-zero DEFT is searched with a --space file, e.g.
+    ``alpha: {low: 0.1, high: 10, log: true}``."""
+    return {"target_density": Param("target_density", low=0.01, high=0.3, log=True),
+            "lr": Param("lr", low=3e-4, high=3e-3, log=True),
+            "density_ramp": Param("density_ramp", low=0.3, high=0.9),
+            "straight_through": Param("straight_through", choices=(False, True))}
 
 
 def load_space(path: str | os.PathLike | None) -> dict[str, Param]:
