@@ -7,6 +7,7 @@ import csv
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -251,3 +252,16 @@ def test_group_settings_matches_baselines_by_activation_and_ignores_loss_options
     assert settings["gelu-deft"].baseline is settings["gelu-peft"]
     assert settings["relu-deft"].baseline is settings["relu-peft-tanh"]
     assert "activation=relu" in settings["relu-deft"].label and "loss" not in settings["relu-peft-tanh"].label
+
+
+def test_committed_results_are_compact():
+    """docs/results keeps what docs/RESULTS.md and `deft report` read: scripts/compact_results.py strips the
+    rest of the training log and the per-module energy rows (the report's figures come out the same)."""
+    root = Path(__file__).resolve().parents[1] / "docs" / "results"
+    files = [*root.rglob("results.json"), *root.rglob("energy.json")]
+    assert len(files) > 100
+    for f in files:
+        data = json.loads(f.read_text())
+        assert f.stat().st_size < 100_000, f"{f}: run scripts/compact_results.py docs/results"
+        assert all(set(h) <= {"step", "train_density"} for h in data.get("log_history", [])), f
+        assert "layers" not in data.get("energy", {}), f
