@@ -1,6 +1,7 @@
 """Does a model trained under per-layer thresholds run faster? MiniLM + LoRA at 5 % effective density, CPU.
 
-A ``deft train --target-density 0.05`` run (default: /work/runs/bench-td05) has its adapter merged and its
+A ``deft train --target-density 0.05`` run (``--run``, e.g. from ``deft train --model minilm --task sst2
+--method lora --alpha 0 --target-density 0.05 --output runs/bench-td05``) has its adapter merged and its
 ``thresholds.json`` applied: every down-projection (W2) input ``|h| <= t_layer`` is zero. Its sparsity is
 *per token*: each token keeps ~5 % of the 1,536 units, but almost every unit is kept by some token of a
 batch (union density ~93 %), so slicing W2 by the union of the batch cannot help. Timed on batches of 32
@@ -26,8 +27,9 @@ Two measurements, each timed interleaved (one call of every side per round, the 
 ``speedup`` = dense-thr time / the path's time in the same run. Every path's output is checked against
 dense-thr with ``torch.testing.assert_close`` (W2 outputs and logits) before it is timed.
 
-    python benchmarks/bench_threshold.py --quick --threads 1 --clock cpu --out threshold.json   # ~1 min
-    python benchmarks/bench_threshold.py --threads 1 --clock cpu --out threshold.json           # ~4-5 min
+    python benchmarks/bench_threshold.py --run runs/bench-td05 --quick --threads 1 --clock cpu --out threshold.json
+    python benchmarks/bench_threshold.py --run runs/bench-td05 --threads 1 --clock cpu --out threshold.json
+    # ~1 min and ~4-5 min on 2 CPU cores
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ from deft.run import _eval_loader, _load_run_model
 from deft.sparse import load_thresholds, sparsify
 
 from _common import CLOCKS, interleaved, loadavg, machine, median, write_json
+from _common import add_timing_options
 
 BATCH = 32
 PATHS = ("dense", "dense-thr", "union", "gather", "csr")
@@ -127,15 +130,12 @@ def densities(h: torch.Tensor, t: float, valid: torch.Tensor) -> dict[str, float
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run", default="/work/runs/bench-td05", help="a finished `deft train --target-density` LoRA run")
+    ap.add_argument("--run", required=True,
+                    help="the run folder of a finished MiniLM + LoRA `deft train --target-density 0.05` run (with "
+                         "results.json and adapter/thresholds.json), e.g. `deft train --model minilm --task sst2 "
+                         "--method lora --alpha 0 --target-density 0.05 --output runs/bench-td05`")
     ap.add_argument("--quick", action="store_true", help="2 batches, 3 rounds (default 4 batches, 7 rounds)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads (default: torch's choice); 1 on a busy shared machine, where every "
-                         "multi-threaded op waits for its other thread to be scheduled")
-    ap.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
-                    help="wall time, or CPU time of this process (with --threads 1: time spent descheduled by "
-                         "other jobs drops out)")
-    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    add_timing_options(ap)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -40,6 +40,7 @@ from deft.tasks import setup_task
 from deft.trainer import DeftTrainer, DensityConfig
 
 from _common import CLOCKS, interleaved, loadavg, machine, median, write_json
+from _common import add_timing_options
 
 TARGET = 0.05
 SIDES: dict[str, DensityConfig | None] = {
@@ -118,13 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats of every batch (overrides the default)")
     ap.add_argument("--sides", default=",".join(SIDES), help=f"comma separated, from {', '.join(SIDES)}")
     ap.add_argument("--profile", action="store_true", help="also time deft.probe._batch_quantile in target mode")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads (default: torch's choice); 1 on a busy shared machine, where every "
-                         "multi-threaded op waits for its other thread to be scheduled")
-    ap.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
-                    help="wall time, or CPU time of this process (with --threads 1: time spent descheduled by "
-                         "other jobs drops out)")
-    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    add_timing_options(ap)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
