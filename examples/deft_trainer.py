@@ -30,16 +30,13 @@ import deft
 from deft import DeftTrainer, DensityConfig
 from deft.data import GlueDataset, glue_metrics, load_glue
 
+from _options import add_training_options
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=3, help="optimizer steps")
-    ap.add_argument("--alpha", type=float, default=1.0, help="weight of the density loss (0 = plain PEFT)")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--dev-rows", type=int, default=128, help="dev rows for accuracy and density")
+    add_training_options(ap, steps=3)  # --steps, --alpha, --batch-size, --lr, --dev-rows, --seed (_options.py)
     ap.add_argument("--output", default=None, help="Trainer output folder (default: a temporary one)")
-    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     start = time.perf_counter()
     # transformers reports the freshly initialised classifier (intended here), peft warns about a renamed

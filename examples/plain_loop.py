@@ -19,6 +19,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 import deft
 from deft.data import load_glue
 
+from _options import add_training_options
+
 
 def batches(rows, tok, size, *, shuffle, seed=0):
     order = list(range(len(rows)))
@@ -33,12 +35,7 @@ def batches(rows, tok, size, *, shuffle, seed=0):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=30, help="optimizer steps")
-    ap.add_argument("--alpha", type=float, default=1.0, help="weight of the density loss")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--dev-rows", type=int, default=128, help="dev rows for accuracy and density")
-    ap.add_argument("--seed", type=int, default=0)
+    add_training_options(ap, steps=30)  # --steps, --alpha, --batch-size, --lr, --dev-rows, --seed (_options.py)
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     start = time.perf_counter()
