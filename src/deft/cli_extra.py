@@ -118,7 +118,7 @@ def report(args: ReportArgs) -> tuple[Path, Path]:
 
 EXTRA_COMMANDS: dict[str, tuple[type, str, Callable[[Any], Any]]] = {
     "energy": (EnergyArgs, "energy on a dense vs a zero-skipping accelerator (Sponge-style cost model)", energy),
-    "sweep": (SweepArgs, "train a grid of alphas / eps / betas / methods / seeds; resumable", sweep),
+    "sweep": (SweepArgs, "train a grid of alphas / eps / betas / methods / seeds, or suite files; resumable", sweep),
     "report": (ReportArgs, "self-contained HTML + Markdown report (tables, plots, configs) of finished runs",
                report),
     "tune": (TuneArgs, ("multi-objective search (metric up, density down) over train options; resumable, "

@@ -23,6 +23,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 import typing
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -42,7 +43,8 @@ ROW_KEYS = ("point", "dir", "model", "task", "method", "alpha", "loss", "eps", "
 
 @dataclass
 class SweepArgs:
-    """Arguments of ``deft sweep``: train every combination of the grid lists on top of one base config."""
+    """Arguments of ``deft sweep``: train every combination of the grid lists on top of one base config, or the
+    groups of suite files (``deft sweep SUITE.yaml... --groups NAME...``)."""
 
     base: str | dict[str, Any] | TrainArgs | None = _h(
         "the TrainArgs of every run: a YAML/JSON file of `deft train` options (a mapping or TrainArgs in Python)",
@@ -57,7 +59,8 @@ class SweepArgs:
     output: str = _h("sweep folder: one sub-folder per point, sweep.jsonl, sweep.csv", default="runs/sweep")
     dry_run: bool = _h("only list the points (and which are finished)", default=False)
     suites: list[str] | None = field(default=None, metadata={
-        "help": "suite files (YAML, see benchmarks/suites/): named groups of PEFT/DEFT runs instead of a grid",
+        "help": "suite files (YAML, see benchmarks/suites/): named groups of PEFT/DEFT runs instead of a grid "
+                "(name them before list options such as --groups)",
         "positional": True})
     groups: list[str] | None = _h("with suite files: only these groups (names or patterns such as 'sst2-*')",
                                   default=None)
@@ -115,12 +118,19 @@ def base_args(args: SweepArgs) -> TrainArgs:
     unknown = sorted(set(values) - known)
     if unknown:
         raise RunError(f"base config: unknown option(s) {', '.join(unknown)}")
-    for item in args.set or []:
+    values.update(_set_values(args.set))
+    return TrainArgs(**values)
+
+
+def _set_values(items: list[str] | None) -> dict[str, Any]:
+    """The ``--set KEY=VALUE`` overrides, each value parsed with its TrainArgs field's type."""
+    values = {}
+    for item in items or []:
         key, sep, text = item.partition("=")
         if not sep:
             raise RunError(f"--set {item!r}: expected KEY=VALUE")
         values[key.strip().replace("-", "_")] = _convert(key.strip().replace("-", "_"), text.strip())
-    return TrainArgs(**values)
+    return values
 
 
 def _fmt(v: Any) -> str:
@@ -184,15 +194,12 @@ def _suite_option(key: str, value: Any) -> Any:
         raise ValueError(f"option {key}: expected a list, got {value!r}")
 
     def one(v: Any) -> Any:
-        if tp is float and isinstance(v, str):
+        if tp is float and isinstance(v, (int, str)) and not isinstance(v, bool):
             try:
-                return float(v)  # YAML 1.1 reads 1e-3 (no dot) as text
+                return float(v)  # an int, or 1e-3, which YAML 1.1 (no dot) reads as text
             except ValueError:
                 pass
-        ok = isinstance(v, tp) and not (tp is not bool and isinstance(v, bool))
-        if tp is float and isinstance(v, int) and not isinstance(v, bool):
-            return float(v)
-        if not ok:
+        if not isinstance(v, tp) or (isinstance(v, bool) and tp is not bool):
             raise ValueError(f"option {key}: expected {'a list of ' if is_list else 'a '}{tp.__name__}, got {v!r}")
         return v
 
@@ -230,22 +237,17 @@ def suite_points(args: SweepArgs) -> list[SweepPoint]:
         raise RunError("suite files set every run themselves: --base and the grid lists (--alphas ...) "
                        "go without them (use --set KEY=VALUE to override an option in every job)")
     groups = _read_suites(args.suites or [])
-    chosen = list(groups)
-    if args.groups:
-        for pattern in args.groups:
-            if not fnmatch.filter(groups, pattern):
-                raise RunError(f"--groups {pattern}: no such group in {', '.join(args.suites or [])}; "
-                               f"groups: {', '.join(groups)}")
-        chosen = [g for g in groups if any(fnmatch.fnmatchcase(g, pat) for pat in args.groups)]
+    patterns = args.groups or ["*"]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(g, pattern) for g in groups):
+            raise RunError(f"--groups {pattern}: no such group in {', '.join(args.suites or [])}; "
+                           f"groups: {', '.join(groups)}")
+    overrides = _set_values(args.set)
     out = Path(args.output)
     points = []
-    for group in chosen:
+    for group in [g for g in groups if any(fnmatch.fnmatchcase(g, pat) for pat in patterns)]:
         path, opts = groups[group]
-        for item in args.set or []:
-            key, sep, text = item.partition("=")
-            if not sep:
-                raise RunError(f"--set {item!r}: expected KEY=VALUE")
-            opts[key.strip().replace("-", "_")] = _convert(key.strip().replace("-", "_"), text.strip())
+        opts = {**opts, **overrides}
         seeds, runs = opts.pop("seeds", [0]), opts.pop("runs", list(RUNS))
         where = f"{path}: group {group}"
         if not isinstance(seeds, list) or not seeds or not all(type(x) is int for x in seeds):
@@ -285,23 +287,26 @@ def train_command(a: TrainArgs) -> str:
     return shlex.join(words)
 
 
-def _train_processes(points: list[SweepPoint], workers: int) -> Iterator[tuple[SweepPoint, int, Path]]:
-    """Train ``points`` as ``deft train`` processes, ``workers`` at once; yields (point, exit code, log) as each
-    ends. Each gets ``cores // workers`` torch threads unless OMP_NUM_THREADS says otherwise."""
+def _train_processes(points: list[SweepPoint], workers: int) -> Iterator[tuple[SweepPoint, int, Path, float]]:
+    """Train ``points`` as ``deft train`` processes, ``workers`` at once; yields (point, exit code, log, seconds)
+    as each ends. Each gets ``cores // workers`` torch threads unless OMP_NUM_THREADS says otherwise."""
     threads = str(max(1, (os.cpu_count() or 1) // workers))
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
 
-    def one(p: SweepPoint) -> tuple[SweepPoint, int, Path]:
-        run_dir = Path(p.args.output)
+    def one(p: SweepPoint) -> tuple[SweepPoint, int, Path, float]:
+        run_dir, start = Path(p.args.output), time.monotonic()
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "job.json", {**asdict(p.args), "quiet": True})
         with open(run_dir / "job.log", "w", encoding="utf-8") as log:
             rc = subprocess.call([sys.executable, "-m", "deft", "train", "--config", str(run_dir / "job.json")],
                                  stdout=log, stderr=subprocess.STDOUT, env=env)
-        return p, rc, run_dir / "job.log"
+        return p, rc, run_dir / "job.log", time.monotonic() - start
 
-    with ThreadPoolExecutor(workers) as pool:
+    pool = ThreadPoolExecutor(workers)
+    try:
         yield from (f.result() for f in as_completed([pool.submit(one, p) for p in points]))
+    finally:  # on Ctrl-C (or an error here) no further job starts; the running ones get the signal too
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _validate(points: list[SweepPoint]) -> None:
@@ -417,13 +422,14 @@ def sweep(args: SweepArgs) -> list[dict[str, Any]]:
                 add_row(p, finished(p))
         todo = [p for p in points if not done(p)]
         print(f"deft sweep: training {len(todo)} points, {args.workers} at a time; logs: POINT/job.log")
-        for i, (p, rc, log) in enumerate(_train_processes(todo, args.workers), 1):
+        for i, (p, rc, log, seconds) in enumerate(_train_processes(todo, args.workers), 1):
             if rc == 0 and done(p):
                 add_row(p, finished(p))
-                print(f"deft sweep: [{i}/{len(todo)}] {p.name} finished")
+                print(f"deft sweep: [{i}/{len(todo)}] {p.name} finished in {seconds:.0f} s")
             else:
                 failed.append((p, log))
-                print(f"deft sweep: [{i}/{len(todo)}] {p.name} FAILED (exit code {rc}); log: {log}")
+                print(f"deft sweep: [{i}/{len(todo)}] {p.name} FAILED (exit code {rc}) after {seconds:.0f} s; "
+                      f"log: {log}")
     else:
         for i, p in enumerate(points, 1):
             if done(p):
