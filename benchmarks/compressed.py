@@ -24,7 +24,7 @@ from typing import Any
 from deft import run
 from deft.cli_compress import REPORT_NAME, PruneArgs, prune
 from deft.io import write_json, write_text
-from deft.metrics import density_change
+from deft.core.report import density_change
 
 # name -> (prune options or None, quantize bits or None)
 COMPRESSIONS: dict[str, tuple[dict[str, Any] | None, int | None]] = {

@@ -45,7 +45,7 @@ def test_train_writes_results_plot_and_adapter(tiny_model_dir, glue_dir, tmp_pat
 
 
 def test_interrupted_run_resumes(tiny_model_dir, glue_dir, tmp_path, monkeypatch):
-    from deft.trainer import DeftTrainer
+    from deft.train.trainer import DeftTrainer
 
     out = tmp_path / "run"
     original = DeftTrainer._save_checkpoint

@@ -12,8 +12,8 @@ from transformers import AutoModelForSequenceClassification, TrainingArguments
 
 from deft.cli_compress import REPORT_NAME, PruneArgs, prepare_compressed_model, prune
 from deft.methods import MethodConfig, apply_method
-from deft.metrics import measure_density
-from deft.prune import (
+from deft.core.report import measure_density
+from deft.compress.prune import (
     MASKS_NAME,
     PruneConfig,
     apply_masks,
@@ -26,7 +26,7 @@ from deft.prune import (
     wanda_prune,
     weight_sparsity,
 )
-from deft.quantize import (
+from deft.compress.quantize import (
     QuantConfig,
     QuantError,
     QuantizedLinear,
@@ -34,7 +34,7 @@ from deft.quantize import (
     quantize_model,
 )
 from deft.testing import tiny_config
-from deft.trainer import DensityConfig, DeftTrainer
+from deft.train.trainer import DensityConfig, DeftTrainer
 from test_trainer import pad_features
 
 

@@ -25,8 +25,8 @@ from deft.sparse import (
     unsparsify,
 )
 from deft.testing import tiny_config
-from deft.threshold import save_thresholds
-from deft.tradeoff import iso_accuracy, lowest_density_within, metric_at_density
+from deft.core.threshold import save_thresholds
+from deft.analysis.tradeoff import iso_accuracy, lowest_density_within, metric_at_density
 
 DOWN = ["encoder.layer.0.output.dense", "encoder.layer.1.output.dense"]
 
@@ -269,7 +269,7 @@ def test_iso_accuracy_of_several_kinds():
 
 # ---------------------------------------------------------------------------------------------- energy
 def test_energy_prices_thresholded_entries_as_skipped():
-    from deft.energy import EnergyReport, estimate_energy
+    from deft.analysis.energy import EnergyReport, estimate_energy
 
     model = _relu_bert()
     batches = _batches()

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from deft import cli, run
-from deft.callbacks import DensityCSVCallback
+from deft.train.callbacks import DensityCSVCallback
 from deft.cli_extra import EXTRA_COMMANDS, EnergyArgs, ReportArgs
-from deft.report import build_report
-from deft.report_plots import pareto_front
+from deft.analysis.report import build_report
+from deft.analysis.report_plots import pareto_front
 from deft.sweep import SweepArgs, base_args, grid, point_name, read_rows, sweep
 
 
@@ -168,7 +168,7 @@ def test_report_tables_images_and_configs(runs):
 
 
 def test_report_needs_runs(tmp_path):
-    from deft.report import ReportError
+    from deft.analysis.report import ReportError
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(ReportError, match="no finished run"):
@@ -229,7 +229,7 @@ def test_extra_commands_fit_the_cli_parser():
 
 
 def test_group_settings_matches_baselines_by_activation_and_ignores_loss_options_at_alpha_0(tmp_path):
-    from deft.report import Run, group_settings
+    from deft.analysis.report import Run, group_settings
 
     def fake(name, metric, density, **cfg):
         base = {"model": "m", "task": "sst2", "method": "lora", "alpha": 0.0, "loss": "l0", "eps": 1e-7, "seed": 0}

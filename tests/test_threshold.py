@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from deft import ActivationProbe, ConfigError
-from deft.threshold import ThresholdTracker, read_thresholds, save_thresholds, scheduled_density
+from deft.core.threshold import ThresholdTracker, read_thresholds, save_thresholds, scheduled_density
 
 
 def _tiny(model_dir):
@@ -156,7 +156,7 @@ def test_train_writes_thresholds_that_sparsify_serves_unchanged(tiny_model_dir, 
     """The thresholds a run ends with reproduce its evaluation when a sparse kernel applies them."""
     from deft import run
     from deft.methods import load_trainable
-    from deft.metrics import measure_density
+    from deft.core.report import measure_density
     from deft.sparse import sparsify
 
     out = tmp_path / "run"

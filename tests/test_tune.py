@@ -186,7 +186,7 @@ def test_eval_curve_and_prune_floor():
 
 # ---------------------------------------------------------------------------------------------- studies
 def test_study_writes_trials_front_and_resumes(tiny_model_dir, glue_dir, tmp_path, capsys):
-    from deft.report import find_runs
+    from deft.analysis.report import find_runs
 
     out = tmp_path / "tune"
     assert cli.main(_flags(tiny_model_dir, glue_dir, out, "--trials", "2", "--sampler-seed", "0")) == 0

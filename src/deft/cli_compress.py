@@ -23,12 +23,12 @@ from .io import write_json
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-    from .prune import PruneConfig
-    from .quantize import QuantConfig
+    from .compress.prune import PruneConfig
+    from .compress.quantize import QuantConfig
 
 # torch / transformers are imported inside the functions: `deft --help` should not pay for them
 REPORT_NAME = "prune_report.json"
-MASKS_NAME = "prune_masks.safetensors"  # == deft.prune.MASKS_NAME
+MASKS_NAME = "prune_masks.safetensors"  # == deft.compress.prune.MASKS_NAME
 
 
 
@@ -57,7 +57,7 @@ class PruneArgs:
     trust_remote_code: bool = _h("allow model code from the hub", default=False)
 
     def config(self) -> "PruneConfig":
-        from .prune import PruneConfig
+        from .compress.prune import PruneConfig
 
         return PruneConfig(sparsity=self.sparsity, nm=self.nm, targets=self.targets,
                            calib_batches=self.calib_batches, sequential=self.sequential)
@@ -84,7 +84,7 @@ def calibration_batches(tok, task: str, *, n_batches: int, batch_size: int, max_
 
 def prune(args: PruneArgs) -> dict[str, Any]:
     """Run ``deft prune``; returns (and writes) the prune report."""
-    from .prune import save_masks, wanda_prune, weight_sparsity
+    from .compress.prune import save_masks, wanda_prune, weight_sparsity
     from .run import RunError, _versions, load_model_and_tokenizer
 
     cfg = args.config()  # validate before loading anything heavy
@@ -121,7 +121,7 @@ EXTRA_COMMANDS: dict[str, tuple[type, str, Callable[[Any], Any]]] = {
 # ---------------------------------------------------------------------------------------------- train wiring
 def quant_config(args: Any) -> "QuantConfig | None":
     """The :class:`QuantConfig` of ``args.quantize`` / ``args.quant_backend`` / ``args.quant_group_size``."""
-    from .quantize import QuantConfig
+    from .compress.quantize import QuantConfig
 
     bits = getattr(args, "quantize", None)
     if bits is None:
@@ -132,7 +132,7 @@ def quant_config(args: Any) -> "QuantConfig | None":
 
 def compression_load_kwargs(args: Any) -> dict[str, Any]:
     """Extra ``from_pretrained`` kwargs (bitsandbytes quantizes while loading); ``{}`` for the deft backend."""
-    from .quantize import load_kwargs
+    from .compress.quantize import load_kwargs
 
     cfg = quant_config(args)
     return load_kwargs(cfg) if cfg is not None else {}
@@ -145,8 +145,8 @@ def prepare_compressed_model(model: "nn.Module", args: Any) -> "tuple[nn.Module,
     Missing attributes on ``args`` mean "off", so any object with some of ``prune_dir``, ``quantize``,
     ``quant_backend``, ``quant_group_size`` works.
     """
-    from .prune import keep_pruned, load_masks, weight_sparsity
-    from .quantize import QuantError, _is_bnb_loaded, quantize_model
+    from .compress.prune import keep_pruned, load_masks, weight_sparsity
+    from .compress.quantize import QuantError, _is_bnb_loaded, quantize_model
 
     info: dict[str, Any] = {}
     prune_dir = getattr(args, "prune_dir", None)

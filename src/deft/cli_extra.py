@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .energy import EnergyConfig, EnergyReport, estimate_energy
+from .analysis.energy import EnergyConfig, EnergyReport, estimate_energy
 from .fields import help_field as _h
 from .io import write_json, write_text
 from .run import RunError
@@ -75,7 +75,7 @@ def energy(args: EnergyArgs) -> EnergyReport:
 
     from .data import GlueDataset
     from .methods import load_trainable
-    from .report_plots import energy_breakdown
+    from .analysis.report_plots import energy_breakdown
     from .run import _load_split, load_model_and_tokenizer
 
     cfg = EnergyConfig.from_file(args.hardware) if args.hardware else EnergyConfig()  # fail before loading
@@ -107,7 +107,7 @@ def energy(args: EnergyArgs) -> EnergyReport:
 
 
 def report(args: ReportArgs) -> tuple[Path, Path]:
-    from .report import build_report
+    from .analysis.report import build_report
 
     if not args.run_dirs:
         raise RunError("name at least one run, compare or sweep folder (RUN_DIRS)")

@@ -18,7 +18,7 @@ from typing import Any
 from .errors import ConfigError, DeftError
 from .fields import help_field as _h
 from .io import write_json, write_text
-from .metrics import DensityReport, density_change
+from .core.report import DensityReport, density_change
 
 
 class RunError(DeftError, RuntimeError):
@@ -197,7 +197,7 @@ def _method_config(args: TrainArgs):
 
 
 def _density_config(args: TrainArgs):
-    from .trainer import DensityConfig
+    from .train.trainer import DensityConfig
 
     try:
         return _new_density_config(DensityConfig, args)
@@ -252,7 +252,7 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 def compare(args: CompareArgs) -> dict[str, Any]:
     """PEFT (alpha=0) and DEFT (alpha) for each seed; finished runs are reused, so it resumes."""
-    from .plots import layerwise_density
+    from .analysis.plots import layerwise_density
 
     out = Path(args.output)
     runs: dict[str, list[dict[str, Any]]] = {"PEFT": [], "DEFT": []}
@@ -382,7 +382,7 @@ def threshold_curve(run_dir: str | Path, densities: list[float], *, calib_sample
     """
     from . import sparse
     from .cli_extra import _merge
-    from .metrics import count_thresholded
+    from .core.report import count_thresholded
     from .tasks import seeded_subset
 
     run_dir = Path(run_dir)
@@ -410,8 +410,8 @@ def compare_iso_accuracy(runs: dict[str, list[dict[str, Any]]], curves: dict[str
     """compare.json's ``iso_accuracy`` block: per run kind (plain runs: one point each, mean over seeds;
     "+ thresholds" curves: one point per target), the lowest effective density within ``max_drop`` points
     of dense PEFT's mean metric, the metric there, and the metric at the density the training-free
-    baseline reaches (see :func:`deft.tradeoff.iso_accuracy`). Metrics and densities are fractions."""
-    from .tradeoff import iso_accuracy
+    baseline reaches (see :func:`deft.analysis.tradeoff.iso_accuracy`). Metrics and densities are fractions."""
+    from .analysis.tradeoff import iso_accuracy
 
     kinds: dict[str, list[tuple[float, float]]] = {}
     for label, rs in runs.items():
@@ -586,8 +586,8 @@ def evaluate_glue(model, batches, task: str) -> tuple[dict[str, float], float]:
 def skip(args: SkipArgs) -> dict[str, Any]:
     """Choose MLP blocks to skip under ``max_drop``, then measure metric, runtime and weights of the result."""
     from .methods import count_parameters
-    from .metrics import measure_density
-    from .skip import choose_skips, skip_mlp_blocks
+    from .core.report import measure_density
+    from .inference.skip import choose_skips, skip_mlp_blocks
     from .sparse.thresholds import apply_thresholds, find_thresholds, load_thresholds
 
     run_dir = Path(args.run)
@@ -649,7 +649,7 @@ def measure(args: MeasureArgs) -> DensityReport:
 
     from .data import GlueDataset
     from .methods import load_trainable
-    from .metrics import measure_density
+    from .core.report import measure_density
     from .sparse.thresholds import find_thresholds, load_thresholds
 
     model, tok = load_model_and_tokenizer(args.model, args.task, trust_remote_code=args.trust_remote_code,

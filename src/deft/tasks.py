@@ -200,7 +200,7 @@ def load_model_and_tokenizer(name: str, task: str, *, trust_remote_code: bool = 
                              **load_kwargs: Any):
     """Tokenizer and sequence-classification model for a GLUE ``task`` (pad token set for decoders).
 
-    ``activation`` swaps the MLP activations (see :func:`deft.activations.swap_activation`)."""
+    ``activation`` swaps the MLP activations (see :func:`deft.inference.activations.swap_activation`)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from .models import resolve
@@ -217,7 +217,7 @@ def load_model_and_tokenizer(name: str, task: str, *, trust_remote_code: bool = 
         path, config=config, trust_remote_code=trust_remote_code, **load_kwargs
     )
     if activation:
-        from .activations import swap_activation
+        from .inference.activations import swap_activation
 
         swap_activation(model, activation)
     return model, tok
@@ -720,8 +720,8 @@ def train_with_setup(args: Any, setup: TaskSetup | None = None, callbacks: Seque
     from . import run  # lazily: run.train calls into this module
     from .io import write_json
     from .methods import apply_method, count_parameters, save_trainable
-    from .plots import layerwise_density
-    from .trainer import DeftTrainer
+    from .analysis.plots import layerwise_density
+    from .train.trainer import DeftTrainer
 
     out = Path(args.output)
     ckpt_dir = out / "checkpoints"
@@ -734,7 +734,7 @@ def train_with_setup(args: Any, setup: TaskSetup | None = None, callbacks: Seque
     main_process = int(os.environ.get("RANK", "0")) == 0
     if args.resume and not last and main_process:
         print(f"deft: no checkpoint in {ckpt_dir}; starting from scratch")
-    from .callbacks import TrainTimeCallback, checkpoint_progress, use_run_progress
+    from .train.callbacks import TrainTimeCallback, checkpoint_progress, use_run_progress
 
     time_before = 0.0  # seconds of training in the segments before an interruption (train_time_s adds them)
     if args.resume and last:
@@ -747,13 +747,13 @@ def train_with_setup(args: Any, setup: TaskSetup | None = None, callbacks: Seque
         raise ConfigError(f"--eval-every is a share of training, 0 < x < 1; got {eval_every!r}")
     method_cfg = run._method_config(args)
 
-    from .callbacks import DensityCSVCallback
+    from .train.callbacks import DensityCSVCallback
     from .cli_compress import prepare_compressed_model
 
     set_seed(args.seed)
     setup = setup or setup_task(args)
     if getattr(args, "activation", None):
-        from .activations import swap_activation
+        from .inference.activations import swap_activation
 
         swap_activation(setup.model, args.activation)
     model, compression = prepare_compressed_model(setup.model, args)
@@ -819,7 +819,7 @@ def train_with_setup(args: Any, setup: TaskSetup | None = None, callbacks: Seque
     thresholds = trainer.final_thresholds()
     if thresholds is not None and main_process:
         # part of the model: sparsify(mode="threshold", threshold=<this>) serves it as it was evaluated
-        from .threshold import save_thresholds
+        from .core.threshold import save_thresholds
 
         save_thresholds(out / "adapter", thresholds)
     if main_process:

@@ -307,7 +307,7 @@ def pick_answer(rows: Sequence[Mapping[str, Any]], reference: float, max_drop_po
                 ) -> Mapping[str, Any] | None:
     """The sparsest row whose metric (a fraction) is within ``max_drop_points`` of ``reference``; among
     rows at that density the best metric, then the lowest trial number. None when no row is within."""
-    from .tradeoff import lowest_density_within
+    from .analysis.tradeoff import lowest_density_within
 
     ok = [r for r in rows if _is_number(r.get("metric")) and _is_number(r.get("density"))]
     hit = lowest_density_within([(r["density"], r["metric"]) for r in ok], reference, max_drop_points / 100.0)
@@ -590,7 +590,7 @@ class _Tuner:
 def pareto_plot(summary: Mapping[str, Any], path: str | os.PathLike) -> Path | None:
     """Metric vs density of every finished trial (grey), the front (highlighted, as a step line), the
     baseline's max-drop floor and the chosen trial (star); None when no trial finished."""
-    from .plots import _plt
+    from .analysis.plots import _plt
 
     rows = [r for r in summary["all_trials"] if r["state"] == "COMPLETE"]
     if not rows:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from ..constants import MLPSpec, full_match
+from ..arch.specs import MLPSpec, full_match
 from .config import MethodError
 from .targets import is_linear, linear_out_features
 

@@ -13,7 +13,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..constants import mlp_spec
+from ..arch.specs import mlp_spec
 from .adapters import BottleneckAdapter, insert_adapters
 from .config import TASK_TYPES, MethodConfig, MethodError
 from .targets import (

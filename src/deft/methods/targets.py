@@ -9,7 +9,7 @@ import re
 
 from torch import nn
 
-from ..constants import MLPSpec, full_match, mlp_spec
+from ..arch.specs import MLPSpec, full_match, mlp_spec
 from .config import MethodError
 
 try:  # GPT-2 style models use transformers' Conv1D (a transposed Linear) for their projections

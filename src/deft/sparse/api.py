@@ -1,6 +1,6 @@
 """sparsify / unsparsify / calibrate_thresholds: put the zero-skipping modules into a model and take them out.
 
-Modules are found through the architecture table (:data:`deft.constants.MLP_SPECS`): every module whose
+Modules are found through the architecture table (:data:`deft.arch.MLP_SPECS`): every module whose
 name matches the family's ``down`` pattern is wrapped in a :class:`SparseDown` under the same name, so
 ``deft.ActivationProbe(point="down_input")`` and ``state_dict`` keep working. Site names (the keys of a
 per-layer threshold dict) are the module names relative to the transformers model, as the probe uses.
@@ -12,10 +12,10 @@ from typing import Any, Iterable, Literal, Mapping
 import torch
 from torch import nn
 
-from ..constants import full_match, in_block, is_gated, mlp_spec
+from ..arch.specs import full_match, in_block, is_gated, mlp_spec
 from ..errors import ConfigError, UnknownNameError
-from ..metrics import measure_density
-from ..probe import ActivationProbe, Site, _unwrap_hf_model
+from ..core.report import measure_density
+from ..core.probe import ActivationProbe, Site, _unwrap_hf_model
 from .modules import Regime, SkipStats, SparseDown, SparseGatedMLP, _conv1d_type, eligible_gated_mlp
 
 Mode = Literal["exact", "threshold"]

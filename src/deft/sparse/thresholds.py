@@ -2,8 +2,8 @@
 
 A thresholded model zeroes every MLP down-projection input ``h`` with ``|h| <= t_layer`` (TEAL-style; what
 ``sparsify(mode="threshold")`` skips). ``deft train --target-density`` saves the thresholds it trained
-under to ``RUN/adapter/thresholds.json`` (:func:`deft.threshold.save_thresholds`, the file format's one
-reader being :func:`deft.threshold.read_thresholds`). Site names are those of :func:`calibrate_thresholds`,
+under to ``RUN/adapter/thresholds.json`` (:func:`deft.core.threshold.save_thresholds`, the file format's one
+reader being :func:`deft.core.threshold.read_thresholds`). Site names are those of :func:`calibrate_thresholds`,
 module names relative to the transformers model, and they are the same on a bare model, a peft-wrapped
 one (a LoRA layer keeps the name of the layer it adapts) and the model after ``merge_and_unload()``:
 every helper here finds sites through :class:`deft.ActivationProbe` with ``point="down_input"``, the one
@@ -26,8 +26,8 @@ from typing import Any
 from torch import nn
 
 from ..errors import DeftError
-from ..probe import ActivationProbe
-from ..threshold import THRESHOLDS_FILE, read_thresholds
+from ..core.probe import ActivationProbe
+from ..core.threshold import THRESHOLDS_FILE, read_thresholds
 
 
 class ThresholdError(DeftError, ValueError):

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import DeftError
+from ..errors import DeftError
 from .prune import Conv1D, linear_layers, unwrap
 
 BACKENDS: tuple[str, ...] = ("auto", "deft", "bnb")
@@ -88,7 +88,7 @@ class QuantConfig:
     def resolved_backend(self) -> str:
         if self.backend != "auto":
             return self.backend
-        from .methods import qlora_available
+        from ..methods import qlora_available
 
         return "bnb" if qlora_available() else "deft"
 
@@ -256,7 +256,7 @@ def _is_bnb_loaded(model: nn.Module) -> bool:
 
 
 def _require_bnb() -> None:
-    from .methods import qlora_available
+    from ..methods import qlora_available
 
     if not qlora_available():
         raise QuantError("backend='bnb' needs a CUDA GPU and bitsandbytes (pip install bitsandbytes); "
@@ -269,7 +269,7 @@ def load_kwargs(cfg: QuantConfig) -> dict[str, Any]:
         return {}
     _require_bnb()
     if cfg.bits == 4:
-        from .methods import qlora_quantization_config
+        from ..methods import qlora_quantization_config
 
         return {"quantization_config": qlora_quantization_config()}
     from transformers import BitsAndBytesConfig
@@ -292,7 +292,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig | None = None) -> QuantRep
         _require_bnb()
         if not _is_bnb_loaded(model):
             raise QuantError("backend='bnb' quantizes while loading: from_pretrained(path, "
-                             "**deft.quantize.load_kwargs(cfg)); use backend='deft' to quantize a loaded model")
+                             "**deft.compress.quantize.load_kwargs(cfg)); use backend='deft' to quantize a loaded model")
         return _bnb_report(model, cfg)
     targets = linear_layers(model, cfg.targets)
     if not targets:

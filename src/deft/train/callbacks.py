@@ -20,7 +20,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .io import write_json, write_text
+from ..io import write_json, write_text
 
 
 class DensityCSVCallback(TrainerCallback):
@@ -141,7 +141,7 @@ def use_run_progress(trainer: Any, *, quiet: bool = False) -> None:
     of transformers' bars and printed log dicts; transformers' own output stays when deft is verbose."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from .console import is_verbose
+    from ..console import is_verbose
 
     if is_verbose():
         return
@@ -176,7 +176,7 @@ class TrainTimeCallback(TrainerCallback):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and folder.is_dir():
             write_json(folder / TRAIN_TIME_FILE, {"train_time_s": self.elapsed(), "global_step": state.global_step})
-            from .io import apply_umask_tree
+            from ..io import apply_umask_tree
 
             apply_umask_tree(folder)  # the weights safetensors wrote 0600 follow the user's umask like the rest
         return control

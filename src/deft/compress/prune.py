@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import ConfigError, MissingFileError
+from ..errors import ConfigError, MissingFileError
 
 try:  # GPT-2 style models use transformers' Conv1D: a Linear whose weight is stored (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -184,8 +184,8 @@ def linear_layers(model: nn.Module, targets: str = "blocks") -> dict[str, nn.Mod
     if entries == ["blocks"]:
         return {n: m for n, m in linears.items() if _IN_BLOCK.search(n)}
     if len(entries) == 1 and entries[0] in ("mlp", "attention", "mlp+attention"):
-        from .constants import mlp_spec
-        from .methods.targets import attention_linear_names, mlp_linear_names
+        from ..arch.specs import mlp_spec
+        from ..methods.targets import attention_linear_names, mlp_linear_names
 
         if base is not model or any(".base_layer" in n for n, _ in base.named_modules()):
             raise ConfigError(f"targets={targets!r} needs the bare model; use targets='blocks' on a peft model")
@@ -438,7 +438,7 @@ def merge_lora_pruned(peft_model: nn.Module, masks: Mapping[str, torch.Tensor]) 
 
     The merged delta is pruned too: the result is ``(W + BA) * mask``, so its outputs differ from the
     unmerged adapter model by ``(BA * (1 - mask)) x`` (see the module docstring). A quantized base cannot be
-    merged into: :func:`deft.quantize.dequantize_model` it first.
+    merged into: :func:`deft.compress.quantize.dequantize_model` it first.
     """
     from .quantize import QuantizedLinear
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .constants import full_match, mlp_spec
-from .errors import ConfigError
-from .probe import _unwrap_hf_model
+from ..arch.specs import full_match, mlp_spec
+from ..errors import ConfigError
+from ..core.probe import _unwrap_hf_model
 
 
 def swap_activation(model: nn.Module, name: str) -> list[str]:

@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .errors import ConfigError, DeftError
-from .metrics import DensityReport
-from .probe import ActivationProbe
+from ..errors import ConfigError, DeftError
+from ..core.report import DensityReport
+from ..core.probe import ActivationProbe
 
 if TYPE_CHECKING:  # pragma: no cover
     from .trainer import DensityConfig

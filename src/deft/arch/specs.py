@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import DeftError
+from ..errors import DeftError
 
 
 @dataclass(frozen=True)
@@ -138,14 +138,29 @@ def is_gated(spec: MLPSpec, config) -> bool:
     return bool(getattr(config, "is_gated_act", False))
 
 
-# Every family's transformer blocks live in a numbered stack under one of these names; the linear layers
-# inside a block (attention q/k/v/o and the MLP) are what TEAL-style sparsity of all projections wraps.
+# Two ideas of "inside a transformer block". They agree on the linear layers of every family in the table
+# (checked on the tiny models of deft.testing) but not on other architectures, so they keep two names:
+#
+# * BLOCK_STACK / in_block: under one of the stack names the table's families use. Every family's blocks
+#   live in such a numbered stack; the linear layers inside a block (attention q/k/v/o and the MLP) are what
+#   TEAL-style sparsity of all projections (deft.sparse, targets="all") swaps for its own modules, so it
+#   stays with the stacks it knows.
+# * NUMBERED_COMPONENT / in_numbered_block: any integer component (layer.3, h.0, block.1, blocks.2). What
+#   WANDA pruning's "blocks" and quantization select, and what LoRA's "attention" shorthand takes from the
+#   block: selecting weights needs no knowledge of the stack's name, so compression also works on model
+#   types outside the table.
 BLOCK_STACK = r"(^|\.)(layer|layers|h|block)\.\d+\."
+NUMBERED_COMPONENT = re.compile(r"(^|\.)\d+(\.|$)")
 
 
 def in_block(name: str) -> bool:
     """True when the dotted module ``name`` lies inside a numbered transformer block."""
     return re.search(BLOCK_STACK, name) is not None
+
+
+def in_numbered_block(name: str) -> bool:
+    """True when the dotted module ``name`` has an integer component (is, or lies inside, a repeated block)."""
+    return NUMBERED_COMPONENT.search(name) is not None
 
 
 def full_match(pattern: str, name: str) -> bool:

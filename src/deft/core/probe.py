@@ -11,7 +11,7 @@ A probe does two jobs at once, both inside the hook so no full activation tensor
   their autograd graph. The loss itself is assembled later from those partials.
 * **Masking** (only after :meth:`mask_below`): entries with ``|x| <= t_site`` are set to zero in the
   forward pass itself, so the model is trained and evaluated under the sparsity it is served with
-  (:mod:`deft.threshold`). The loss sees the values before masking (else a masked entry would get no
+  (:mod:`deft.core.threshold`). The loss sees the values before masking (else a masked entry would get no
   gradient from it), the counts see them after (the *effective* density).
 
 Hooks only record while the hooked top model's ``forward`` is running. That makes the probe safe
@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping
 import torch
 from torch import nn
 
-from .constants import full_match, is_gated, layer_group, mlp_spec
-from .errors import ConfigError
+from ..arch.specs import full_match, is_gated, layer_group, mlp_spec
+from ..errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .losses import DensityLoss
@@ -86,7 +86,7 @@ class ActivationProbe:
     Args:
         model: any transformers model (bare, with a task head, peft-wrapped or DDP-wrapped).
         sites: optional module-name globs (``fnmatch`` against ``model.named_modules()``), e.g.
-            ``["*.mlp.act_fn"]``, for model types that are not in :data:`deft.constants.MLP_SPECS`.
+            ``["*.mlp.act_fn"]``, for model types that are not in :data:`deft.arch.MLP_SPECS`.
         point: ``"activation"`` hooks the activation module's output ``O = f(X W1)``;
             ``"down_input"`` hooks the input of the down-projection (for gated MLPs that is
             ``f(X Wg) * (X Wu)``, what a zero-skipping W2 sees). ``"auto"``: down-projection input

@@ -17,11 +17,11 @@ from typing import Any, Literal
 import torch
 from transformers import Trainer, TrainerCallback
 
-from .errors import ConfigError
-from .losses import DensityLoss
-from .metrics import DensityReport
-from .probe import ActivationProbe
-from .threshold import THRESHOLDS_FILE, ThresholdTracker, read_thresholds, save_thresholds, scheduled_density
+from ..errors import ConfigError
+from ..core.losses import DensityLoss
+from ..core.report import DensityReport
+from ..core.probe import ActivationProbe
+from ..core.threshold import THRESHOLDS_FILE, ThresholdTracker, read_thresholds, save_thresholds, scheduled_density
 
 
 @dataclass
@@ -57,7 +57,7 @@ class DensityConfig:
     target_density: float | None = field(
         default=None,
         metadata={"help": "train under the sparsity the model is served with: mask |h| <= t_layer at every W2 input, "
-                          "t_layer lowered so this share of units stays active (see deft.threshold)"},
+                          "t_layer lowered so this share of units stays active (see deft.core.threshold)"},
     )
     density_ramp: float = field(
         default=0.6, metadata={"help": "target-density mode: share of training over which the density goes 1 -> target"}

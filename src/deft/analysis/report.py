@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .errors import DeftError
-from .io import write_text
-from .metrics import DensityReport
+from ..errors import DeftError
+from ..io import write_text
+from ..core.report import DensityReport
 
 # options that do not change what is trained (or only where it is written)
 _NOT_SETTING = ("seed", "output", "resume", "overwrite", "quiet")
@@ -83,7 +83,7 @@ def find_runs(paths: Iterable[str | Path]) -> list[Run]:
             return True
         hit = False
         if (d / "sweep.jsonl").exists():
-            from .sweep import read_rows
+            from ..sweep import read_rows
 
             for row in read_rows(d / "sweep.jsonl"):
                 sub = d / row["dir"]

@@ -29,8 +29,8 @@ import math
 from pathlib import Path
 from typing import Literal, Mapping
 
-from .errors import ConfigError
-from .io import write_json
+from ..errors import ConfigError
+from ..io import write_json
 from .probe import ActivationProbe
 
 Schedule = Literal["cosine", "linear"]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .energy import OPS
-from .io import atomic_write
+from ..io import atomic_write
 from .plots import _plt
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
@@ -132,7 +132,7 @@ def energy_breakdown(
 ) -> tuple[Path, Path]:
     """Dense and zero-skip energy per example (µJ) of each labelled run, stacked by operation type.
 
-    ``reports``: label -> :meth:`deft.energy.EnergyReport.to_dict` (or the report itself).
+    ``reports``: label -> :meth:`deft.analysis.energy.EnergyReport.to_dict` (or the report itself).
     """
     import numpy as np
 

@@ -15,8 +15,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .constants import full_match, mlp_spec
-from .metrics import DensityReport
+from ..arch.specs import full_match, mlp_spec
+from ..core.report import DensityReport
 
 
 class ZeroWidth(nn.Module):
@@ -95,7 +95,7 @@ def skip_mlp_blocks(
     ``report`` must come from the same model (its layer order is the probe's site order). Returns the
     model (modified in place) and what was skipped; the skipped weights are released.
     """
-    from .probe import _unwrap_hf_model
+    from ..core.probe import _unwrap_hf_model
 
     top = _unwrap_hf_model(model)
     spec = mlp_spec(getattr(top.config, "model_type", None))

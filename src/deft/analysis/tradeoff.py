@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from itertools import pairwise
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 Point = Sequence[float]  # (density, metric)
 _TOL = 1e-9

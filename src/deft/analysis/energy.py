@@ -52,10 +52,10 @@ from typing import Any, Iterable, Literal, Mapping
 import torch
 from torch import nn
 
-from .constants import MLP_SPECS, full_match, layer_group
-from .fields import help_field as _h
-from .io import read_mapping
-from .probe import _unwrap_hf_model
+from ..arch.specs import MLP_SPECS, full_match, layer_group
+from ..fields import help_field as _h
+from ..io import read_mapping
+from ..core.probe import _unwrap_hf_model
 
 OPS = ("mlp_down", "mlp_up", "attention_proj", "attention_matmul", "other")
 OP_HELP = {
@@ -629,7 +629,7 @@ def estimate_energy(
     cfg = cfg or EnergyConfig()
     masking = None
     if thresholds is not None:
-        from .sparse.thresholds import check_thresholds
+        from ..sparse.thresholds import check_thresholds
 
         thresholds = check_thresholds(thresholds, model)
     counter = _Counter(model, include_padding, thresholds)
@@ -639,7 +639,7 @@ def estimate_energy(
     counter.attach()
     try:
         if thresholds:
-            from .sparse.thresholds import apply_thresholds
+            from ..sparse.thresholds import apply_thresholds
 
             masking = apply_thresholds(model, thresholds, include_padding=include_padding)
         with torch.no_grad():

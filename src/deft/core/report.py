@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .probe import ActivationProbe
 
 T = TypeVar("T")
@@ -224,7 +224,7 @@ def count_thresholded(
     per-layer ``thresholds`` applied (``mask=True``: every down-projection input ``|h| <= t`` zeroed) and
     counted: the report's densities are effective, its ``exact_density`` the exact-zero ones of the same
     pass. One pass gives the task metric and the density it was reached at."""
-    from .sparse.thresholds import apply_thresholds, check_thresholds
+    from ..sparse.thresholds import apply_thresholds, check_thresholds
 
     th = check_thresholds(thresholds, model, sites=sites)
     th = {s: th.get(s, 0.0) for s in _site_names(model, sites)}  # every site counted at its own threshold

@@ -1,0 +1,1 @@
+"""Reading results: energy estimates, plots, trade-off curves and the run report."""

@@ -1,0 +1,1 @@
+"""Compressing the frozen base: WANDA pruning and weight-only quantization."""

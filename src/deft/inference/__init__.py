@@ -1,0 +1,1 @@
+"""Changing a trained model for inference: skipping silent MLP blocks, swapping activations."""
