@@ -13,12 +13,12 @@ from transformers import AutoModelForSequenceClassification, TrainingArguments
 from deft.cli_compress import REPORT_NAME, PruneArgs, prepare_compressed_model, prune
 from deft.methods import MethodConfig, apply_method
 from deft.core.report import measure_density
+from deft.compress.linears import linear_layers
 from deft.compress.prune import (
     MASKS_NAME,
     PruneConfig,
     apply_masks,
     keep_pruned,
-    linear_layers,
     load_masks,
     merge_lora_pruned,
     save_masks,

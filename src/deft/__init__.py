@@ -12,14 +12,12 @@ Core API::
 """
 from __future__ import annotations
 
-from .errors import ConfigError, DeftError
-from .arch.specs import MLP_SPECS, SUPPORTED_MODEL_TYPES, UnsupportedModelError
-from .core.losses import DensityLoss
-from .core.report import DensityReport, LayerDensity, density_change, measure_density
-from .core.probe import ActivationProbe
 from . import models  # noqa: F401  (deft.models.minilm_path() etc.)
+from .arch import MLP_SPECS, SUPPORTED_MODEL_TYPES, UnsupportedModelError
+from .core import ActivationProbe, DensityLoss, DensityReport, LayerDensity, density_change, measure_density
+from .errors import ConfigError, DeftError
+from .version import __version__
 
-__version__ = "0.1.0"
 
 __all__ = [
     "ActivationProbe",
@@ -38,14 +36,10 @@ __all__ = [
 
 def __getattr__(name: str):
     # Training pieces pull in transformers.Trainer and peft: import them only when asked for.
-    if name in ("DeftTrainer", "DensityConfig", "DensityMixin"):
-        from .train import trainer
+    if name in ("DeftTrainer", "DensityConfig", "DensityMixin", "density", "DensityTerm"):
+        from . import train
 
-        return getattr(trainer, name)
-    if name in ("density", "DensityTerm"):
-        from .train import loop
-
-        return getattr(loop, name)
+        return getattr(train, name)
     if name == "DeftSFTTrainer":  # needs the optional trl: a DeftError naming the extra when it is missing
         from .train import integrations
 

@@ -24,7 +24,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
     from .compress.prune import PruneConfig
-    from .compress.quantize import QuantConfig
 
 # torch / transformers are imported inside the functions: `deft --help` should not pay for them
 REPORT_NAME = "prune_report.json"
@@ -119,25 +118,6 @@ EXTRA_COMMANDS: dict[str, tuple[type, str, Callable[[Any], Any]]] = {
 
 
 # ---------------------------------------------------------------------------------------------- train wiring
-def quant_config(args: Any) -> "QuantConfig | None":
-    """The :class:`QuantConfig` of ``args.quantize`` / ``args.quant_backend`` / ``args.quant_group_size``."""
-    from .compress.quantize import QuantConfig
-
-    bits = getattr(args, "quantize", None)
-    if bits is None:
-        return None
-    return QuantConfig(bits=bits, backend=getattr(args, "quant_backend", "auto") or "auto",
-                       group_size=getattr(args, "quant_group_size", None))
-
-
-def compression_load_kwargs(args: Any) -> dict[str, Any]:
-    """Extra ``from_pretrained`` kwargs (bitsandbytes quantizes while loading); ``{}`` for the deft backend."""
-    from .compress.quantize import load_kwargs
-
-    cfg = quant_config(args)
-    return load_kwargs(cfg) if cfg is not None else {}
-
-
 def prepare_compressed_model(model: "nn.Module", args: Any) -> "tuple[nn.Module, dict[str, Any]]":
     """Apply ``args.prune_dir`` (WANDA masks, kept through training) and ``args.quantize`` (8 / 4) to a freshly
     loaded model, before ``apply_method``. Returns the model and a JSON-able summary for results.json.
@@ -146,13 +126,13 @@ def prepare_compressed_model(model: "nn.Module", args: Any) -> "tuple[nn.Module,
     ``quant_backend``, ``quant_group_size`` works.
     """
     from .compress.prune import keep_pruned, load_masks, weight_sparsity
-    from .compress.quantize import QuantError, _is_bnb_loaded, quantize_model
+    from .compress.quantize import QuantError, is_bnb_loaded, quant_config, quantize_model
 
     info: dict[str, Any] = {}
     prune_dir = getattr(args, "prune_dir", None)
     qcfg = quant_config(args)
     if prune_dir:
-        if _is_bnb_loaded(model):
+        if is_bnb_loaded(model):
             raise QuantError("--prune-dir cannot mask a bitsandbytes-quantized model; load the pruned model "
                              "instead: --model PRUNE_DIR (its zeros survive quantization)")
         masks = load_masks(prune_dir)

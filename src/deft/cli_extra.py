@@ -85,7 +85,7 @@ def energy(args: EnergyArgs) -> EnergyReport:
         model = load_trainable(model, args.adapter, task_type="SEQ_CLS")
         if args.merge_lora:
             model = _merge(model)
-    from .sparse.thresholds import find_thresholds, load_thresholds
+    from .core.threshold import find_thresholds, load_thresholds
 
     th_file = find_thresholds(args.adapter) if args.adapter and args.use_thresholds else None
     thresholds = load_thresholds(th_file, model) if th_file else None  # names hold before and after merging

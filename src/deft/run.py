@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import platform
-import statistics
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 from .errors import ConfigError, DeftError
 from .fields import help_field as _h
 from .io import write_json, write_text
+from .analysis.tradeoff import mean_std
 from .core.report import DensityReport, density_change
 
 
@@ -151,7 +151,7 @@ def _versions() -> dict[str, str]:
     import torch
     import transformers
 
-    from . import __version__
+    from .version import __version__
 
     return {
         "deft": __version__,
@@ -243,13 +243,6 @@ def train(args: TrainArgs) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- compare
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    xs = [x for x in xs if x is not None and not math.isnan(x)]
-    if not xs:
-        return float("nan"), float("nan")
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
 def compare(args: CompareArgs) -> dict[str, Any]:
     """PEFT (alpha=0) and DEFT (alpha) for each seed; finished runs are reused, so it resumes."""
     from .analysis.plots import layerwise_density
@@ -340,9 +333,9 @@ def threshold_curves(args: CompareArgs, runs: dict[str, list[dict[str, Any]]]) -
         points = []
         for i, d in enumerate(densities):
             at = [s["points"][i] for s in per_seed]
-            m, ms = _mean_std([p["metric"] for p in at])
-            e, es = _mean_std([p["density"] for p in at])
-            x, _ = _mean_std([p["exact_density"] for p in at])
+            m, ms = mean_std([p["metric"] for p in at])
+            e, es = mean_std([p["density"] for p in at])
+            x, _ = mean_std([p["exact_density"] for p in at])
             points.append({"target_density": d, "metric_mean": m, "metric_std": ms, "density_mean": e,
                            "density_std": es, "exact_density_mean": x})
         curves[_thresholds_kind(label)] = {"points": points, "seeds": per_seed}
@@ -415,12 +408,12 @@ def compare_iso_accuracy(runs: dict[str, list[dict[str, Any]]], curves: dict[str
 
     kinds: dict[str, list[tuple[float, float]]] = {}
     for label, rs in runs.items():
-        m, _ = _mean_std([r["metric"] for r in rs])
-        d, _ = _mean_std([r["density"]["overall"] for r in rs])
+        m, _ = mean_std([r["metric"] for r in rs])
+        d, _ = mean_std([r["density"]["overall"] for r in rs])
         kinds[label] = [(d, m)]
     for kind, c in curves.items():
         kinds[kind] = [(p["density_mean"], p["metric_mean"]) for p in c["points"]]
-    reference, _ = _mean_std([r["metric"] for r in runs["PEFT"]])
+    reference, _ = mean_std([r["metric"] for r in runs["PEFT"]])
     out = iso_accuracy(kinds, reference, max_drop / 100.0,
                        matched_kind=BASELINE_KIND if BASELINE_KIND in kinds else None)
     out.update(reference_kind="PEFT", max_drop_points=max_drop)
@@ -451,9 +444,9 @@ def format_iso_table(iso: dict[str, Any], metric: str) -> str:
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     rows = {}
     for label, rs in runs.items():
-        m, ms = _mean_std([r["metric"] for r in rs])
-        d, ds = _mean_std([r["density"]["overall"] for r in rs])
-        u, us = _mean_std([r["density"].get("union_overall", float("nan")) for r in rs])
+        m, ms = mean_std([r["metric"] for r in rs])
+        d, ds = mean_std([r["density"]["overall"] for r in rs])
+        u, us = mean_std([r["density"].get("union_overall", float("nan")) for r in rs])
         rows[label] = {
             "metric_mean": m, "metric_std": ms, "density_mean": d, "density_std": ds,
             "union_density_mean": u, "union_density_std": us, "seeds": [r["config"]["seed"] for r in rs],
@@ -588,7 +581,7 @@ def skip(args: SkipArgs) -> dict[str, Any]:
     from .methods import count_parameters
     from .core.report import measure_density
     from .inference.skip import choose_skips, skip_mlp_blocks
-    from .sparse.thresholds import apply_thresholds, find_thresholds, load_thresholds
+    from .core.threshold import apply_thresholds, find_thresholds, load_thresholds
 
     run_dir = Path(args.run)
     if not (run_dir / "results.json").exists():
@@ -650,7 +643,7 @@ def measure(args: MeasureArgs) -> DensityReport:
     from .data import GlueDataset
     from .methods import load_trainable
     from .core.report import measure_density
-    from .sparse.thresholds import find_thresholds, load_thresholds
+    from .core.threshold import find_thresholds, load_thresholds
 
     model, tok = load_model_and_tokenizer(args.model, args.task, trust_remote_code=args.trust_remote_code,
                                           activation=args.activation)

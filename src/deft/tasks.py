@@ -283,7 +283,7 @@ def _glue_setup(args: TaskArgs) -> TaskSetup:
     from .data import GlueDataset
 
     spec = glue_task(args.task)
-    from .cli_compress import compression_load_kwargs
+    from .compress.quantize import compression_load_kwargs
 
     # bitsandbytes quantizes while loading (GLUE models only); deft's own int codes are applied after loading
     model, tok = load_model_and_tokenizer(args.model, spec.name, trust_remote_code=args.trust_remote_code,

@@ -590,12 +590,12 @@ class _Tuner:
 def pareto_plot(summary: Mapping[str, Any], path: str | os.PathLike) -> Path | None:
     """Metric vs density of every finished trial (grey), the front (highlighted, as a step line), the
     baseline's max-drop floor and the chosen trial (star); None when no trial finished."""
-    from .analysis.plots import _plt
+    from .analysis.plots import pyplot
 
     rows = [r for r in summary["all_trials"] if r["state"] == "COMPLETE"]
     if not rows:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.scatter([100 * r["density"] for r in rows], [100 * r["metric"] for r in rows], color="0.65", s=22,
                label=f"trials ({len(rows)})", zorder=2)

@@ -52,10 +52,19 @@ from typing import Any, Iterable, Literal, Mapping
 import torch
 from torch import nn
 
-from ..arch.specs import MLP_SPECS, full_match, layer_group
+from ..arch import (
+    MLP_SPECS,
+    eval_mode,
+    full_match,
+    layer_group,
+    linear_types,
+    model_device,
+    to_device,
+    unwrap_model,
+)
+from ..core.threshold import apply_thresholds, check_thresholds
 from ..fields import help_field as _h
 from ..io import read_mapping
-from ..core.probe import _unwrap_hf_model
 
 OPS = ("mlp_down", "mlp_up", "attention_proj", "attention_matmul", "other")
 OP_HELP = {
@@ -314,15 +323,6 @@ def _div(a: float, b: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- counting
-def _conv1d_type():
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        return Conv1D
-    except ImportError:  # pragma: no cover
-        return None
-
-
 # peft keeps the adapted layer as `.base_layer` and adds `.lora_A.<adapter>` / `.lora_B.<adapter>` beside it:
 # the op type is the one of the layer they belong to.
 _PEFT_SUFFIX = re.compile(r"\.(base_layer|lora_A\.[^.]+|lora_B\.[^.]+)$")
@@ -394,7 +394,7 @@ class _Counter:
         # the call we see is the one on `model`: peft's prefix tuning calls the backbone of a task model
         # directly, never the unwrapped task model's forward, so the depth and mask hooks go on `model`
         self.outer = model
-        self.top = _unwrap_hf_model(model)
+        self.top = unwrap_model(model)
         self.config = getattr(self.top, "config", None)
         self.enc_dec = bool(getattr(self.config, "is_encoder_decoder", False))
         self.include_padding = include_padding
@@ -408,22 +408,21 @@ class _Counter:
         # per-layer thresholds by site (owner) name; a LoRA factor or base_layer inherits its owner's
         self.thresholds = {k: float(v) for k, v in (thresholds or {}).items() if v > 0}
         self.exact_nonzero: dict[str, int] = {}
-        conv1d = _conv1d_type()
-        linear_types = (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+        linears = linear_types()
         named = list(self.top.named_modules())
-        self.attn = [(n, m) for n, m in named if self._is_attention_core(m, linear_types)]
+        self.attn = [(n, m) for n, m in named if self._is_attention_core(m, linears)]
         # outermost only: an attention module wrapping another (BertAttention > BertSelfAttention) has no
         # direct linear children, but a custom one might; count each matmul once
         self.attn = [(n, m) for n, m in self.attn if not any(n.startswith(o + ".") for o, _ in self.attn if o != n)]
-        self.linears = [(n, m) for n, m in named if isinstance(m, linear_types)]
+        self.linears = [(n, m) for n, m in named if isinstance(m, linears)]
 
     @staticmethod
-    def _is_attention_core(m: nn.Module, linear_types: tuple) -> bool:
+    def _is_attention_core(m: nn.Module, linears: tuple) -> bool:
         if "attention" not in type(m).__name__.lower():
             return False
         kids = dict(m.named_children())
         return any(n in kids for n in _Q_NAMES + _FUSED_QKV) and any(
-            isinstance(_unwrap_layer(k), linear_types) for k in kids.values()
+            isinstance(_unwrap_layer(k), linears) for k in kids.values()
         )
 
     def op_of(self, name: str) -> str:
@@ -629,30 +628,24 @@ def estimate_energy(
     cfg = cfg or EnergyConfig()
     masking = None
     if thresholds is not None:
-        from ..sparse.thresholds import check_thresholds
-
         thresholds = check_thresholds(thresholds, model)
     counter = _Counter(model, include_padding, thresholds)
-    was_training = model.training
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    model.eval()
-    counter.attach()
-    try:
-        if thresholds:
-            from ..sparse.thresholds import apply_thresholds
-
-            masking = apply_thresholds(model, thresholds, include_padding=include_padding)
-        with torch.no_grad():
-            for batch in batches:
-                if torch.is_tensor(batch):
-                    model(batch.to(device))
-                else:
-                    model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
-    finally:
-        if masking is not None:
-            masking.detach()
-        counter.detach()
-        model.train(was_training)
+    device = model_device(model)
+    with eval_mode(model):
+        counter.attach()
+        try:
+            if thresholds:
+                masking = apply_thresholds(model, thresholds, include_padding=include_padding)
+            with torch.no_grad():
+                for batch in batches:
+                    if torch.is_tensor(batch):
+                        model(batch.to(device))
+                    else:
+                        model(**to_device(batch, device))
+        finally:
+            if masking is not None:
+                masking.detach()
+            counter.detach()
     layers = [l for l in counter.layers.values() if l.calls > 0]
     for l in layers:
         owner = _owner(l.name)

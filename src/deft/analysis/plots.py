@@ -9,7 +9,8 @@ from ..io import atomic_write
 from ..core.report import DensityReport
 
 
-def _plt():
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (files only: no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -24,7 +25,7 @@ def layerwise_density(
     """Per-layer density (%) of each labelled run, as in the paper's Fig. 2; several reports = mean ± std."""
     import numpy as np
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.6))
     width = 0.8 / max(1, len(runs))
     names: list[str] = []

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Sequence
 from ..errors import DeftError
 from ..io import write_text
 from ..core.report import DensityReport
+from .tradeoff import mean_std
 
 # options that do not change what is trained (or only where it is written)
 _NOT_SETTING = ("seed", "output", "resume", "overwrite", "quiet")
@@ -164,17 +165,10 @@ def _base_key(config: dict[str, Any]) -> tuple:
                         if k not in _NOT_SETTING and k not in _LOSS_OPTIONS and v is not None))
 
 
-def _mean_std(xs: Iterable[Any]) -> tuple[float, float]:
-    vals = [float(x) for x in xs if isinstance(x, (int, float)) and not math.isnan(x)]
-    if not vals:
-        return float("nan"), float("nan")
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-
-
 def _stats(s: Setting) -> dict[str, float]:
-    m, ms = _mean_std(r.results.get("metric") for r in s.runs)
-    d, ds = _mean_std(r.results["density"]["overall"] for r in s.runs)
-    e, es = _mean_std(r.energy["ratio"] for r in s.runs if r.energy)
+    m, ms = mean_std(r.results.get("metric") for r in s.runs)
+    d, ds = mean_std(r.results["density"]["overall"] for r in s.runs)
+    e, es = mean_std(r.energy["ratio"] for r in s.runs if r.energy)
     return {"metric": m, "metric_std": ms, "density": d, "density_std": ds, "energy_ratio": e,
             "energy_ratio_std": es, "energy_runs": sum(1 for r in s.runs if r.energy),
             "trainable_percent": s.runs[0].results.get("trainable_percent", float("nan"))}

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 
 from .energy import OPS
 from ..io import atomic_write
-from .plots import _plt
+from .plots import pyplot
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 MARKERS = ("o", "s", "^", "D", "v", "P")
@@ -26,7 +26,7 @@ def _save(fig, stem: str | os.PathLike) -> tuple[Path, Path]:
     stem = stem.with_suffix("") if stem.suffix in (".png", ".svg") else stem
     png = atomic_write(stem.with_suffix(".png"), lambda p: fig.savefig(p, format="png", dpi=110))
     svg = atomic_write(stem.with_suffix(".svg"), lambda p: fig.savefig(p, format="svg"))
-    _plt().close(fig)
+    pyplot().close(fig)
     return png, svg
 
 
@@ -59,7 +59,7 @@ def tradeoff(
     ``series``: label -> list of dicts with ``alpha``, ``density``, ``metric`` (fractions) and optionally
     ``density_std`` / ``metric_std`` (drawn as error bars).
     """
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     every: list[tuple[float, float]] = []
     every_x = [100 * p["density"] for pts in series.values() for p in pts]
@@ -106,7 +106,7 @@ def density_curves(
     curves: Mapping[str, Sequence[tuple[float, float]]], stem: str | os.PathLike, *, title: str = ""
 ) -> tuple[Path, Path]:
     """Running train density (%) against the optimizer step, one line per run."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for k, (label, pts) in enumerate(curves.items()):
         if not pts:
@@ -136,7 +136,7 @@ def energy_breakdown(
     """
     import numpy as np
 
-    plt = _plt()
+    plt = pyplot()
     dicts = {k: (r.to_dict() if hasattr(r, "to_dict") else r) for k, r in reports.items()}
     labels = list(dicts)
     fig, ax = plt.subplots(figsize=(min(9.0, max(5.5, 1.3 * len(labels) + 3.0)), 3.8))

@@ -16,6 +16,7 @@ Rules, in one place:
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import pairwise
 from typing import Any
@@ -24,6 +25,15 @@ from ..errors import ConfigError
 
 Point = Sequence[float]  # (density, metric)
 _TOL = 1e-9
+
+
+def mean_std(xs: Iterable[Any]) -> tuple[float, float]:
+    """(mean, sample std) of the numbers in ``xs``; None, NaN and non-numbers are left out. (nan, nan)
+    without any number; std 0 for a single one."""
+    vals = [float(x) for x in xs if isinstance(x, (int, float)) and not math.isnan(x)]
+    if not vals:
+        return float("nan"), float("nan")
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
 def _clean(points: Iterable[Point]) -> list[tuple[float, float]]:

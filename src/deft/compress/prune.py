@@ -39,21 +39,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..arch import eval_mode, is_conv1d, model_device, to_device, unwrap_model, weight_out_in
 from ..errors import ConfigError, MissingFileError
+from .linears import COMPRESS_TARGET_SHORTHANDS, linear_layers
+from .quantize import QuantizedLinear
 
-try:  # GPT-2 style models use transformers' Conv1D: a Linear whose weight is stored (in, out)
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers always ships it today
-    Conv1D = ()  # type: ignore[assignment,misc]
-
-LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)  # type: ignore[assignment]
-TARGET_SHORTHANDS: tuple[str, ...] = ("blocks", "mlp", "attention", "mlp+attention", "all-linear")
 MASKS_NAME = "prune_masks.safetensors"
-
-# A module inside a repeated transformer block has an integer component in its name (layer.3, h.0, block.1).
-_IN_BLOCK = re.compile(r"(^|\.)\d+(\.|$)")
-# Components peft adds inside a wrapped layer: never prune / count the adapter itself.
-_PEFT_PARTS = ("lora_", "modules_to_save", "original_module")
 
 
 @dataclass
@@ -89,7 +80,7 @@ class PruneConfig:
             raise ConfigError(f"sparsity must be a number in [0, 1), got {s!r}")
         self.nm_pair()  # validates nm
         if not isinstance(self.targets, str) or not [t for t in self.targets.split(",") if t.strip()]:
-            raise ConfigError(f"targets must be one of {', '.join(TARGET_SHORTHANDS)} or a comma list, "
+            raise ConfigError(f"targets must be one of {', '.join(COMPRESS_TARGET_SHORTHANDS)} or a comma list, "
                              f"got {self.targets!r}")
         c = self.calib_batches
         if isinstance(c, bool) or not isinstance(c, int) or c < 1:
@@ -138,79 +129,6 @@ class PruneReport:
 
 
 # ---------------------------------------------------------------------------------------------- targets
-def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft wrapper (or ``model`` itself)."""
-    get = getattr(model, "get_base_model", None)
-    return get() if callable(get) else model
-
-
-def canonical_name(name: str) -> str:
-    """``name`` without the ``base_layer`` components a peft tuner layer inserts, so a mask saved on the
-    bare model finds its layer again after ``apply_method``."""
-    return ".".join(p for p in name.split(".") if p != "base_layer")
-
-
-def _is_peft_part(name: str) -> bool:
-    return any(p.startswith(_PEFT_PARTS) for p in name.split("."))
-
-
-def _head_prefixes(model: nn.Module) -> list[str]:
-    """Top-level children that are not the backbone (task head, LM head): never compressed."""
-    backbone = getattr(model, "base_model", model)
-    if backbone is model:
-        return []
-    return [n for n, child in model.named_children() if child is not backbone]
-
-
-def linear_layers(model: nn.Module, targets: str = "blocks") -> dict[str, nn.Module]:
-    """Canonical name -> Linear / Conv1D module that ``targets`` selects (in model order).
-
-    Works on a bare model and on a peft model (then the frozen base layers are returned, not the adapters).
-    """
-    base = unwrap(model)
-    heads = _head_prefixes(base)
-    out_emb = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    linears: dict[str, nn.Module] = {}
-    for name, module in base.named_modules():
-        if not isinstance(module, LINEAR_TYPES) or module is out_emb or _is_peft_part(name):
-            continue
-        canon = canonical_name(name)
-        if any(canon == h or canon.startswith(h + ".") for h in heads):
-            continue
-        linears[canon] = module
-    entries = [t.strip() for t in targets.split(",") if t.strip()]
-    if entries == ["all-linear"]:
-        return linears
-    if entries == ["blocks"]:
-        return {n: m for n, m in linears.items() if _IN_BLOCK.search(n)}
-    if len(entries) == 1 and entries[0] in ("mlp", "attention", "mlp+attention"):
-        from ..arch.specs import mlp_spec
-        from ..methods.targets import attention_linear_names, mlp_linear_names
-
-        if base is not model or any(".base_layer" in n for n, _ in base.named_modules()):
-            raise ConfigError(f"targets={targets!r} needs the bare model; use targets='blocks' on a peft model")
-        spec = mlp_spec(getattr(getattr(base, "config", None), "model_type", None))
-        wanted: set[str] = set()
-        if entries[0] in ("mlp", "mlp+attention"):
-            wanted |= set(mlp_linear_names(base, spec))
-        if entries[0] in ("attention", "mlp+attention"):
-            wanted |= set(attention_linear_names(base, spec, heads))
-        return {n: m for n, m in linears.items() if n in wanted}
-    picked: dict[str, nn.Module] = {}
-    for entry in entries:  # peft's list semantics: the name equals the entry or ends with "." + entry
-        hits = {n: m for n, m in linears.items() if n == entry or n.endswith("." + entry)}
-        if not hits:
-            raise ConfigError(f"targets entry {entry!r} matches no Linear/Conv1D outside the head and embeddings")
-        picked.update(hits)
-    return {n: m for n, m in linears.items() if n in picked}
-
-
-def _weight_oi(module: nn.Module) -> torch.Tensor:
-    """The weight as (out, in): Conv1D stores it transposed."""
-    w = module.weight
-    return w.t() if Conv1D and isinstance(module, Conv1D) else w
-
-
 def _block_of(name: str) -> str:
     """The transformer block a layer belongs to (``bert.encoder.layer.3``), or the name itself."""
     parts = name.split(".")
@@ -272,7 +190,7 @@ def wanda_mask(scores: torch.Tensor, cfg: PruneConfig) -> torch.Tensor:
 
 def _model_inputs(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     # labels would only make the model compute a loss we do not need
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items() if k != "labels"}
+    return to_device({k: v for k, v in batch.items() if k != "labels"}, device)
 
 
 @torch.no_grad()
@@ -282,10 +200,8 @@ def wanda_prune(model: nn.Module, batches: Iterable[Mapping[str, Any]], cfg: Pru
     Uses at most ``cfg.calib_batches`` batches. Returns a :class:`PruneReport` with per-layer sparsity and
     the keep-masks. Prune the bare model, before :func:`deft.methods.apply_method` and before quantizing.
     """
-    from .quantize import QuantizedLinear
-
     cfg = cfg or PruneConfig()
-    if unwrap(model) is not model:
+    if unwrap_model(model) is not model:
         raise ConfigError("wanda_prune: prune the bare model before apply_method (got a peft model)")
     targets = linear_layers(model, cfg.targets)
     if not targets:
@@ -296,18 +212,16 @@ def wanda_prune(model: nn.Module, batches: Iterable[Mapping[str, Any]], cfg: Pru
     calib = [b for _, b in zip(range(cfg.calib_batches), batches)]
     if not calib:
         raise ConfigError("wanda_prune needs at least one calibration batch")
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
 
     # groups of layers pruned together: one transformer block each (or everything at once)
     groups: dict[str, list[str]] = {}
     for name in targets:
         groups.setdefault(_block_of(name) if cfg.sequential else "all", []).append(name)
 
-    was_training = model.training
-    model.eval()  # no dropout in the calibration activations
     masks: dict[str, torch.Tensor] = {}
     first_tokens = 0
-    try:
+    with eval_mode(model):  # no dropout in the calibration activations
         for names in groups.values():
             collectors = {n: _NormCollector() for n in names}
             handles = [targets[n].register_forward_pre_hook(collectors[n], with_kwargs=True) for n in names]
@@ -328,14 +242,12 @@ def wanda_prune(model: nn.Module, batches: Iterable[Mapping[str, Any]], cfg: Pru
                     raise ConfigError(f"wanda_prune: layer {n} received no calibration input (is it used by "
                                      "the forward pass of these batches?)")
                 first_tokens = first_tokens or c.tokens
-                keep = wanda_mask(wanda_scores(_weight_oi(module), c.sq.sqrt()), cfg)
-                if Conv1D and isinstance(module, Conv1D):
+                keep = wanda_mask(wanda_scores(weight_out_in(module), c.sq.sqrt()), cfg)
+                if is_conv1d(module):
                     keep = keep.t()
                 keep = keep.contiguous()
                 module.weight.mul_(keep.to(module.weight.dtype))
                 masks[n] = keep.cpu()
-    finally:
-        model.train(was_training)
     layers = {n: _zero_fraction(targets[n].weight) for n in targets}
     total = sum(targets[n].weight.numel() for n in targets)
     overall = sum(layers[n] * targets[n].weight.numel() for n in targets) / total
@@ -361,8 +273,6 @@ def _resolve(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, n
 
 
 def _logical_weight_shape(module: nn.Module) -> tuple[int, ...]:
-    from .quantize import QuantizedLinear
-
     if isinstance(module, QuantizedLinear):  # codes are packed / padded: the logical shape is (out, in)
         return (module.out_features, module.in_features)
     return tuple(module.weight.shape)
@@ -375,8 +285,6 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Modul
     Applying WANDA masks to the *original* dense model reproduces the pruned model exactly (WANDA never
     changes the kept weights). Quantized layers are checked instead (their codes are read-only here).
     """
-    from .quantize import QuantizedLinear
-
     for n, module in _resolve(model, masks).items():
         mask = masks[n].to(module.weight.device)
         if isinstance(module, QuantizedLinear):
@@ -424,8 +332,6 @@ def keep_pruned(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> MaskKeep
     ``merge_and_unload``) and methods that train base parameters. Quantized layers get no hook (their codes
     are frozen and cannot be merged into). Remove the hooks with ``keeper.remove()`` for deployment.
     """
-    from .quantize import QuantizedLinear
-
     masks = {n: m.bool() for n, m in masks.items()}
     apply_masks(model, masks)
     handles = [module.register_forward_pre_hook(_keep_hook(masks[n]))
@@ -440,8 +346,6 @@ def merge_lora_pruned(peft_model: nn.Module, masks: Mapping[str, torch.Tensor]) 
     unmerged adapter model by ``(BA * (1 - mask)) x`` (see the module docstring). A quantized base cannot be
     merged into: :func:`deft.compress.quantize.dequantize_model` it first.
     """
-    from .quantize import QuantizedLinear
-
     if not callable(getattr(peft_model, "merge_and_unload", None)):
         raise ConfigError("merge_lora_pruned expects a peft model (with merge_and_unload)")
     if any(isinstance(m, QuantizedLinear) for m in peft_model.modules()):
@@ -477,8 +381,6 @@ def weight_sparsity(model: nn.Module, targets: str = "blocks") -> dict[str, Any]
     quantized model (a quantized layer counts its dequantized zeros). The overall fraction is weighted by
     layer size. LoRA matrices are not counted: they are the dense update, not the base.
     """
-    from .quantize import QuantizedLinear
-
     layers: dict[str, float] = {}
     zeros = total = 0
     with torch.no_grad():

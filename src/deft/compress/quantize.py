@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DeftError
-from .prune import Conv1D, linear_layers, unwrap
+from ..arch import set_submodule, unwrap_model, weight_out_in
+from .linears import linear_layers
 
 BACKENDS: tuple[str, ...] = ("auto", "deft", "bnb")
 DEFAULT_GROUP_SIZE_4BIT = 64
@@ -174,7 +175,7 @@ class QuantizedLinear(nn.Linear):
     @classmethod
     def from_float(cls, module: nn.Module, bits: int, group_size: int | None = None) -> "QuantizedLinear":
         """Quantize an ``nn.Linear`` or transformers ``Conv1D`` (weight (in, out))."""
-        w = module.weight.t() if Conv1D and isinstance(module, Conv1D) else module.weight
+        w = weight_out_in(module)
         out_f, in_f = w.shape
         group = group_size or QuantConfig(bits=bits).group_for(in_f)
         q = cls(in_f, out_f, module.bias is not None, bits=bits, group_size=group, device=w.device, dtype=w.dtype)
@@ -246,12 +247,7 @@ class QuantReport:
                 "max_abs_error": self.max_abs_error, "layers": self.layers}
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-def _is_bnb_loaded(model: nn.Module) -> bool:
+def is_bnb_loaded(model: nn.Module) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
 
@@ -286,11 +282,11 @@ def quantize_model(model: nn.Module, cfg: QuantConfig | None = None) -> QuantRep
     """
     cfg = cfg or QuantConfig()
     backend = cfg.resolved_backend()
-    if unwrap(model) is not model:
+    if unwrap_model(model) is not model:
         raise QuantError("quantize_model: quantize the bare model before apply_method (got a peft model)")
     if backend == "bnb":
         _require_bnb()
-        if not _is_bnb_loaded(model):
+        if not is_bnb_loaded(model):
             raise QuantError("backend='bnb' quantizes while loading: from_pretrained(path, "
                              "**deft.compress.quantize.load_kwargs(cfg)); use backend='deft' to quantize a loaded model")
         return _bnb_report(model, cfg)
@@ -303,12 +299,12 @@ def quantize_model(model: nn.Module, cfg: QuantConfig | None = None) -> QuantRep
         if isinstance(module, QuantizedLinear):
             raise QuantError(f"{name} is already quantized")
         q = QuantizedLinear.from_float(module, cfg.bits, cfg.group_size)
-        w = module.weight.t() if Conv1D and isinstance(module, Conv1D) else module.weight
+        w = weight_out_in(module)
         b0, b1 = w.numel() * w.element_size(), q.storage_bytes()
         layers[name] = {"max_abs_error": float((q.dequantize(torch.float32) - w.float()).abs().max()),
                         "bytes_before": b0, "bytes_after": b1}
         before, after = before + b0, after + b1
-        _set_submodule(model, name, q)
+        set_submodule(model, name, q)
     return QuantReport(cfg, backend, layers, before, after)
 
 
@@ -330,5 +326,21 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     dequantized weight, in place; returns ``model``. Then peft's merges work (and re-quantizing is possible)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantizedLinear):
-            _set_submodule(model, name, module.to_float())
+            set_submodule(model, name, module.to_float())
     return model
+
+
+# ---------------------------------------------------------------------------------------------- from run options
+def quant_config(args: Any) -> "QuantConfig | None":
+    """The :class:`QuantConfig` of ``args.quantize`` / ``args.quant_backend`` / ``args.quant_group_size``."""
+    bits = getattr(args, "quantize", None)
+    if bits is None:
+        return None
+    return QuantConfig(bits=bits, backend=getattr(args, "quant_backend", "auto") or "auto",
+                       group_size=getattr(args, "quant_group_size", None))
+
+
+def compression_load_kwargs(args: Any) -> dict[str, Any]:
+    """Extra ``from_pretrained`` kwargs (bitsandbytes quantizes while loading); ``{}`` for the deft backend."""
+    cfg = quant_config(args)
+    return load_kwargs(cfg) if cfg is not None else {}

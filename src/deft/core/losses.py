@@ -100,7 +100,8 @@ class DensityLoss:
         x3 = x.reshape(-1, x.shape[-1]) if mask is None else x[mask]
         return x3.sum(dim=0), x3.shape[0]
 
-    def _weights(self, n_sites: int, device: torch.device) -> torch.Tensor:
+    def weight_vector(self, n_sites: int, device: torch.device) -> torch.Tensor:
+        """The per-site multipliers as a tensor of ``n_sites`` values (ones without ``layer_weights``)."""
         if self.layer_weights is None:
             return torch.ones(n_sites, device=device)
         w = torch.as_tensor(self.layer_weights, dtype=torch.float32, device=device)
@@ -137,7 +138,7 @@ class DensityLoss:
                 "keep the probe attached and run the model's forward with grad enabled first"
             )
         device = per[used[0]].device
-        w = self._weights(len(per), device)
+        w = self.weight_vector(len(per), device)
         vals = torch.stack([per[i] * w[i] for i in used])
         if self.granularity == "token":
             return vals.sum() / len(used)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping
 import torch
 from torch import nn
 
-from ..arch.specs import full_match, is_gated, layer_group, mlp_spec
+from ..arch import full_match, is_gated, layer_group, mlp_spec, unwrap_model
 from ..errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -61,23 +61,6 @@ class Site:
 
     def density(self) -> float:
         return self.nonzero / self.entries if self.entries else float("nan")
-
-
-def _unwrap_hf_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside peft / DDP wrappers (the one that owns ``config``)."""
-    seen = 0
-    while seen < 8:
-        seen += 1
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "get_base_model") and callable(model.get_base_model):
-            inner = model.get_base_model()
-            if inner is model:
-                break
-            model = inner
-        else:
-            break
-    return model
 
 
 class ActivationProbe:
@@ -126,7 +109,7 @@ class ActivationProbe:
         if point not in ("auto", "activation", "down_input"):
             raise ConfigError(f"point must be 'auto', 'activation' or 'down_input', got {point!r}")
         self.model = model
-        self.top = _unwrap_hf_model(model)
+        self.top = unwrap_model(model)
         # the scalar threshold (0 when per-site thresholds are given); per-site ones live on the sites
         self.threshold = 0.0 if per_site is not None else float(threshold)
         self.include_padding = bool(include_padding)
@@ -241,6 +224,11 @@ class ActivationProbe:
             h.remove()
         self._handles.clear()
         self._depth = 0
+
+    @property
+    def attached(self) -> bool:
+        """Whether the hooks are in place (between :meth:`attach` and :meth:`detach`)."""
+        return bool(self._handles)
 
     def __enter__(self) -> "ActivationProbe":
         return self.attach()
@@ -390,7 +378,7 @@ class ActivationProbe:
         return (
             f"ActivationProbe({type(self.top).__name__}, {len(self.sites)} sites, "
             f"capture={self.sites[0].capture if self.sites else None}, threshold={self.threshold}, "
-            f"include_padding={self.include_padding}, attached={bool(self._handles)})"
+            f"include_padding={self.include_padding}, attached={self.attached})"
         )
 
 

@@ -11,11 +11,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
-import torch
 from torch import nn
 
+from ..arch import run_batches
 from ..errors import ConfigError
 from .probe import ActivationProbe
+from .threshold import apply_thresholds, check_thresholds, down_site_names
 
 T = TypeVar("T")
 
@@ -141,10 +142,6 @@ class DensityReport:
         return "\n".join(lines)
 
 
-def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 def measure_density(
     model: nn.Module,
     batches: Iterable[Mapping[str, Any]],
@@ -179,35 +176,19 @@ def measure_density(
         if point not in ("auto", "down_input"):
             raise ConfigError(f"measure_density: per-layer thresholds are counted at point='down_input', got {point!r}")
 
-        def run() -> None:
-            was_training = model.training
-            device = next((p.device for p in model.parameters()), torch.device("cpu"))
-            model.eval()
-            try:
-                with torch.no_grad():
-                    for batch in batches:
-                        model(**_to_device(batch, device))
-            finally:
-                model.train(was_training)
-
-        return count_thresholded(model, thresholds, run, include_padding=include_padding, sites=sites, mask=mask)[1]
+        return count_thresholded(model, thresholds, lambda: run_batches(model, batches),
+                                 include_padding=include_padding, sites=sites, mask=mask)[1]
     probe = probe or ActivationProbe(
         model, sites=sites, point=point, threshold=threshold, include_padding=include_padding  # type: ignore[arg-type]
     )
     probe.reset()
-    was_training = model.training
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    model.eval()
-    attached_here = not probe._handles
+    attached_here = not probe.attached
     try:
         probe.attach()
-        with torch.no_grad():
-            for batch in batches:
-                model(**_to_device(batch, device))
+        run_batches(model, batches)
     finally:
         if attached_here:
             probe.detach()
-        model.train(was_training)
     return DensityReport.from_probe(probe)
 
 
@@ -224,10 +205,8 @@ def count_thresholded(
     per-layer ``thresholds`` applied (``mask=True``: every down-projection input ``|h| <= t`` zeroed) and
     counted: the report's densities are effective, its ``exact_density`` the exact-zero ones of the same
     pass. One pass gives the task metric and the density it was reached at."""
-    from ..sparse.thresholds import apply_thresholds, check_thresholds
-
     th = check_thresholds(thresholds, model, sites=sites)
-    th = {s: th.get(s, 0.0) for s in _site_names(model, sites)}  # every site counted at its own threshold
+    th = {s: th.get(s, 0.0) for s in down_site_names(model, sites=sites)}  # every site counted at its own threshold
     # attached first, so its hooks see each input before the masking probe zeroes part of it
     exact = ActivationProbe(model, sites=sites, point="down_input", include_padding=include_padding)
     exact.attach()
@@ -249,10 +228,6 @@ def count_thresholded(
         layer.exact_density = site.density()
     report.thresholds = th
     return result, report
-
-
-def _site_names(model: nn.Module, sites: Iterable[str] | None) -> list[str]:
-    return [s.name for s in ActivationProbe(model, sites=sites, point="down_input").sites]
 
 
 def density_change(peft: float | DensityReport, deft: float | DensityReport) -> float:

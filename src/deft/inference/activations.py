@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..arch.specs import full_match, mlp_spec
+from ..arch import full_match, mlp_spec, model_type, set_submodule, unwrap_model
 from ..errors import ConfigError
-from ..core.probe import _unwrap_hf_model
 
 
 def swap_activation(model: nn.Module, name: str) -> list[str]:
@@ -24,13 +23,12 @@ def swap_activation(model: nn.Module, name: str) -> list[str]:
 
     if name not in ACT2CLS:
         raise ConfigError(f"--activation {name!r} is not a transformers activation; choose from {sorted(ACT2CLS)}")
-    top = _unwrap_hf_model(model)
-    model_type = getattr(getattr(top, "config", None), "model_type", None)
-    spec = mlp_spec(model_type)
+    top = unwrap_model(model)
+    kind = model_type(top)
+    spec = mlp_spec(kind)
     found = [n for n, m in top.named_modules() if full_match(spec.act, n) and isinstance(m, nn.Module)]
     if not found:
-        raise ConfigError(f"no MLP activation module matching {spec.act!r} in this {model_type!r} model")
+        raise ConfigError(f"no MLP activation module matching {spec.act!r} in this {kind!r} model")
     for n in found:
-        parent, _, child = n.rpartition(".")
-        setattr(top.get_submodule(parent) if parent else top, child, get_activation(name))
+        set_submodule(top, n, get_activation(name))
     return found

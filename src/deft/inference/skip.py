@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..arch.specs import full_match, mlp_spec
+from ..arch import full_match, mlp_spec, model_type, set_submodule, unwrap_model
 from ..core.report import DensityReport
 
 
@@ -67,11 +67,6 @@ def _bias(module: nn.Module) -> torch.Tensor | None:
     return getattr(base, "bias", None)
 
 
-def _set(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def _layer_key(name: str) -> str:
     """The part of a module name up to its layer index: 'encoder.layer.3' for '...layer.3.output.dense'."""
     parts = name.split(".")
@@ -95,10 +90,8 @@ def skip_mlp_blocks(
     ``report`` must come from the same model (its layer order is the probe's site order). Returns the
     model (modified in place) and what was skipped; the skipped weights are released.
     """
-    from ..core.probe import _unwrap_hf_model
-
-    top = _unwrap_hf_model(model)
-    spec = mlp_spec(getattr(top.config, "model_type", None))
+    top = unwrap_model(model)
+    spec = mlp_spec(model_type(top))
     named = dict(top.named_modules())
     downs = [n for n in named if full_match(spec.down, n)]
     if len(downs) != len(report.layers):
@@ -115,12 +108,12 @@ def skip_mlp_blocks(
         for pattern in spec.up:
             for n in [n for n in named if full_match(pattern, n) and _layer_key(n) == key]:
                 result.freed_params += sum(p.numel() for p in named[n].parameters())
-                _set(top, n, ZeroWidth(dtype))
+                set_submodule(top, n, ZeroWidth(dtype))
         const = ConstantOutput(_out_features(named[down]), _bias(named[down]), dtype)
         result.freed_params += sum(p.numel() for p in named[down].parameters()) - sum(
             p.numel() for p in const.parameters()
         )
-        _set(top, down, const)
+        set_submodule(top, down, const)
         result.skipped.append(down)
     return model, result
 

@@ -20,7 +20,7 @@ from .api import (
     unsparsify,
 )
 from .modules import DEFAULT_MAX_DENSITY, SkipStats, SparseDown, SparseGatedMLP
-from .thresholds import (
+from ..core.threshold import (
     ThresholdError,
     apply_thresholds,
     check_thresholds,

@@ -1,7 +1,7 @@
 """DEFT with TRL: ``deft.DeftSFTTrainer`` = :class:`deft.DensityMixin` + ``trl.SFTTrainer``.
 
 TRL is an optional extra (``pip install 'deft-sparsity[trl]'``); importing this module without it raises
-:class:`MissingExtraError`. Any other TRL trainer takes the mixin the same way::
+:class:`deft.errors.MissingExtraError`. Any other TRL trainer takes the mixin the same way::
 
     class DeftDPO(deft.DensityMixin, trl.DPOTrainer): ...
 """
@@ -10,12 +10,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from ..errors import DeftError
+from ..errors import MissingExtraError
 from .trainer import DensityMixin
-
-
-class MissingExtraError(DeftError, ImportError):
-    """An optional dependency of deft is not installed (the message names the pip command)."""
 
 
 def require_trl() -> ModuleType:

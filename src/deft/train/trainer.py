@@ -402,7 +402,7 @@ class DensityMixin:
         # per-layer sums divided by the step's token count: summing micro-batches gives the step mean
         per = self.density_loss.per_layer(self.probe, num_tokens=1.0)
         vals = [v / float(totals[s.group]) for v, s in zip(per, self.probe.sites) if v is not None]
-        weights = self.density_loss._weights(len(per), dens_mean.device)
+        weights = self.density_loss.weight_vector(len(per), dens_mean.device)
         used = [i for i, v in enumerate(per) if v is not None]
         total = sum(w * v for w, v in zip([weights[i] for i in used], vals))
         return total / len(used) * ws
