@@ -35,7 +35,8 @@ from transformers import Trainer, TrainingArguments, set_seed
 
 import deft.core.probe
 from deft.methods import apply_method
-from deft.run import TrainArgs, _method_config
+from deft.recipes.train import TrainArgs
+from deft.recipes.train import method_config as _method_config
 from deft.tasks import setup_task
 from deft.train.trainer import DeftTrainer, DensityConfig
 

@@ -5,7 +5,9 @@ import json
 
 import pytest
 
-from deft import cli, run
+from deft import cli
+from deft.recipes.common import RunError
+from deft.recipes.train import train
 
 
 
@@ -60,14 +62,14 @@ def test_interrupted_run_resumes(tiny_model_dir, glue_dir, tmp_path, monkeypatch
     monkeypatch.setattr(DeftTrainer, "_save_checkpoint", crash_after_first_save)
     args = cli.parse(_train_flags(tiny_model_dir, glue_dir, out, "--epochs", "2"))[1]
     with pytest.raises(KeyboardInterrupt):
-        run.train(args)
+        train(args)
     assert not (out / "results.json").exists()
     assert list((out / "checkpoints").glob("checkpoint-*"))
 
-    with pytest.raises(run.RunError, match="--resume"):
-        run.train(args)
+    with pytest.raises(RunError, match="--resume"):
+        train(args)
     args.resume = True
-    res = run.train(args)
+    res = train(args)
     steps = [h["step"] for h in res["log_history"] if "eval_accuracy" in h]
     assert steps == [3, 6]  # epoch 1 (before the crash, kept) and epoch 2 (after resuming); 48 rows / 16
     train_summaries = [h for h in res["log_history"] if "train_runtime" in h]

@@ -16,7 +16,7 @@ from . import models  # noqa: F401  (deft.models.minilm_path() etc.)
 from .arch import MLP_SPECS, SUPPORTED_MODEL_TYPES, UnsupportedModelError
 from .core import ActivationProbe, DensityLoss, DensityReport, LayerDensity, density_change, measure_density
 from .errors import ConfigError, DeftError
-from .version import __version__
+from .version import __version__  # noqa: F401  (deft.__version__)
 
 
 __all__ = [

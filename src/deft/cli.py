@@ -1,7 +1,9 @@
-"""``deft`` command line: thin over :mod:`deft.run`; every flag is a field of a typed dataclass.
+"""``deft`` command line: one table of commands, each a recipe of :mod:`deft.recipes` over a typed
+dataclass whose fields are its flags.
 
 A YAML or JSON file given with ``--config`` sets the same fields (by their Python names); flags on the
-command line win over the file.
+command line win over the file. A field with ``metadata["positional"]`` is a positional argument
+(``deft report RUN_DIR...``).
 """
 from __future__ import annotations
 
@@ -14,24 +16,55 @@ import traceback
 import types
 import typing
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from .cli_compress import EXTRA_COMMANDS as _COMPRESS_COMMANDS
-from .cli_extra import EXTRA_COMMANDS as _REPORT_COMMANDS
 from .console import cli_session
 from .errors import DeftError
-from .io import read_mapping
-from .run import CompareArgs, MeasureArgs, RunError, SkipArgs, TrainArgs
+from .recipes.common import RunError, read_config
+from .recipes.compare import CompareArgs, compare
+from .recipes.compress import PruneArgs, prune
+from .recipes.measure import EnergyArgs, MeasureArgs, energy, measure
+from .recipes.report import ReportArgs, report
+from .recipes.skip import SkipArgs, skip
+from .recipes.sweep import SweepArgs, sweep
+from .recipes.train import TrainArgs, train
+from .recipes.tune import TuneArgs, tune
 
-COMMANDS: dict[str, tuple[type, str]] = {
-    "train": (TrainArgs, "fine-tune with PEFT + density loss; writes results.json, a plot and the adapter"),
-    "compare": (CompareArgs, "PEFT (alpha=0) vs DEFT over seeds; prints the paper-style table"),
-    "measure": (MeasureArgs, "activation density of a model or trained adapter on a dev set"),
-    "skip": (SkipArgs, "ADA-DEFT: skip silent MLP blocks of a trained run under a bounded metric drop"),
+
+def train_command(args: TrainArgs) -> dict[str, Any]:
+    """``deft train``: :func:`deft.recipes.train.train`, then the metric and where the results are."""
+    res = train(args)
+    # under torchrun / accelerate launch every process runs the command; only the first one prints results
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{res['main_metric']}: {res['metric']:.4f}   density: {100 * res['density']['overall']:.2f} %")
+        print(f"results: {Path(args.output) / 'results.json'}\nplot:    {Path(args.output) / 'layerwise_density.png'}")
+    return res
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One ``deft`` sub-command: its arguments dataclass (the flags), its one-line help, the recipe it runs."""
+
+    args: type
+    help: str
+    run: Callable[[Any], Any]
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command(TrainArgs, "fine-tune with PEFT + density loss; writes results.json, a plot and the adapter",
+                     train_command),
+    "compare": Command(CompareArgs, "PEFT (alpha=0) vs DEFT over seeds; prints the paper-style table", compare),
+    "measure": Command(MeasureArgs, "activation density of a model or trained adapter on a dev set", measure),
+    "skip": Command(SkipArgs, "ADA-DEFT: skip silent MLP blocks of a trained run under a bounded metric drop", skip),
+    "prune": Command(PruneArgs, "WANDA-prune a model (unstructured or N:M); writes masks, report and the pruned "
+                     "model", prune),
+    "energy": Command(EnergyArgs, "energy on a dense vs a zero-skipping accelerator (Sponge-style cost model)", energy),
+    "sweep": Command(SweepArgs, "train a grid of alphas / eps / betas / methods / seeds; resumable", sweep),
+    "report": Command(ReportArgs, "self-contained HTML + Markdown report (tables, plots, configs) of finished runs",
+                      report),
+    "tune": Command(TuneArgs, ("multi-objective search (metric up, density down) over train options; resumable, "
+                               "many workers can share one study"), tune),
 }
-# commands whose recipes live beside their library module: name -> (args class, help, function)
-EXTRA: dict[str, tuple[type, str, Any]] = {**_COMPRESS_COMMANDS, **_REPORT_COMMANDS}
-COMMANDS.update({k: (c, h) for k, (c, h, _) in EXTRA.items()})
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
@@ -85,18 +118,6 @@ def _check_choices(values: dict[str, Any], cls: type, what: str) -> None:
                                f"{', '.join(map(str, choices))}")
 
 
-def _read_config(path: str, cls: type, what: str = "--config") -> dict[str, Any]:
-    try:
-        data = read_mapping(path, what)
-    except (OSError, ValueError) as e:
-        raise RunError(str(e)) from None
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise RunError(f"{what} {path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return data
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse that reads ``--eps -1e-7`` as a value.
 
@@ -124,12 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="deft", description="Density-efficient fine-tuning (DEFT)")
     _add_verbose(parser, False)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (cls, help_) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=(cls.__doc__ or help_).strip())
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=(cmd.args.__doc__ or cmd.help).strip())
         p.add_argument("--config", help="YAML or JSON file with option values (flags override it)")
         # SUPPRESS: `deft -v train` must not be reset to False by the sub-command's own default
         _add_verbose(p, argparse.SUPPRESS)
-        _add_fields(p, cls)
+        _add_fields(p, cmd.args)
     return parser
 
 
@@ -141,8 +162,8 @@ def parse(argv: Sequence[str] | None = None) -> tuple[str, Any]:
 
 def _parse(argv: Sequence[str] | None) -> tuple[str, Any, bool]:
     ns = build_parser().parse_args(argv)
-    cls, _ = COMMANDS[ns.command]
-    values: dict[str, Any] = _read_config(ns.config, cls) if ns.config else {}
+    cls = COMMANDS[ns.command].args
+    values: dict[str, Any] = read_config(ns.config, cls) if ns.config else {}
     _check_choices(values, cls, f"--config {ns.config}")
     for f in dataclasses.fields(cls):
         v = getattr(ns, f.name)
@@ -157,8 +178,6 @@ def _command_of(argv: Sequence[str] | None) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from . import run
-
     prefix = f"deft {_command_of(argv)}" if _command_of(argv) else "deft"
     try:
         try:
@@ -168,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             return e.code if isinstance(e.code, int) else 2
         with cli_session(verbose):
-            _run(command, args, run)
+            COMMANDS[command].run(args)
     except DeftError as e:
         # a user error: its message names the option, file or model at fault; one line is enough
         # (DEFT_DEBUG=1 shows the trace)
@@ -185,24 +204,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prefix}: this is a bug, please report it with the command and the traceback above", file=sys.stderr)
         return 1
     return 0
-
-
-def _run(command: str, args: Any, run: Any) -> None:
-    # under torchrun / accelerate launch every process runs the command; only the first one prints results
-    main_process = int(os.environ.get("RANK", "0")) == 0
-    if command == "train":
-        res = run.train(args)
-        if main_process:
-            print(f"{res['main_metric']}: {res['metric']:.4f}   density: {100 * res['density']['overall']:.2f} %")
-            print(f"results: {Path(args.output) / 'results.json'}\nplot:    {Path(args.output) / 'layerwise_density.png'}")
-    elif command == "compare":
-        run.compare(args)
-    elif command == "measure":
-        run.measure(args)
-    elif command == "skip":
-        run.skip(args)
-    elif command in EXTRA:
-        EXTRA[command][2](args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -84,8 +84,6 @@ def find_runs(paths: Iterable[str | Path]) -> list[Run]:
             return True
         hit = False
         if (d / "sweep.jsonl").exists():
-            from ..sweep import read_rows
-
             for row in read_rows(d / "sweep.jsonl"):
                 sub = d / row["dir"]
                 if (sub / "results.json").exists():
@@ -105,6 +103,23 @@ def find_runs(paths: Iterable[str | Path]) -> list[Run]:
         if not visit(p, 2):
             raise ReportError(f"{p}: no finished run (results.json) in it or in its sub-folders")
     return list(found.values())
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a sweep.jsonl, as :func:`deft.recipes.sweep.sweep` appends them (a torn last line from a crash is
+    skipped; a re-added point keeps its last row)."""
+    rows: dict[str, dict[str, Any]] = {}
+    p = Path(path)
+    if not p.exists():
+        return []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(r, dict) and "point" in r:
+            rows[r["point"]] = r
+    return list(rows.values())
 
 
 def _fmt_value(v: Any) -> str:

@@ -31,6 +31,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+from torch import nn
+
 from ..errors import ConfigError, DeftError
 from ..io import write_json
 from .probe import ActivationProbe

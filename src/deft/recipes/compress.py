@@ -1,8 +1,7 @@
 """``deft prune`` and the compression step of ``deft train`` (``--prune-dir``, ``--quantize``).
 
-``EXTRA_COMMANDS`` has the shape of ``deft.cli.COMMANDS`` plus the function to call, so the CLI can merge
-it: ``{"prune": (PruneArgs, help, prune)}``. :func:`prepare_compressed_model` is what ``run.train`` calls
-right after loading the model, before ``apply_method``.
+:func:`prepare_compressed_model` is what :func:`deft.recipes.train.train_with_setup` calls right after
+loading the model, before ``apply_method``.
 
 A prune folder holds ``prune_masks.safetensors`` (the WANDA keep-masks), ``prune_report.json`` and, unless
 ``--no-save-model``, the pruned backbone + tokenizer (``save_pretrained``, safetensors). The backbone is
@@ -12,24 +11,22 @@ pruned model as ``--model`` on the prune folder.
 """
 from __future__ import annotations
 
-import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
-from .fields import help_field as _h
-from .io import write_json
+from ..fields import help_field as _h
+from ..io import write_json
+from .common import RunError, versions
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-    from .compress.prune import PruneConfig
+    from ..compress.prune import PruneConfig
 
 # torch / transformers are imported inside the functions: `deft --help` should not pay for them
 REPORT_NAME = "prune_report.json"
-MASKS_NAME = "prune_masks.safetensors"  # == deft.compress.prune.MASKS_NAME
-
-
 
 
 @dataclass
@@ -56,7 +53,7 @@ class PruneArgs:
     trust_remote_code: bool = _h("allow model code from the hub", default=False)
 
     def config(self) -> "PruneConfig":
-        from .compress.prune import PruneConfig
+        from ..compress.prune import PruneConfig
 
         return PruneConfig(sparsity=self.sparsity, nm=self.nm, targets=self.targets,
                            calib_batches=self.calib_batches, sequential=self.sequential)
@@ -65,26 +62,17 @@ class PruneArgs:
 def calibration_batches(tok, task: str, *, n_batches: int, batch_size: int, max_length: int, seed: int,
                         data_dir: str | None = None, data_source: str = "auto") -> list[dict]:
     """``n_batches`` padded batches (no labels) of a seeded subset of ``task``'s training sentences."""
-    from transformers import DataCollatorWithPadding
+    from ..tasks import drop_labels, glue_loader, glue_rows
 
-    from .data import GlueDataset, load_glue
-
-    examples = load_glue(task, "train", data_dir=data_dir, source=data_source)
-    n = min(len(examples), n_batches * batch_size)
-    picked = [examples[i] for i in sorted(random.Random(seed).sample(range(len(examples)), n))]
-    ds = GlueDataset(picked, tok, max_length)
-    collate = DataCollatorWithPadding(tok)
-    batches = []
-    for start in range(0, len(ds), batch_size):
-        batch = collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))])
-        batches.append({k: v for k, v in batch.items() if k != "labels"})
-    return batches
+    picked = glue_rows(SimpleNamespace(data_dir=data_dir, data_source=data_source), task, "train",
+                       n_batches * batch_size, seed)
+    return [drop_labels(b) for b in glue_loader(picked, tok, max_length, batch_size)]
 
 
 def prune(args: PruneArgs) -> dict[str, Any]:
     """Run ``deft prune``; returns (and writes) the prune report."""
-    from .compress.prune import save_masks, wanda_prune, weight_sparsity
-    from .run import RunError, _versions, load_model_and_tokenizer
+    from ..compress.prune import MASKS_NAME, save_masks, wanda_prune, weight_sparsity
+    from ..tasks import load_model_and_tokenizer
 
     cfg = args.config()  # validate before loading anything heavy
     out = Path(args.output)
@@ -96,7 +84,7 @@ def prune(args: PruneArgs) -> dict[str, Any]:
                                   data_source=args.data_source)
     report = wanda_prune(model, batches, cfg)
     result = {**report.to_dict(), "weight_sparsity": weight_sparsity(model, "all-linear"), "args": asdict(args),
-              "model_saved": args.save_model, "versions": _versions()}
+              "model_saved": args.save_model, "versions": versions()}
     out.mkdir(parents=True, exist_ok=True)
     if args.save_model:
         # the backbone only: the classifier head was freshly initialised, not pruned, and task-specific
@@ -111,12 +99,6 @@ def prune(args: PruneArgs) -> dict[str, Any]:
     return result
 
 
-EXTRA_COMMANDS: dict[str, tuple[type, str, Callable[[Any], Any]]] = {
-    "prune": (PruneArgs, "WANDA-prune a model (unstructured or N:M); writes masks, report and the pruned model",
-              prune),
-}
-
-
 # ---------------------------------------------------------------------------------------------- train wiring
 def prepare_compressed_model(model: "nn.Module", args: Any) -> "tuple[nn.Module, dict[str, Any]]":
     """Apply ``args.prune_dir`` (WANDA masks, kept through training) and ``args.quantize`` (8 / 4) to a freshly
@@ -125,8 +107,8 @@ def prepare_compressed_model(model: "nn.Module", args: Any) -> "tuple[nn.Module,
     Missing attributes on ``args`` mean "off", so any object with some of ``prune_dir``, ``quantize``,
     ``quant_backend``, ``quant_group_size`` works.
     """
-    from .compress.prune import keep_pruned, load_masks, weight_sparsity
-    from .compress.quantize import QuantError, is_bnb_loaded, quant_config, quantize_model
+    from ..compress.prune import keep_pruned, load_masks, weight_sparsity
+    from ..compress.quantize import QuantError, is_bnb_loaded, quant_config, quantize_model
 
     info: dict[str, Any] = {}
     prune_dir = getattr(args, "prune_dir", None)

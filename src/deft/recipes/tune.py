@@ -1,7 +1,7 @@
 """``deft tune``: a multi-objective search over ``deft train`` options, task metric up and density down.
 
 Every trial is an ordinary run folder, ``OUTPUT/trial-NNNN`` (``results.json`` + ``adapter/``), trained by
-:func:`deft.tasks.train_with_setup` (what :func:`deft.run.train` runs) with the searched options set on
+:func:`deft.recipes.train.train_with_setup` (what ``deft train`` runs) with the searched options set on
 top of the command's own ``deft train`` options, so ``deft report`` and ``deft compare`` read the trials
 like any other run. The study lives in an Optuna storage (default ``sqlite:///OUTPUT/study.db``; any
 SQLAlchemy URL, e.g. PostgreSQL, lets processes on many machines share one study). At the end (and after
@@ -60,10 +60,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import DeftError
-from .fields import help_field as _h
-from .io import atomic_write, read_mapping, write_json, write_text
-from .run import TrainArgs
+from ..errors import DeftError
+from ..fields import help_field as _h
+from ..io import atomic_write, read_mapping, write_json, write_text
+from .train import TrainArgs
 
 INSTALL_HINT = "pip install 'deft-sparsity[tune]'"
 DIRECTIONS = ("maximize", "minimize")  # (metric, density)
@@ -307,7 +307,7 @@ def pick_answer(rows: Sequence[Mapping[str, Any]], reference: float, max_drop_po
                 ) -> Mapping[str, Any] | None:
     """The sparsest row whose metric (a fraction) is within ``max_drop_points`` of ``reference``; among
     rows at that density the best metric, then the lowest trial number. None when no row is within."""
-    from .analysis.tradeoff import lowest_density_within
+    from ..analysis.tradeoff import lowest_density_within
 
     ok = [r for r in rows if _is_number(r.get("metric")) and _is_number(r.get("density"))]
     hit = lowest_density_within([(r["density"], r["metric"]) for r in ok], reference, max_drop_points / 100.0)
@@ -323,7 +323,7 @@ def _optuna():
     try:
         import optuna
     except ImportError:
-        raise TuneError(f"deft tune needs Optuna: {INSTALL_HINT}") from None
+        raise TuneError(f"Optuna is not installed: {INSTALL_HINT}") from None
     return optuna
 
 
@@ -388,7 +388,7 @@ def _running(trials: Sequence[Any]) -> int:
 def _main_metric(task: str) -> str | None:
     """The key the Trainer's evaluations carry the main metric under (None: the metric is computed
     after training, by generation, so there is nothing to prune on)."""
-    from .data import glue_task
+    from ..data import glue_task
 
     try:
         return glue_task(task).main_metric
@@ -463,7 +463,7 @@ class _Tuner:
     def objective(self, trial: Any) -> tuple[float, float]:
         import optuna
 
-        from .tasks import train_with_setup
+        from .train import train_with_setup
 
         role = trial.user_attrs.get("role", "search")
         if role == "baseline" and (self.external_baseline is not None or self._other_baseline(trial.study, trial.number)):
@@ -590,7 +590,7 @@ class _Tuner:
 def pareto_plot(summary: Mapping[str, Any], path: str | os.PathLike) -> Path | None:
     """Metric vs density of every finished trial (grey), the front (highlighted, as a step line), the
     baseline's max-drop floor and the chosen trial (star); None when no trial finished."""
-    from .analysis.plots import pyplot
+    from ..analysis.plots import pyplot
 
     rows = [r for r in summary["all_trials"] if r["state"] == "COMPLETE"]
     if not rows:
@@ -639,7 +639,7 @@ def _read_baseline(path: str, task: str) -> dict[str, Any]:
         raise TuneError(f"--baseline {f}: not a deft results.json ({type(e).__name__}: {e})") from None
     if not _is_number(metric):
         raise TuneError(f"--baseline {f}: has no metric value")
-    from .data import glue_task
+    from ..data import glue_task
 
     def canon(t: str) -> str:
         try:
@@ -692,11 +692,11 @@ def tune(args: TuneArgs) -> dict[str, Any]:
     space = load_space(args.space)
     baseline = _read_baseline(args.baseline, args.task) if args.baseline else None
     optuna = _optuna()
-    from .run import _density_config, _method_config
+    from .train import density_config, method_config
 
     try:  # a typo in a fixed option would otherwise fail every trial, one by one
-        _density_config(args)
-        _method_config(args)
+        density_config(args)
+        method_config(args)
     except ValueError as e:
         raise TuneError(f"deft train options: {e}") from None
     out = Path(args.output)

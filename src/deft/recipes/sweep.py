@@ -18,9 +18,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from .fields import help_field as _h
-from .io import write_json, write_text
-from .run import RunError, TrainArgs
+from ..analysis.report import read_rows
+from ..fields import help_field as _h
+from ..io import write_json, write_text
+from .common import RunError
+from .train import TrainArgs
 
 GRID_AXES = {"methods": "method", "alphas": "alpha", "eps": "eps", "betas": "beta", "seeds": "seed"}
 ROW_KEYS = ("point", "dir", "model", "task", "method", "alpha", "loss", "eps", "beta", "seed", "main_metric",
@@ -85,7 +87,7 @@ def base_args(args: SweepArgs) -> TrainArgs:
     elif isinstance(b, Mapping):
         values = dict(b)
     elif isinstance(b, str):
-        from .cli import _read_config
+        from .common import read_config as _read_config
 
         values = _read_config(b, TrainArgs, what="--base")
     elif b is None:
@@ -141,8 +143,9 @@ def grid(args: SweepArgs) -> list[SweepPoint]:
 
 def _validate(points: list[SweepPoint]) -> None:
     """Fail on a bad grid value before the first (maybe hour-long) point trains, not at point 17."""
-    from .data import glue_task
-    from .run import _density_config, _method_config
+    from ..data import glue_task
+    from .train import density_config as _density_config
+    from .train import method_config as _method_config
 
     for p in points:
         try:
@@ -162,22 +165,6 @@ def _row(point: SweepPoint, res: Mapping[str, Any]) -> dict[str, Any]:
         "density": res["density"]["overall"], "union_density": res["density"].get("union_overall"),
         "trainable_percent": res.get("trainable_percent"), "train_time_s": res.get("train_time_s"),
     }
-
-
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a sweep.jsonl (a torn last line from a crash is skipped; a re-added point keeps its last row)."""
-    rows: dict[str, dict[str, Any]] = {}
-    p = Path(path)
-    if not p.exists():
-        return []
-    for line in p.read_text(encoding="utf-8").splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(r, dict) and "point" in r:
-            rows[r["point"]] = r
-    return list(rows.values())
 
 
 def _append_line(path: Path, line: str) -> None:
@@ -211,7 +198,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 
 def sweep(args: SweepArgs) -> list[dict[str, Any]]:
     """Train every grid point not finished yet; returns the rows of all finished points in grid order."""
-    from . import run
+    from . import train as run
 
     points = grid(args)
     _validate(points)
