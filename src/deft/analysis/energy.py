@@ -63,6 +63,7 @@ from ..arch import (
     unwrap_model,
 )
 from ..core.threshold import apply_thresholds, check_thresholds
+from ..errors import ConfigError
 from ..fields import help_field as _h
 from ..io import read_mapping
 
@@ -101,13 +102,13 @@ class EnergyConfig:
         for k in ("mac_pj", "dram_pj", "sram_pj"):
             v = getattr(self, k)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not (v >= 0 and math.isfinite(v)):
-                raise ValueError(f"EnergyConfig.{k} must be a finite number >= 0, got {v!r}")
+                raise ConfigError(f"EnergyConfig.{k} must be a finite number >= 0, got {v!r}")
             setattr(self, k, float(v))
         if not isinstance(self.word_bits, int) or self.word_bits <= 0:
-            raise ValueError(f"EnergyConfig.word_bits must be a positive integer, got {self.word_bits!r}")
+            raise ConfigError(f"EnergyConfig.word_bits must be a positive integer, got {self.word_bits!r}")
         for k in ("weights_in", "activations_in"):
             if getattr(self, k) not in ("dram", "sram"):
-                raise ValueError(f"EnergyConfig.{k} must be 'dram' or 'sram', got {getattr(self, k)!r}")
+                raise ConfigError(f"EnergyConfig.{k} must be 'dram' or 'sram', got {getattr(self, k)!r}")
 
     def word_pj(self, level: str) -> float:
         return self.dram_pj if level == "dram" else self.sram_pj
@@ -120,7 +121,7 @@ class EnergyConfig:
         known = {f.name for f in fields(cls)}
         for key in data:
             if key not in known:
-                raise ValueError(f"{source}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
+                raise ConfigError(f"{source}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
         return cls(**dict(data))
 
     @classmethod

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Literal, Sequence
 
 import torch
 
+from ..errors import ConfigError
+
 if TYPE_CHECKING:  # pragma: no cover
     from .probe import ActivationProbe
 
@@ -62,13 +64,13 @@ class DensityLoss:
 
     def __post_init__(self) -> None:
         if self.kind not in ("l0", "tanh"):
-            raise ValueError(f"kind must be 'l0' or 'tanh', got {self.kind!r}")
+            raise ConfigError(f"kind must be 'l0' or 'tanh', got {self.kind!r}")
         if self.granularity not in ("token", "feature_map"):
-            raise ValueError(f"granularity must be 'token' or 'feature_map', got {self.granularity!r}")
+            raise ConfigError(f"granularity must be 'token' or 'feature_map', got {self.granularity!r}")
         if not (isinstance(self.eps, (int, float)) and self.eps > 0):
-            raise ValueError(f"eps must be a number > 0 (e.g. 1e-7), got {self.eps!r}")
+            raise ConfigError(f"eps must be a number > 0 (e.g. 1e-7), got {self.eps!r}")
         if not (isinstance(self.beta, (int, float)) and self.beta > 0):
-            raise ValueError(f"beta must be a number > 0 (e.g. 10), got {self.beta!r}")
+            raise ConfigError(f"beta must be a number > 0 (e.g. 10), got {self.beta!r}")
 
     def surrogate(self, x: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
         """The differentiable count; with a ``threshold`` its reach is moved to that threshold.
@@ -106,7 +108,7 @@ class DensityLoss:
             return torch.ones(n_sites, device=device)
         w = torch.as_tensor(self.layer_weights, dtype=torch.float32, device=device)
         if w.shape != (n_sites,):
-            raise ValueError(f"layer_weights has shape {tuple(w.shape)}, but the probe has {n_sites} sites")
+            raise ConfigError(f"layer_weights has shape {tuple(w.shape)}, but the probe has {n_sites} sites")
         return w
 
     def per_layer(self, probe: "ActivationProbe", *, num_tokens: int | float | None = None) -> list[torch.Tensor | None]:

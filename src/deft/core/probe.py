@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping
 import torch
 from torch import nn
 
-from ..arch import full_match, is_gated, layer_group, mlp_spec, unwrap_model
+from ..arch import UnsupportedModelError, full_match, is_gated, layer_group, mlp_spec, unwrap_model
 from ..errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -135,11 +135,11 @@ class ActivationProbe:
         named = list(self.top.named_modules())
         if patterns is not None:
             if not patterns:
-                raise ValueError("sites=[] selects nothing; pass module-name globs or None")
+                raise ConfigError("sites=[] selects nothing; pass module-name globs or None")
             capture = "input" if self.point == "down_input" else "output"
             chosen = [(n, m) for n, m in named if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
             if not chosen:
-                raise ValueError(
+                raise ConfigError(
                     f"sites={patterns!r} matched no module of {type(self.top).__name__}; "
                     "module names look like: " + ", ".join(n for n, _ in named[1:8]) + ", ..."
                 )
@@ -151,7 +151,7 @@ class ActivationProbe:
             pattern, capture = (spec.down, "input") if use_down else (spec.act, "output")
             chosen = [(n, m) for n, m in named if full_match(pattern, n)]
             if not chosen:
-                raise ValueError(
+                raise UnsupportedModelError(
                     f"found no MLP {'down-projection' if use_down else 'activation'} module in this "
                     f"{model_type!r} model ({type(self.top).__name__}) with pattern {pattern!r}; "
                     "this transformers version may name it differently: pass sites=[...] globs"

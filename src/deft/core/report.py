@@ -235,5 +235,5 @@ def density_change(peft: float | DensityReport, deft: float | DensityReport) -> 
     p = peft.overall if isinstance(peft, DensityReport) else float(peft)
     d = deft.overall if isinstance(deft, DensityReport) else float(deft)
     if not p > 0:
-        raise ValueError(f"the PEFT density must be > 0 to compute a relative change, got {p}")
+        raise ConfigError(f"the PEFT density must be > 0 to compute a relative change, got {p}")
     return (p - d) / p * 100.0

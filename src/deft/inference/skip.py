@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..arch import full_match, mlp_spec, model_type, set_submodule, unwrap_model
+from ..errors import ConfigError
 from ..core.report import DensityReport
 
 
@@ -95,7 +96,7 @@ def skip_mlp_blocks(
     named = dict(top.named_modules())
     downs = [n for n in named if full_match(spec.down, n)]
     if len(downs) != len(report.layers):
-        raise ValueError(
+        raise ConfigError(
             f"the density report has {len(report.layers)} layers but the model has {len(downs)} MLP blocks: "
             "measure the report on this model"
         )

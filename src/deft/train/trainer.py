@@ -78,13 +78,13 @@ class DensityConfig:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.alpha, (int, float)) and self.alpha >= 0 and math.isfinite(self.alpha)):
-            raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha!r}")
+            raise ConfigError(f"alpha must be a finite number >= 0, got {self.alpha!r}")
         if not 0.0 <= self.alpha_warmup <= 1.0:
-            raise ValueError(f"alpha_warmup must be in [0, 1], got {self.alpha_warmup!r}")
+            raise ConfigError(f"alpha_warmup must be in [0, 1], got {self.alpha_warmup!r}")
         if not 0.0 <= self.adaptive_mix <= 1.0:
-            raise ValueError(f"adaptive_mix must be in [0, 1], got {self.adaptive_mix!r}")
+            raise ConfigError(f"adaptive_mix must be in [0, 1], got {self.adaptive_mix!r}")
         if self.adaptive_gamma <= 0 or self.adaptive_every < 1:
-            raise ValueError("adaptive_gamma must be > 0 and adaptive_every >= 1")
+            raise ConfigError("adaptive_gamma must be > 0 and adaptive_every >= 1")
         if self.target_density is not None:
             if not (isinstance(self.target_density, (int, float)) and 0.0 < self.target_density <= 1.0):
                 raise ConfigError(f"target_density must be in (0, 1], got {self.target_density!r}")
