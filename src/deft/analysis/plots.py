@@ -5,8 +5,8 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ..io import atomic_write
 from ..core.report import DensityReport
+from ..io import atomic_write
 
 
 def pyplot():

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from ..core.report import DensityReport
 from ..errors import DeftError
 from ..io import write_text
-from ..core.report import DensityReport
 from .tradeoff import mean_std
 
 # options that do not change what is trained (or only where it is written)

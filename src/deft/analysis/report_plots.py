@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .energy import OPS
 from ..io import atomic_write
+from .energy import OPS
 from .plots import pyplot
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")

@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import DeftError
 from ..arch import set_submodule, unwrap_model, weight_out_in
+from ..errors import DeftError
 from .linears import linear_layers
 
 BACKENDS: tuple[str, ...] = ("auto", "deft", "bnb")

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from ..arch import full_match, mlp_spec, model_type, set_submodule, unwrap_model
-from ..errors import ConfigError
 from ..core.report import DensityReport
+from ..errors import ConfigError
 
 
 class ZeroWidth(nn.Module):

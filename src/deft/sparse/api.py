@@ -24,9 +24,9 @@ from ..arch import (
     to_device,
     unwrap_model,
 )
-from ..errors import ConfigError, UnknownNameError
-from ..core.report import measure_density
 from ..core.probe import ActivationProbe, Site
+from ..core.report import measure_density
+from ..errors import ConfigError, UnknownNameError
 from .modules import Regime, SkipStats, SparseDown, SparseGatedMLP, eligible_gated_mlp
 
 Mode = Literal["exact", "threshold"]

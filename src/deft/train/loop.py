@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, DeftError
-from ..core.report import DensityReport
 from ..core.probe import ActivationProbe
+from ..core.report import DensityReport
+from ..errors import ConfigError, DeftError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .trainer import DensityConfig

@@ -17,11 +17,11 @@ from typing import Any, Literal
 import torch
 from transformers import Trainer, TrainerCallback
 
-from ..errors import ConfigError
 from ..core.losses import DensityLoss
-from ..core.report import DensityReport
 from ..core.probe import ActivationProbe
+from ..core.report import DensityReport
 from ..core.threshold import THRESHOLDS_FILE, ThresholdTracker, read_thresholds, save_thresholds, scheduled_density
+from ..errors import ConfigError
 
 
 @dataclass
