@@ -49,7 +49,7 @@ def runs(tiny_relu_model_dir, glue_dir, tmp_path_factory):
         for src, dst in (("a0-s0", "peft-seed0"), ("a5-s0", "deft-seed0")):
             shutil.copytree(root / "sweep" / src, root / "cmp" / dst)
         cargs = CompareArgs(**{**_base(tiny_relu_model_dir, glue_dir), "alpha": 5.0, "seeds": [0],
-                                   "output": str(root / "cmp")})
+                               "output": str(root / "cmp")})
         compare(cargs)
         for point in ("a0-s0", "a5-s0"):
             energy(EnergyArgs(model=str(tiny_relu_model_dir), task="sst2", data_dir=str(glue_dir),

@@ -161,8 +161,8 @@ def test_train_writes_thresholds_that_sparsify_serves_unchanged(tiny_model_dir, 
 
     out = tmp_path / "run"
     res = train(TrainArgs(model=str(tiny_model_dir), data_dir=str(glue_dir), data_source="local",
-                                  target_density=0.3, alpha=0.0, epochs=2, batch_size=8, output=str(out),
-                                  quiet=True, logging_steps=2))
+                          target_density=0.3, alpha=0.0, epochs=2, batch_size=8, output=str(out),
+                          quiet=True, logging_steps=2))
     th = read_thresholds(out / "adapter")
     assert res["thresholds"] == th and all(v > 0 for v in th.values())
     assert {h.get("target_density_now") for h in res["log_history"] if "target_density_now" in h} >= {0.3}
