@@ -54,7 +54,7 @@ def trained_encoder(run_dir: str) -> nn.Module:
     """The encoder of a finished LoRA run on MiniLM, with the adapter merged so SparseDown can wrap W2."""
     from pathlib import Path
 
-    from deft.run import _load_run_model
+    from deft.recipes.evaluate import load_run_model as _load_run_model
 
     model, _, res = _load_run_model(Path(run_dir))
     if res["config"]["method"] != "lora":

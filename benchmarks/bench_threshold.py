@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deft.run import _eval_loader, _load_run_model
+from deft.recipes.evaluate import eval_loader as _eval_loader
+from deft.recipes.evaluate import load_run_model as _load_run_model
 from deft.sparse import load_thresholds, sparsify
 
 from _common import CLOCKS, interleaved, loadavg, machine, median, write_json

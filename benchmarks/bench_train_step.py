@@ -6,7 +6,7 @@ max_length 128, real rows of the built-in SST-2 training sample, padded per batc
 
     PEFT            DensityConfig(alpha=0): no loss, no masking (the probe still counts the density)
     target          DensityConfig(alpha=0, target_density=0.05): every W2 input |h| <= t_layer zeroed,
-                    t_layer a moving average of the batch's 95th percentile of |h| (deft.threshold)
+                    t_layer a moving average of the batch's 95th percentile of |h| (deft.core.threshold)
     target+loss     the same with the density loss (alpha=1) on top
     DEFT            DensityConfig(alpha=3): the exact-zero density loss, no masking
     Trainer         a plain transformers.Trainer on the same model: no probe at all (what the probe costs)
@@ -33,11 +33,12 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
-import deft.probe
+import deft.core.probe
 from deft.methods import apply_method
-from deft.run import TrainArgs, _method_config
+from deft.recipes.train import TrainArgs
+from deft.recipes.train import method_config as _method_config
 from deft.tasks import setup_task
-from deft.trainer import DeftTrainer, DensityConfig
+from deft.train.trainer import DeftTrainer, DensityConfig
 
 from _common import CLOCKS, interleaved, loadavg, machine, median, write_json
 from _common import add_timing_options
@@ -79,7 +80,7 @@ def one_step(tr: Trainer, batch: dict[str, torch.Tensor]) -> float:
 
 
 class Stopwatch:
-    """Accumulated seconds of a wrapped function (here: deft.probe._batch_quantile, the suspect)."""
+    """Accumulated seconds of a wrapped function (here: deft.core.probe._batch_quantile, the suspect)."""
 
     def __init__(self, fn: Callable) -> None:
         self.fn, self.seconds, self.calls = fn, 0.0, 0
@@ -95,15 +96,15 @@ class Stopwatch:
 
 def profile(tr: Trainer, batches: list[dict[str, torch.Tensor]], steps: int) -> dict[str, Any]:
     """Share of the target-density step spent in the per-layer quantile, and torch's operator table."""
-    watch = Stopwatch(deft.probe._batch_quantile)
-    deft.probe._batch_quantile = watch  # the probe's hook looks the name up in its module at every call
+    watch = Stopwatch(deft.core.probe._batch_quantile)
+    deft.core.probe._batch_quantile = watch  # the probe's hook looks the name up in its module at every call
     try:
         t0 = time.perf_counter()
         for i in range(steps):
             one_step(tr, batches[i % len(batches)])
         total = time.perf_counter() - t0
     finally:
-        deft.probe._batch_quantile = watch.fn
+        deft.core.probe._batch_quantile = watch.fn
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for i in range(min(steps, 6)):
             one_step(tr, batches[i % len(batches)])
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="8 batches x 3 repeats (default 16 x 5)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats of every batch (overrides the default)")
     ap.add_argument("--sides", default=",".join(SIDES), help=f"comma separated, from {', '.join(SIDES)}")
-    ap.add_argument("--profile", action="store_true", help="also time deft.probe._batch_quantile in target mode")
+    ap.add_argument("--profile", action="store_true", help="also time deft.core.probe._batch_quantile in target mode")
     add_timing_options(ap)
     args = ap.parse_args(argv)
     if args.threads:
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     prof = None
     if args.profile and "target" in trainers:
         prof = profile(trainers["target"], batches, 2 * n_batches)
-        print(f"target mode: {prof['step_ms']:.1f} ms/step, of which deft.probe._batch_quantile "
+        print(f"target mode: {prof['step_ms']:.1f} ms/step, of which deft.core.probe._batch_quantile "
               f"{prof['quantile_ms_per_step']:.1f} ms ({100 * prof['quantile_share']:.1f} %, "
               f"{prof['quantile_calls_per_step']:.0f} calls/step)\n{prof['top_ops']}")
     tmp.cleanup()
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
            "config": {"quick": args.quick, "batches": n_batches, "repeats": repeats, "warmup_steps": warmup,
                       "batch_size": 8, "max_length": 128, "padded_lengths": lengths, "real_tokens": tokens,
                       "target_density": TARGET, "clock": args.clock, "seconds": round(time.perf_counter() - start, 1),
-                      "probe_quantile_sample": getattr(deft.probe, "_QUANTILE_SAMPLE", None)},
+                      "probe_quantile_sample": getattr(deft.core.probe, "_QUANTILE_SAMPLE", None)},
            "machine": {**before, "loadavg_1min_after": loadavg()}}
     print(f"done in {out['config']['seconds']} s")
     write_json(args.out, out)

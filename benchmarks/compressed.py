@@ -1,7 +1,7 @@
 """DEFT on compressed models: {dense, WANDA 50 %, WANDA 2:4, int8} x {PEFT alpha=0, DEFT}.
 
-MiniLM (all-MiniLM-L6-v2) + LoRA on SST-2 through the ``deft.run`` machinery. For each compression the base
-model is pruned / quantized right after loading (``deft.cli_compress.prepare_compressed_model``), then LoRA
+MiniLM (all-MiniLM-L6-v2) + LoRA on SST-2 through the ``deft.recipes`` machinery. For each compression the base
+model is pruned / quantized right after loading (``deft.recipes.compress.prepare_compressed_model``), then LoRA
 trains on top with or without the density loss. Reported per run: the task metric, the MLP activation
 density (eval set), and the weight sparsity of the frozen base (fraction of exactly-zero weights in the
 transformer blocks; int8 rounds the smallest weights of each row to 0 too).
@@ -21,10 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deft import run
-from deft.cli_compress import REPORT_NAME, PruneArgs, prune
+from deft.recipes import train as run
+from deft.recipes.common import versions
+from deft.recipes.compress import REPORT_NAME, PruneArgs, prune
 from deft.io import write_json, write_text
-from deft.metrics import density_change
+from deft.core.report import density_change
 
 # name -> (prune options or None, quantize bits or None)
 COMPRESSIONS: dict[str, tuple[dict[str, Any] | None, int | None]] = {
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               + (" (--quick)" if args.quick else ""))
     md = table(rows, header)
     out = Path(args.output)
-    summary = {"args": vars(args), "rows": rows, "wall_s": round(time.time() - t0, 1), "versions": run._versions()}
+    summary = {"args": vars(args), "rows": rows, "wall_s": round(time.time() - t0, 1), "versions": versions()}
     write_json(out / "compressed.json", summary)
     write_text(out / "compressed.md", md + "\n")
     print(md)

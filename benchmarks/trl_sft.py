@@ -27,12 +27,12 @@ import torch
 
 import deft
 from deft.data import load_glue
-from deft.integrations import require_trl
+from deft.train.integrations import require_trl
 from deft.io import write_json
-from deft.metrics import count_thresholded
+from deft.core.report import count_thresholded
 from deft.models import resolve
 from deft.sparse import calibrate_thresholds
-from deft.trainer import DensityConfig
+from deft.train.trainer import DensityConfig
 
 LABELS = (" negative", " positive")  # SST-2 label 0, 1
 

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModel
 
 from deft import ActivationProbe, cli
-from deft.activations import swap_activation
+from deft.inference.activations import swap_activation
 from deft.testing import tiny_config
 
 CASES = [  # model type, expected number of swapped modules (tiny configs have 2 layers)

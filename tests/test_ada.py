@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModel, TrainingArguments
 
 import deft
-from deft.skip import ConstantOutput, ZeroWidth, choose_skips, skip_mlp_blocks
+from deft.inference.skip import ConstantOutput, ZeroWidth, choose_skips, skip_mlp_blocks
 from deft.testing import tiny_config
 
 
@@ -84,7 +84,7 @@ def test_choose_skips_respects_max_drop():
 
 
 def test_adaptive_weights_push_the_sparsest_layer(tmp_path):
-    from deft.trainer import DensityConfig, DeftTrainer
+    from deft.train.trainer import DensityConfig, DeftTrainer
 
     model = AutoModel.from_config(tiny_config("bert"))
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)

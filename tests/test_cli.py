@@ -6,7 +6,9 @@ import json
 import pytest
 from conftest import sst2_folder
 
-from deft import cli, run
+from deft import cli
+from deft.recipes.common import RunError
+from deft.recipes.train import train
 
 
 
@@ -46,7 +48,7 @@ def test_train_writes_results_plot_and_adapter(tiny_model_dir, glue_dir, tmp_pat
 
 
 def test_interrupted_run_resumes(tiny_model_dir, glue_dir, tmp_path, monkeypatch):
-    from deft.trainer import DeftTrainer
+    from deft.train.trainer import DeftTrainer
 
     out = tmp_path / "run"
     original = DeftTrainer._save_checkpoint
@@ -61,14 +63,14 @@ def test_interrupted_run_resumes(tiny_model_dir, glue_dir, tmp_path, monkeypatch
     monkeypatch.setattr(DeftTrainer, "_save_checkpoint", crash_after_first_save)
     args = cli.parse(_train_flags(tiny_model_dir, glue_dir, out, "--epochs", "2"))[1]
     with pytest.raises(KeyboardInterrupt):
-        run.train(args)
+        train(args)
     assert not (out / "results.json").exists()
     assert list((out / "checkpoints").glob("checkpoint-*"))
 
-    with pytest.raises(run.RunError, match="--resume"):
-        run.train(args)
+    with pytest.raises(RunError, match="--resume"):
+        train(args)
     args.resume = True
-    res = run.train(args)
+    res = train(args)
     steps = [h["step"] for h in res["log_history"] if "eval_accuracy" in h]
     assert steps == [3, 6]  # epoch 1 (before the crash, kept) and epoch 2 (after resuming); 48 rows / 16
     train_summaries = [h for h in res["log_history"] if "train_runtime" in h]

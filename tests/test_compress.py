@@ -10,15 +10,15 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, TrainingArguments
 
-from deft.cli_compress import REPORT_NAME, PruneArgs, prepare_compressed_model, prune
 from deft.methods import MethodConfig, apply_method
-from deft.metrics import measure_density
-from deft.prune import (
+from deft.recipes.compress import REPORT_NAME, PruneArgs, prepare_compressed_model, prune
+from deft.core.report import measure_density
+from deft.compress.linears import linear_layers
+from deft.compress.prune import (
     MASKS_NAME,
     PruneConfig,
     apply_masks,
     keep_pruned,
-    linear_layers,
     load_masks,
     merge_lora_pruned,
     save_masks,
@@ -26,7 +26,7 @@ from deft.prune import (
     wanda_prune,
     weight_sparsity,
 )
-from deft.quantize import (
+from deft.compress.quantize import (
     QuantConfig,
     QuantError,
     QuantizedLinear,
@@ -34,7 +34,7 @@ from deft.quantize import (
     quantize_model,
 )
 from deft.testing import tiny_config
-from deft.trainer import DensityConfig, DeftTrainer
+from deft.train.trainer import DensityConfig, DeftTrainer
 from test_trainer import pad_features
 
 
@@ -388,7 +388,8 @@ def test_bnb_backend_needs_cuda():
 
 
 def test_prune_command_and_train_wiring(tiny_model_dir, tmp_path):
-    from deft.run import RunError, load_model_and_tokenizer
+    from deft.recipes.common import RunError
+    from deft.tasks import load_model_and_tokenizer
 
     out = tmp_path / "prune"
     args = PruneArgs(model=str(tiny_model_dir), task="sst2", data_source="builtin", sparsity=0.5, calib_batches=2,

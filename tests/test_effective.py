@@ -25,8 +25,8 @@ from deft.sparse import (
     unsparsify,
 )
 from deft.testing import tiny_config
-from deft.threshold import save_thresholds
-from deft.tradeoff import iso_accuracy, lowest_density_within, metric_at_density
+from deft.core.threshold import save_thresholds
+from deft.analysis.tradeoff import iso_accuracy, lowest_density_within, metric_at_density
 
 DOWN = ["encoder.layer.0.output.dense", "encoder.layer.1.output.dense"]
 
@@ -269,7 +269,7 @@ def test_iso_accuracy_of_several_kinds():
 
 # ---------------------------------------------------------------------------------------------- energy
 def test_energy_prices_thresholded_entries_as_skipped():
-    from deft.energy import EnergyReport, estimate_energy
+    from deft.analysis.energy import EnergyReport, estimate_energy
 
     model = _relu_bert()
     batches = _batches()
@@ -452,7 +452,7 @@ def test_rerun_reuses_the_curves_unless_asked_otherwise(compared, monkeypatch, c
 
 
 def test_non_glue_tasks_get_no_curve(capsys):
-    from deft.run import CompareArgs, threshold_curves
+    from deft.recipes.compare import CompareArgs, threshold_curves
 
     runs = {"PEFT": [{"task": "squad", "task_type": "QUESTION_ANS", "config": {"output": "x", "seed": 0}}]}
     assert threshold_curves(CompareArgs(), runs) == {}
@@ -465,25 +465,26 @@ def thresholded_run(compared, tmp_path_factory):
     """The compare's PEFT run, copied, with a thresholds.json calibrated on its merged model (as train writes)."""
     import shutil
 
-    from deft.run import _batches, _drop_labels, _load_run_model, _run_rows
+    from deft.recipes.evaluate import labelled_batches, load_run_model, run_rows
+    from deft.tasks import drop_labels
 
     run = tmp_path_factory.mktemp("thr") / "run"
     shutil.copytree(compared["out"] / "peft-seed0", run)
     res = json.loads((run / "results.json").read_text())
     res["config"]["output"] = str(run)
     (run / "results.json").write_text(json.dumps(res))
-    model, tok, _ = _load_run_model(run)
-    train, dev = _run_rows(res["config"])
+    model, tok, _ = load_run_model(run)
+    train, dev = run_rows(res["config"])
     merged = model.merge_and_unload()
-    th = calibrate_thresholds(merged, [_drop_labels(b) for b in _batches(train, tok, res["config"], 16)], 0.3)
+    th = calibrate_thresholds(merged, [drop_labels(b) for b in labelled_batches(train, tok, res["config"], 16)], 0.3)
     save_thresholds(run / "adapter", th)
     return {"run": run, "thresholds": th, "glue": compared["glue"], "results": res,
-            "dev": _batches(dev, tok, res["config"], 64)}
+            "dev": labelled_batches(dev, tok, res["config"], 64)}
 
 
 def test_measure_energy_and_skip_use_the_adapter_thresholds(thresholded_run, tiny_model_dir, tmp_path):
     from deft import cli
-    from deft.run import _load_run_model, evaluate_glue
+    from deft.recipes.evaluate import evaluate_glue, load_run_model
 
     run, th, glue = thresholded_run["run"], thresholded_run["thresholds"], thresholded_run["glue"]
     common = ["--model", str(tiny_model_dir), "--task", "sst2", "--data-dir", str(glue), "--adapter", str(run / "adapter")]
@@ -516,7 +517,7 @@ def test_measure_energy_and_skip_use_the_adapter_thresholds(thresholded_run, tin
     skip = json.loads((tmp_path / "s" / "skip.json").read_text())
     assert skip["density_before"]["effective"] == pytest.approx(eff["overall"])
     # metric_before is the thresholded model's: served through sparsify's kernel on the merged model
-    model = _load_run_model(run)[0].merge_and_unload()
+    model = load_run_model(run)[0].merge_and_unload()
     sparsify(model, mode="threshold", threshold=th, max_density=1.0)
     served = evaluate_glue(model, thresholded_run["dev"], "sst2")[0]["accuracy"]
     assert skip["metric_before"] == pytest.approx(served)
@@ -543,7 +544,7 @@ def test_calibration_keeps_out_of_the_held_out_part_of_a_dev_only_folder(tiny_mo
     from transformers import AutoTokenizer
 
     from deft import cli
-    from deft.run import threshold_curve
+    from deft.recipes.compare import threshold_curve
     from deft.tasks import split_dev
 
     rows = _sample("dev", 60)

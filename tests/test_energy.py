@@ -9,7 +9,7 @@ from torch import nn
 from transformers import AutoModel, BertConfig
 
 import deft
-from deft.energy import EnergyConfig, EnergyReport, LayerEnergy, estimate_energy
+from deft.analysis.energy import EnergyConfig, EnergyReport, LayerEnergy, estimate_energy
 from deft.testing import tiny_config
 
 

@@ -9,8 +9,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 import deft
-from deft.losses import smooth_l0
-from deft.trainer import DeftTrainer, DensityConfig, DensityMixin
+from deft.core.losses import smooth_l0
+from deft.train.trainer import DeftTrainer, DensityConfig, DensityMixin
 
 WORDS = ("<pad> <eos> <unk> review : a gripping funny film dull boring sentiment positive negative great bad plot "
          "and acting the was long but kind of sweet").split()
@@ -173,7 +173,7 @@ def test_mixin_rejects_distill_on_a_parent_loss(tmp_path):
 
 def test_deft_sft_trainer_without_trl_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "trl", None)  # makes `import trl` fail
-    monkeypatch.delitem(sys.modules, "deft.integrations", raising=False)
+    monkeypatch.delitem(sys.modules, "deft.train.integrations", raising=False)
     with pytest.raises(deft.DeftError, match=r"pip install 'deft-sparsity\[trl\]'"):
         deft.DeftSFTTrainer  # noqa: B018
 

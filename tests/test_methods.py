@@ -16,7 +16,7 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from deft.constants import MLP_SPECS, full_match
+from deft.arch.specs import MLP_SPECS, full_match
 from deft.methods import (
     METHODS,
     AdapterWrapper,

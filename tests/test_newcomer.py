@@ -2,6 +2,7 @@
 torchrun. Everything runs the real command line on the tiny BERT with the real MiniLM tokenizer."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -17,9 +18,10 @@ import pytest
 from transformers import TrainerCallback
 from conftest import one_error_line, sst2_folder
 
-from deft import cli, run
+from deft import cli
 from deft.console import cli_session, quiet_loading
 from deft.errors import DeftError
+from deft.recipes.common import RunError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,7 +93,7 @@ class _StopAfterFirstSave(TrainerCallback):
 
 
 def test_resume_says_where_and_adds_the_earlier_training_time(tiny_model_dir, glue_dir, tmp_path, capsys):
-    from deft.tasks import train_with_setup
+    from deft.recipes.train import train_with_setup
 
     out = tmp_path / "run"
     flags = _train_flags(tiny_model_dir, glue_dir, out, "--epochs", "2", "--quiet")
@@ -200,15 +202,15 @@ def test_a_bug_shows_its_traceback_and_user_errors_do_not(monkeypatch, capsys):
     def broken(args):
         return {}["missing"]
 
-    monkeypatch.setattr(run, "measure", broken)
+    monkeypatch.setitem(cli.COMMANDS, "measure", dataclasses.replace(cli.COMMANDS["measure"], run=broken))
     assert cli.main(["measure"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "KeyError: 'missing'" in err and "this is a bug, please report it" in err
 
     def user_error(args):
-        raise run.RunError("--adapter x: no such folder")
+        raise RunError("--adapter x: no such folder")
 
-    monkeypatch.setattr(run, "measure", user_error)
+    monkeypatch.setitem(cli.COMMANDS, "measure", dataclasses.replace(cli.COMMANDS["measure"], run=user_error))
     assert cli.main(["measure"]) == 2
     assert one_error_line(capsys, "measure") == "deft measure: error: --adapter x: no such folder"
     monkeypatch.setenv("DEFT_DEBUG", "1")

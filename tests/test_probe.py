@@ -10,7 +10,7 @@ from torch import nn
 from transformers import AutoModel
 
 import deft
-from deft.constants import MLP_SPECS, full_match, is_gated
+from deft.arch.specs import MLP_SPECS, full_match, is_gated
 from deft.testing import TINY_CONFIGS, tiny_config
 
 ENC_DEC = {"t5", "mt5", "bart"}

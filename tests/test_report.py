@@ -12,12 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from deft import cli, run
-from deft.callbacks import DensityCSVCallback
-from deft.cli_extra import EXTRA_COMMANDS, EnergyArgs, ReportArgs
-from deft.report import build_report
-from deft.report_plots import pareto_front
-from deft.sweep import SweepArgs, base_args, grid, point_name, read_rows, sweep
+from deft import cli
+from deft.train.callbacks import DensityCSVCallback
+from deft.recipes import train as train_recipe
+from deft.recipes.common import RunError
+from deft.recipes.compare import CompareArgs, compare
+from deft.recipes.measure import EnergyArgs, energy
+from deft.recipes.report import ReportArgs, report
+from deft.analysis.report import build_report
+from deft.analysis.report_plots import pareto_front
+from deft.recipes.sweep import SweepArgs, base_args, grid, point_name, read_rows, sweep
 
 
 
@@ -45,10 +49,9 @@ def runs(tiny_relu_model_dir, glue_dir, tmp_path_factory):
         # and the report must not count the copies twice
         for src, dst in (("a0-s0", "peft-seed0"), ("a5-s0", "deft-seed0")):
             shutil.copytree(root / "sweep" / src, root / "cmp" / dst)
-        cargs = run.CompareArgs(**{**_base(tiny_relu_model_dir, glue_dir), "alpha": 5.0, "seeds": [0],
-                                   "output": str(root / "cmp")})
-        run.compare(cargs)
-        energy = EXTRA_COMMANDS["energy"][2]
+        cargs = CompareArgs(**{**_base(tiny_relu_model_dir, glue_dir), "alpha": 5.0, "seeds": [0],
+                               "output": str(root / "cmp")})
+        compare(cargs)
         for point in ("a0-s0", "a5-s0"):
             energy(EnergyArgs(model=str(tiny_relu_model_dir), task="sst2", data_dir=str(glue_dir),
                               adapter=str(root / "sweep" / point / "adapter"), output=str(root / "sweep" / point)))
@@ -71,7 +74,7 @@ def test_sweep_rows_csv_and_resume(runs, monkeypatch, capsys):
     def no_training(args):
         raise AssertionError(f"trained {args.output} again")
 
-    monkeypatch.setattr(run, "train", no_training)
+    monkeypatch.setattr(train_recipe, "train", no_training)
     again = sweep(runs["sweep_args"])
     assert again == runs["rows"]
     assert len((out / "sweep.jsonl").read_text().splitlines()) == 4  # nothing appended twice
@@ -100,13 +103,13 @@ def test_sweep_grid_names_and_options(tmp_path):
     assert (p.args.method, p.args.alpha, p.args.eps) == ("ia3", 1e-3, 1e-3) and p.args.resume
     assert p.args.output == str(tmp_path / "s" / "ia3-a0.001-eps0.001-s0")
     assert point_name({}) == "base"
-    with pytest.raises(run.RunError, match="--base .*no such file"):
+    with pytest.raises(RunError, match="--base .*no such file"):
         base_args(SweepArgs(base=str(tmp_path / "missing.yaml")))
-    with pytest.raises(run.RunError, match="unknown option 'lrr'"):
+    with pytest.raises(RunError, match="unknown option 'lrr'"):
         base_args(SweepArgs(set=["lrr=1"]))
-    with pytest.raises(run.RunError, match="expected a float"):
+    with pytest.raises(RunError, match="expected a float"):
         base_args(SweepArgs(set=["lr=fast"]))
-    with pytest.raises(run.RunError, match="sweep point .*alpha must be"):
+    with pytest.raises(RunError, match="sweep point .*alpha must be"):
         sweep(SweepArgs(alphas=[-1.0], output=str(tmp_path / "bad")))
     assert not (tmp_path / "bad" / "sweep.jsonl").exists()  # validated before anything ran
 
@@ -169,13 +172,13 @@ def test_report_tables_images_and_configs(runs):
 
 
 def test_report_needs_runs(tmp_path):
-    from deft.report import ReportError
+    from deft.analysis.report import ReportError
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(ReportError, match="no finished run"):
         build_report([tmp_path / "empty"], tmp_path / "r")
-    with pytest.raises(run.RunError, match="at least one"):
-        EXTRA_COMMANDS["report"][2](ReportArgs(output=str(tmp_path / "r")))
+    with pytest.raises(RunError, match="at least one"):
+        report(ReportArgs(output=str(tmp_path / "r")))
 
 
 def test_pareto_front():
@@ -213,12 +216,12 @@ def test_csv_callback_grows_header_and_resumes(tmp_path):
     assert [r["step"] for r in rows] == ["1", "2", "2", "3"] and rows[3]["loss"] == "0.45"
 
 
-def test_extra_commands_fit_the_cli_parser():
-    # the CLI builds flags from these dataclasses exactly as it does for `train`
-    for name, (cls, help_, fn) in EXTRA_COMMANDS.items():
+def test_every_command_fits_the_cli_parser():
+    # the CLI builds every command's flags from its dataclass
+    for name, cmd in cli.COMMANDS.items():
         p = argparse.ArgumentParser(prog=f"deft {name}")
-        cli._add_fields(p, cls)
-        assert help_ and callable(fn)
+        cli._add_fields(p, cmd.args)
+        assert cmd.help and callable(cmd.run)
     p = argparse.ArgumentParser()
     cli._add_fields(p, SweepArgs)
     ns = p.parse_args(["--base", "b.yaml", "--alphas", "0", "0.5", "--seeds", "0", "1", "--set", "epochs=1"])
@@ -230,7 +233,7 @@ def test_extra_commands_fit_the_cli_parser():
 
 
 def test_group_settings_matches_baselines_by_activation_and_ignores_loss_options_at_alpha_0(tmp_path):
-    from deft.report import Run, group_settings
+    from deft.analysis.report import Run, group_settings
 
     def fake(name, metric, density, **cfg):
         base = {"model": "m", "task": "sst2", "method": "lora", "alpha": 0.0, "loss": "l0", "eps": 1e-7, "seed": 0}

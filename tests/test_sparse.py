@@ -8,7 +8,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 import deft
-from deft.constants import MLP_SPECS, full_match
+from deft.arch.specs import MLP_SPECS, full_match
 from deft.sparse import (
     SparseDown,
     SparseGatedMLP,

@@ -10,7 +10,7 @@ import yaml
 from conftest import one_error_line, sst2_folder
 
 from deft import cli
-from deft.sweep import SweepArgs, _validate, suite_points
+from deft.recipes.sweep import SweepArgs, _validate, suite_points
 
 SUITES = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "suites").glob("*.yaml"))
 

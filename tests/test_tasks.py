@@ -13,17 +13,16 @@ import torch
 from transformers import AutoModel, PreTrainedTokenizerFast
 
 from deft.data import EXTRACTIVE_META_KEYS, make_synthetic_images
-from deft.run import TrainArgs
+from deft.recipes.train import TrainArgs, train_with_setup
 from deft.tasks import (
-    _glue_examples,
-    glue_data_label,
     CausalPrompter,
     PadCollator,
+    glue_data_label,
+    glue_examples,
     load_squad_data,
     qa_mode,
     sentiment_accuracy,
     setup_task,
-    train_with_setup,
 )
 from deft.testing import tiny_config
 
@@ -260,7 +259,7 @@ def test_glue_folder_without_train_file_splits_dev_once(tmp_path):
     parts = []
     for seed in (0, 1):
         args = TrainArgs(task="qnli", data_dir=str(tmp_path), seed=seed)
-        train, dev = _glue_examples(args, "qnli")
+        train, dev = glue_examples(args, "qnli")
         parts.append(([e.text_a for e in train], [e.text_a for e in dev]))
         assert "split 80/20" in glue_data_label(args, "qnli")
     (train, dev), again = parts
@@ -269,5 +268,5 @@ def test_glue_folder_without_train_file_splits_dev_once(tmp_path):
     assert set(train).isdisjoint(dev) and set(train) | set(dev) == {f"q{i}?" for i in range(50)}
     # with a train file present nothing is split
     (d / "train.tsv").write_text("\n".join(rows[:11]) + "\n", encoding="utf-8")
-    train2, dev2 = _glue_examples(TrainArgs(task="qnli", data_dir=str(tmp_path)), "qnli")
+    train2, dev2 = glue_examples(TrainArgs(task="qnli", data_dir=str(tmp_path)), "qnli")
     assert len(train2) == 10 and len(dev2) == 50

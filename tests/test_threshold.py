@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from deft import ActivationProbe, ConfigError
-from deft.threshold import ThresholdTracker, read_thresholds, save_thresholds, scheduled_density
+from deft.core.threshold import ThresholdTracker, read_thresholds, save_thresholds, scheduled_density
 
 
 def _tiny(model_dir):
@@ -154,15 +154,15 @@ def test_thresholds_file_checks(tmp_path, tiny_model_dir):
 
 def test_train_writes_thresholds_that_sparsify_serves_unchanged(tiny_model_dir, glue_dir, tmp_path):
     """The thresholds a run ends with reproduce its evaluation when a sparse kernel applies them."""
-    from deft import run
+    from deft.recipes.train import TrainArgs, train
     from deft.methods import load_trainable
-    from deft.metrics import measure_density
+    from deft.core.report import measure_density
     from deft.sparse import sparsify
 
     out = tmp_path / "run"
-    res = run.train(run.TrainArgs(model=str(tiny_model_dir), data_dir=str(glue_dir), data_source="local",
-                                  target_density=0.3, alpha=0.0, epochs=2, batch_size=8, output=str(out),
-                                  quiet=True, logging_steps=2))
+    res = train(TrainArgs(model=str(tiny_model_dir), data_dir=str(glue_dir), data_source="local",
+                          target_density=0.3, alpha=0.0, epochs=2, batch_size=8, output=str(out),
+                          quiet=True, logging_steps=2))
     th = read_thresholds(out / "adapter")
     assert res["thresholds"] == th and all(v > 0 for v in th.values())
     assert {h.get("target_density_now") for h in res["log_history"] if "target_density_now" in h} >= {0.3}
@@ -171,13 +171,13 @@ def test_train_writes_thresholds_that_sparsify_serves_unchanged(tiny_model_dir, 
 
     base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
     model = load_trainable(base, out / "adapter", task_type="SEQ_CLS").merge_and_unload().eval()
-    from deft.run import _eval_loader
+    from deft.recipes.evaluate import eval_loader
 
     cfg = dict(res["config"])
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    batches = _eval_loader(cfg, tok, None, 8)
+    batches = eval_loader(cfg, tok, None, 8)
     # effective density at the saved thresholds == the density the run reported for its masked eval
     inputs = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
     report = measure_density(model, inputs, threshold=th, point="down_input")
@@ -193,12 +193,12 @@ def test_train_writes_thresholds_that_sparsify_serves_unchanged(tiny_model_dir, 
 
 
 def test_resume_keeps_thresholds(tiny_model_dir, glue_dir, tmp_path):
-    from deft import run
+    from deft.recipes.train import TrainArgs, train
 
     out = tmp_path / "run"
     kw = dict(model=str(tiny_model_dir), data_dir=str(glue_dir), data_source="local", target_density=0.3,
               alpha=0.0, epochs=1, batch_size=8, output=str(out), quiet=True)
-    run.train(run.TrainArgs(**kw))
+    train(TrainArgs(**kw))
     ckpts = sorted((out / "checkpoints").glob("checkpoint-*"))
     assert ckpts and (ckpts[-1] / "thresholds.json").exists()
     assert read_thresholds(ckpts[-1]) == read_thresholds(out / "adapter")

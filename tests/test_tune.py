@@ -13,8 +13,10 @@ import pytest
 
 optuna = pytest.importorskip("optuna")
 
-from deft import cli, tune
-from deft.tune import Param, TuneArgs, TuneError
+from deft import cli
+from deft.recipes import train as train_recipe
+from deft.recipes import tune
+from deft.recipes.tune import Param, TuneArgs, TuneError
 
 
 def _flags(model_dir, glue, out, *extra):
@@ -126,6 +128,13 @@ def test_missing_optuna_names_the_extra(tmp_path, monkeypatch):
         tune.tune(TuneArgs(output=str(tmp_path / "t"), trials=1))
 
 
+def test_missing_optuna_is_one_error_line_with_one_prefix(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "optuna", None)
+    assert cli.main(["tune", "--output", str(tmp_path / "t"), "--trials", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "deft tune: error: Optuna is not installed: pip install 'deft-sparsity[tune]'"
+
+
 def test_other_study_in_the_same_storage_is_refused(tmp_path):
     out = tmp_path / "t"
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
@@ -186,7 +195,7 @@ def test_eval_curve_and_prune_floor():
 
 # ---------------------------------------------------------------------------------------------- studies
 def test_study_writes_trials_front_and_resumes(tiny_model_dir, glue_dir, tmp_path, capsys):
-    from deft.report import find_runs
+    from deft.analysis.report import find_runs
 
     out = tmp_path / "tune"
     assert cli.main(_flags(tiny_model_dir, glue_dir, out, "--trials", "2", "--sampler-seed", "0")) == 0
@@ -295,8 +304,6 @@ def _fake_train(calls):
 
 
 def test_interrupted_trial_is_rerun_in_its_folder(tmp_path, monkeypatch):
-    import deft.tasks
-
     out = tmp_path / "tune"
     base = _fake_baseline(tmp_path / "peft", 0.6)
     args = TuneArgs(output=str(out), baseline=str(base), trials=1, sampler_seed=0)
@@ -305,7 +312,7 @@ def test_interrupted_trial_is_rerun_in_its_folder(tmp_path, monkeypatch):
         (Path(args.output) / "checkpoints").mkdir(parents=True)  # as if an epoch had been saved
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(deft.tasks, "train_with_setup", ctrl_c)
+    monkeypatch.setattr(train_recipe, "train_with_setup", ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         tune.tune(args)
     t0, t1 = _study(out).trials
@@ -313,7 +320,7 @@ def test_interrupted_trial_is_rerun_in_its_folder(tmp_path, monkeypatch):
     assert t1.state.name == "WAITING" and t1.user_attrs["resumes"] == 0
 
     calls: list = []
-    monkeypatch.setattr(deft.tasks, "train_with_setup", _fake_train(calls))
+    monkeypatch.setattr(train_recipe, "train_with_setup", _fake_train(calls))
     tune.tune(args)  # --trials 1: the interrupted trial does not count, its re-run does
     t0, t1 = _study(out).trials
     assert t1.state.name == "COMPLETE" and t1.params == t0.params
@@ -322,8 +329,6 @@ def test_interrupted_trial_is_rerun_in_its_folder(tmp_path, monkeypatch):
 
 
 def test_trial_of_a_dead_worker_is_rerun(tmp_path, monkeypatch):
-    import deft.tasks
-
     monkeypatch.setattr(tune, "HEARTBEAT_S", 1)
     monkeypatch.setattr(tune, "GRACE_S", 1)
     out = tmp_path / "tune"
@@ -332,14 +337,14 @@ def test_trial_of_a_dead_worker_is_rerun(tmp_path, monkeypatch):
     def killed(args, setup=None, callbacks=None):
         raise SystemExit(137)  # not caught by Optuna: the trial stays RUNNING, like a process killed mid-trial
 
-    monkeypatch.setattr(deft.tasks, "train_with_setup", killed)
+    monkeypatch.setattr(train_recipe, "train_with_setup", killed)
     with pytest.raises(SystemExit):
         tune.tune(args)
     assert _study(out).trials[0].state.name == "RUNNING"
     time.sleep(3)  # its heartbeat grows older than the grace period
 
     calls: list = []
-    monkeypatch.setattr(deft.tasks, "train_with_setup", _fake_train(calls))
+    monkeypatch.setattr(train_recipe, "train_with_setup", _fake_train(calls))
     tune.tune(args)
     t0, t1 = _study(out).trials
     assert t0.state.name == "FAIL" and t1.state.name == "COMPLETE" and t1.user_attrs["resumes"] == 0
@@ -373,11 +378,12 @@ def test_two_processes_share_one_study(tiny_model_dir, glue_dir, tmp_path):
 
 def test_eval_every_evaluates_mid_run(tiny_model_dir, glue_dir, tmp_path):
     """--eval-every 0.5 (tune's default): an evaluation half-way, so pruning has something to decide on."""
-    from deft import ConfigError, run
+    from deft import ConfigError
+    from deft.recipes.train import TrainArgs, train
 
     kw = dict(model=str(tiny_model_dir), data_dir=str(glue_dir), data_source="local", alpha=0.0, epochs=1,
               batch_size=4, max_train_samples=16, max_eval_samples=8, quiet=True)
-    res = run.train(run.TrainArgs(**kw, eval_every=0.5, output=str(tmp_path / "run")))
+    res = train(TrainArgs(**kw, eval_every=0.5, output=str(tmp_path / "run")))
     assert [h["step"] for h in res["log_history"] if "eval_accuracy" in h] == [2, 4]  # 4 steps, every 2
     with pytest.raises(ConfigError, match="--eval-every"):
-        run.train(run.TrainArgs(**kw, eval_every=1.5, output=str(tmp_path / "bad")))
+        train(TrainArgs(**kw, eval_every=1.5, output=str(tmp_path / "bad")))

@@ -12,14 +12,12 @@ Core API::
 """
 from __future__ import annotations
 
-from .errors import ConfigError, DeftError
-from .constants import MLP_SPECS, SUPPORTED_MODEL_TYPES, UnsupportedModelError
-from .losses import DensityLoss
-from .metrics import DensityReport, LayerDensity, density_change, measure_density
-from .probe import ActivationProbe
 from . import models  # noqa: F401  (deft.models.minilm_path() etc.)
+from .arch import MLP_SPECS, SUPPORTED_MODEL_TYPES, UnsupportedModelError
+from .core import ActivationProbe, DensityLoss, DensityReport, LayerDensity, density_change, measure_density
+from .errors import ConfigError, DeftError
+from .version import __version__  # noqa: F401  (deft.__version__)
 
-__version__ = "0.1.0"
 
 __all__ = [
     "ActivationProbe",
@@ -38,16 +36,12 @@ __all__ = [
 
 def __getattr__(name: str):
     # Training pieces pull in transformers.Trainer and peft: import them only when asked for.
-    if name in ("DeftTrainer", "DensityConfig", "DensityMixin"):
-        from . import trainer
+    if name in ("DeftTrainer", "DensityConfig", "DensityMixin", "density", "DensityTerm"):
+        from . import train
 
-        return getattr(trainer, name)
-    if name in ("density", "DensityTerm"):
-        from . import loop
-
-        return getattr(loop, name)
+        return getattr(train, name)
     if name == "DeftSFTTrainer":  # needs the optional trl: a DeftError naming the extra when it is missing
-        from . import integrations
+        from .train import integrations
 
         return integrations.DeftSFTTrainer
     if name in ("sparsify", "unsparsify", "calibrate_thresholds"):
@@ -55,7 +49,7 @@ def __getattr__(name: str):
 
         return getattr(sparse, name)
     if name in ("estimate_energy", "EnergyConfig", "EnergyReport"):
-        from . import energy
+        from .analysis import energy
 
         return getattr(energy, name)
     raise AttributeError(f"module 'deft' has no attribute {name!r}")

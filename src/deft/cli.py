@@ -1,7 +1,9 @@
-"""``deft`` command line: thin over :mod:`deft.run`; every flag is a field of a typed dataclass.
+"""``deft`` command line: one table of commands, each a recipe of :mod:`deft.recipes` over a typed
+dataclass whose fields are its flags.
 
 A YAML or JSON file given with ``--config`` sets the same fields (by their Python names); flags on the
-command line win over the file.
+command line win over the file. A field with ``metadata["positional"]`` is a positional argument
+(``deft report RUN_DIR...``).
 """
 from __future__ import annotations
 
@@ -11,51 +13,66 @@ import os
 import re
 import sys
 import traceback
-import types
 import typing
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from .cli_compress import EXTRA_COMMANDS as _COMPRESS_COMMANDS
-from .cli_extra import EXTRA_COMMANDS as _REPORT_COMMANDS
 from .console import cli_session
 from .errors import DeftError
-from .io import read_mapping
-from .run import CompareArgs, MeasureArgs, RunError, SkipArgs, TrainArgs
+from .fields import check_choices, field_choices, field_type
+from .recipes.common import RunError, read_config
+from .recipes.compare import CompareArgs, compare
+from .recipes.compress import PruneArgs, prune
+from .recipes.measure import EnergyArgs, MeasureArgs, energy, measure
+from .recipes.report import ReportArgs, report
+from .recipes.skip import SkipArgs, skip
+from .recipes.sweep import SweepArgs, sweep
+from .recipes.train import TrainArgs, train
+from .recipes.tune import TuneArgs, tune
 
-COMMANDS: dict[str, tuple[type, str]] = {
-    "train": (TrainArgs, "fine-tune with PEFT + density loss; writes results.json, a plot and the adapter"),
-    "compare": (CompareArgs, "PEFT (alpha=0) vs DEFT over seeds; prints the paper-style table"),
-    "measure": (MeasureArgs, "activation density of a model or trained adapter on a dev set"),
-    "skip": (SkipArgs, "ADA-DEFT: skip silent MLP blocks of a trained run under a bounded metric drop"),
+
+def train_command(args: TrainArgs) -> dict[str, Any]:
+    """``deft train``: :func:`deft.recipes.train.train`, then the metric and where the results are."""
+    res = train(args)
+    # under torchrun / accelerate launch every process runs the command; only the first one prints results
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{res['main_metric']}: {res['metric']:.4f}   density: {100 * res['density']['overall']:.2f} %")
+        print(f"results: {Path(args.output) / 'results.json'}\nplot:    {Path(args.output) / 'layerwise_density.png'}")
+    return res
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One ``deft`` sub-command: its arguments dataclass (the flags), its one-line help, the recipe it runs."""
+
+    args: type
+    help: str
+    run: Callable[[Any], Any]
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command(TrainArgs, "fine-tune with PEFT + density loss; writes results.json, a plot and the adapter",
+                     train_command),
+    "compare": Command(CompareArgs, "PEFT (alpha=0) vs DEFT over seeds; prints the paper-style table", compare),
+    "measure": Command(MeasureArgs, "activation density of a model or trained adapter on a dev set", measure),
+    "skip": Command(SkipArgs, "ADA-DEFT: skip silent MLP blocks of a trained run under a bounded metric drop", skip),
+    "prune": Command(PruneArgs, "WANDA-prune a model (unstructured or N:M); writes masks, report and the pruned "
+                     "model", prune),
+    "energy": Command(EnergyArgs, "energy on a dense vs a zero-skipping accelerator (Sponge-style cost model)", energy),
+    "sweep": Command(SweepArgs, "train a grid of alphas / eps / betas / methods / seeds, or suite files; resumable",
+                     sweep),
+    "report": Command(ReportArgs, "self-contained HTML + Markdown report (tables, plots, configs) of finished runs",
+                      report),
+    "tune": Command(TuneArgs, ("multi-objective search (metric up, density down) over train options; resumable, "
+                               "many workers can share one study"), tune),
 }
-# commands whose recipes live beside their library module: name -> (args class, help, function)
-EXTRA: dict[str, tuple[type, str, Any]] = {**_COMPRESS_COMMANDS, **_REPORT_COMMANDS}
-COMMANDS.update({k: (c, h) for k, (c, h, _) in EXTRA.items()})
-
-
-def _base_type(tp: Any) -> tuple[Any, bool]:
-    """(element type, is_list) of an annotation such as ``int | None`` or ``list[str] | None``."""
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        tp = args[0]
-    if typing.get_origin(tp) is list:
-        return typing.get_args(tp)[0], True
-    return tp, False
-
-
-def _choices(f: dataclasses.Field, tp: Any) -> tuple[Any, ...] | None:
-    """The allowed values of a field: its ``choices`` metadata, or the values of a ``Literal`` type."""
-    if "choices" in f.metadata:
-        return tuple(f.metadata["choices"])
-    return tuple(typing.get_args(tp)) if typing.get_origin(tp) is typing.Literal else None
 
 
 def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        tp, is_list = _base_type(hints[f.name])
-        choices = _choices(f, tp)
+        tp, is_list = field_type(hints[f.name])
+        choices = field_choices(f, tp)
         if typing.get_origin(tp) is typing.Literal:
             tp = type(choices[0])  # type: ignore[index]
         flag = "--" + f.name.replace("_", "-")
@@ -70,31 +87,6 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
             # with choices, argparse's own error names the flag and lists them; the metavar shows them in --help
             parser.add_argument(flag, type=tp, nargs="+" if is_list else None, default=None, help=help_,
                                 choices=choices, metavar=None if choices else f.name.upper())
-
-
-def _check_choices(values: dict[str, Any], cls: type, what: str) -> None:
-    """Values from a --config file get the same choice check argparse gives flags."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        choices = _choices(f, _base_type(hints[f.name])[0])
-        if choices and f.name in values and values[f.name] is not None:
-            given = values[f.name] if isinstance(values[f.name], list) else [values[f.name]]
-            bad = [v for v in given if v not in choices]
-            if bad:
-                raise RunError(f"{what}: {f.name} (--{f.name.replace('_', '-')}) {bad[0]!r} is not one of "
-                               f"{', '.join(map(str, choices))}")
-
-
-def _read_config(path: str, cls: type, what: str = "--config") -> dict[str, Any]:
-    try:
-        data = read_mapping(path, what)
-    except (OSError, ValueError) as e:
-        raise RunError(str(e)) from None
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise RunError(f"{what} {path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return data
 
 
 class _Parser(argparse.ArgumentParser):
@@ -124,12 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="deft", description="Density-efficient fine-tuning (DEFT)")
     _add_verbose(parser, False)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (cls, help_) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=(cls.__doc__ or help_).strip())
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=(cmd.args.__doc__ or cmd.help).strip())
         p.add_argument("--config", help="YAML or JSON file with option values (flags override it)")
         # SUPPRESS: `deft -v train` must not be reset to False by the sub-command's own default
         _add_verbose(p, argparse.SUPPRESS)
-        _add_fields(p, cls)
+        _add_fields(p, cmd.args)
     return parser
 
 
@@ -141,9 +133,9 @@ def parse(argv: Sequence[str] | None = None) -> tuple[str, Any]:
 
 def _parse(argv: Sequence[str] | None) -> tuple[str, Any, bool]:
     ns = build_parser().parse_args(argv)
-    cls, _ = COMMANDS[ns.command]
-    values: dict[str, Any] = _read_config(ns.config, cls) if ns.config else {}
-    _check_choices(values, cls, f"--config {ns.config}")
+    cls = COMMANDS[ns.command].args
+    values: dict[str, Any] = read_config(ns.config, cls) if ns.config else {}
+    check_choices(values, cls, f"--config {ns.config}")
     for f in dataclasses.fields(cls):
         v = getattr(ns, f.name)
         if v is not None and not (f.metadata.get("positional") and v == []):
@@ -157,8 +149,6 @@ def _command_of(argv: Sequence[str] | None) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from . import run
-
     prefix = f"deft {_command_of(argv)}" if _command_of(argv) else "deft"
     try:
         try:
@@ -168,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             return e.code if isinstance(e.code, int) else 2
         with cli_session(verbose):
-            _run(command, args, run)
+            COMMANDS[command].run(args)
     except DeftError as e:
         # a user error: its message names the option, file or model at fault; one line is enough
         # (DEFT_DEBUG=1 shows the trace)
@@ -185,24 +175,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prefix}: this is a bug, please report it with the command and the traceback above", file=sys.stderr)
         return 1
     return 0
-
-
-def _run(command: str, args: Any, run: Any) -> None:
-    # under torchrun / accelerate launch every process runs the command; only the first one prints results
-    main_process = int(os.environ.get("RANK", "0")) == 0
-    if command == "train":
-        res = run.train(args)
-        if main_process:
-            print(f"{res['main_metric']}: {res['metric']:.4f}   density: {100 * res['density']['overall']:.2f} %")
-            print(f"results: {Path(args.output) / 'results.json'}\nplot:    {Path(args.output) / 'layerwise_density.png'}")
-    elif command == "compare":
-        run.compare(args)
-    elif command == "measure":
-        run.measure(args)
-    elif command == "skip":
-        run.skip(args)
-    elif command in EXTRA:
-        EXTRA[command][2](args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,6 +21,10 @@ class MissingFileError(DeftError, FileNotFoundError):
     """A file or folder deft was pointed at does not exist (the message names the path)."""
 
 
+class MissingExtraError(DeftError, ImportError):
+    """An optional dependency of deft is not installed (the message names the pip command)."""
+
+
 class UnknownNameError(DeftError, KeyError):
     """A name (a layer, a site) that matches nothing in the model; the message lists what exists."""
 

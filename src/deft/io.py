@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -60,6 +61,24 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def atomic_write_files(folder: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """``write(scratch)`` into a scratch folder inside ``folder``, then ``os.replace`` each file it wrote into
+    ``folder``: for savers that write several files of their own (peft's ``save_pretrained``), every file
+    appears whole. The files get the user's umask (safetensors writes 0600). Returns ``folder``."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=out, prefix=".save-"))
+    try:
+        write(scratch)
+        for f in scratch.iterdir():
+            if f.is_file():
+                apply_umask(f)
+                os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return out
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from ..constants import MLPSpec, full_match
+from ..arch import MLPSpec, full_match, set_submodule
 from .config import MethodError
 from .targets import is_linear, linear_out_features
 
@@ -60,12 +60,6 @@ class AdapterWrapper(nn.Module):
             return getattr(self.base_layer, name)
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def insert_adapters(
     model: nn.Module,
     spec: MLPSpec,
@@ -97,5 +91,5 @@ def insert_adapters(
         adapter = BottleneckAdapter(hidden, max(1, hidden // reduction_factor), non_linearity)
         # a quantized base stores int codes in .weight: the adapter must use its compute dtype
         adapter.to(device=module.weight.device, dtype=getattr(module, "compute_dtype", module.weight.dtype))
-        _set_submodule(model, name, AdapterWrapper(module, adapter))
+        set_submodule(model, name, AdapterWrapper(module, adapter))
     return [n for n, _ in targets]

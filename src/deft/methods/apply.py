@@ -13,7 +13,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..constants import mlp_spec
+from ..arch import mlp_spec, model_type
 from .adapters import BottleneckAdapter, insert_adapters
 from .config import TASK_TYPES, MethodConfig, MethodError
 from .targets import (
@@ -56,10 +56,6 @@ def qlora_quantization_config():
     )
 
 
-def _model_type(model: nn.Module) -> str | None:
-    return getattr(getattr(model, "config", None), "model_type", None)
-
-
 def _peft_task_type(task_type: str) -> str | None:
     # peft has no image-classification task type; the plain PeftModel plus modules_to_save does the job
     return None if task_type == "IMAGE_CLS" else task_type
@@ -75,7 +71,7 @@ def _get_peft_model(model: nn.Module, peft_config, cfg: MethodConfig, task_type:
             return get_peft_model(model, peft_config)
     except (ValueError, TypeError, AttributeError, KeyError, NotImplementedError, RuntimeError) as e:
         raise MethodError(
-            f"peft cannot apply method={cfg.method!r} to model_type={_model_type(model)!r} "
+            f"peft cannot apply method={cfg.method!r} to model_type={model_type(model)!r} "
             f"(task_type={task_type}): {type(e).__name__}: {e}"
         ) from e
 
@@ -98,15 +94,15 @@ def _lora_config(model: nn.Module, cfg: MethodConfig, task_type: str, heads: lis
 def _ia3_config(model: nn.Module, cfg: MethodConfig, task_type: str, heads: list[str]):
     from peft import IA3Config
 
-    model_type = _model_type(model)
-    spec = mlp_spec(model_type)
+    kind = model_type(model)
+    spec = mlp_spec(kind)
     mlp = mlp_linear_names(model, spec)
     attention = resolve_targets(model, ["attention"], exclude=heads)
     kv = key_value_names(attention)
     if not mlp or not kv:
         raise MethodError(
             f"method='ia3' found no {'MLP projections' if not mlp else 'attention key/value projections'} "
-            f"in model_type={model_type!r}"
+            f"in model_type={kind!r}"
         )
     targets = sorted(set(mlp) | set(kv))
     return IA3Config(
@@ -122,7 +118,7 @@ def _prompt_learning_config(model: nn.Module, cfg: MethodConfig, task_type: str,
     from peft import PrefixTuningConfig, PromptTuningConfig
 
     unsupported = (
-        f"method={cfg.method!r} is not supported for model_type={_model_type(model)!r} with task_type={task_type}"
+        f"method={cfg.method!r} is not supported for model_type={model_type(model)!r} with task_type={task_type}"
     )
     if task_type == "IMAGE_CLS":
         raise MethodError(f"{unsupported}: it prepends virtual *token* embeddings; use lora, ia3, bitfit or adapter")
@@ -187,7 +183,7 @@ def apply_method(model: nn.Module, cfg: MethodConfig, *, task_type: str, warn_fr
         heads.append(pooler)  # trained fully, like the head (and kept out of LoRA's targets)
     elif pooler is not None and warn_frozen_pooler and _looks_untrained(model.get_submodule(pooler)):
         warnings.warn(
-            f"{pooler} (model_type={_model_type(model)!r}) looks untrained (all biases zero) and stays frozen: "
+            f"{pooler} (model_type={model_type(model)!r}) looks untrained (all biases zero) and stays frozen: "
             "the classifier then sees a near-constant input and small tasks may not learn at all; "
             "pass train_pooler=True (CLI: --train-pooler)",
             stacklevel=2,
@@ -223,7 +219,7 @@ def apply_method(model: nn.Module, cfg: MethodConfig, *, task_type: str, warn_fr
         ]
         if not biases:  # then BitFit would silently degrade to training the head alone
             raise MethodError(
-                f"method='bitfit' is not supported for model_type={_model_type(model)!r}: "
+                f"method='bitfit' is not supported for model_type={model_type(model)!r}: "
                 "it has no bias parameters outside the task head"
             )
         for p in biases:
@@ -231,7 +227,7 @@ def apply_method(model: nn.Module, cfg: MethodConfig, *, task_type: str, warn_fr
     elif cfg.method == "adapter":
         insert_adapters(
             model,
-            mlp_spec(_model_type(model)),
+            mlp_spec(model_type(model)),
             adapter_type=cfg.adapter_type,
             reduction_factor=cfg.adapter_reduction_factor,
             non_linearity=cfg.adapter_non_linearity,

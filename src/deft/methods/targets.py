@@ -9,27 +9,19 @@ import re
 
 from torch import nn
 
-from ..constants import MLPSpec, full_match, mlp_spec
+from ..arch import MLPSpec, full_match, in_numbered_block, linear_types, mlp_spec, model_type
 from .config import MethodError
-
-try:  # GPT-2 style models use transformers' Conv1D (a transposed Linear) for their projections
-    from transformers.pytorch_utils import Conv1D
-
-    LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
-except ImportError:  # pragma: no cover - transformers always ships it today
-    LINEAR_TYPES = (nn.Linear,)
 
 # Task types whose head is freshly initialised and must be trained fully (peft's modules_to_save).
 HEAD_TASKS = frozenset({"SEQ_CLS", "QUESTION_ANS", "TOKEN_CLS", "IMAGE_CLS"})
 
 # Leaf names of attention key/value projections (IA3 rescales these); fused qkv projections count too.
 _KEY_VALUE_LEAF = re.compile(r"(k|v|key|value|k_proj|v_proj|k_lin|v_lin|c_attn|query_key_value|qkv|qkv_proj|Wqkv)")
-# A module inside a repeated transformer block has an integer component in its name (layer.3, h.0, block.1).
-_IN_BLOCK = re.compile(r"(^|\.)\d+\.")
 
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, LINEAR_TYPES)
+    """An ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2 style models: a transposed Linear)."""
+    return isinstance(module, linear_types())
 
 
 def linear_out_features(module: nn.Module) -> int:
@@ -97,7 +89,7 @@ def attention_linear_names(model: nn.Module, spec: MLPSpec, exclude: list[str]) 
     return [
         n
         for n, m in model.named_modules()
-        if is_linear(m) and _IN_BLOCK.search(n) and n not in mlp and not _under(n, exclude)
+        if is_linear(m) and in_numbered_block(n) and n not in mlp and not _under(n, exclude)
     ]
 
 
@@ -107,11 +99,11 @@ def resolve_targets(model: nn.Module, target_modules: list[str], exclude: list[s
     ``exclude`` holds the task head: it is trained fully via modules_to_save, and peft refuses (or silently
     double-wraps) a module that is both a LoRA target and a module to save.
     """
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    kind = model_type(model)
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     exclude = list(exclude) + [n for n, m in model.named_modules() if out_emb is not None and m is out_emb]
     if len(target_modules) == 1 and target_modules[0] in ("mlp", "attention", "mlp+attention"):
-        spec = mlp_spec(model_type)
+        spec = mlp_spec(kind)
         what = target_modules[0]
         names: list[str] = []
         if what in ("mlp", "mlp+attention"):
@@ -126,11 +118,11 @@ def resolve_targets(model: nn.Module, target_modules: list[str], exclude: list[s
         for entry in target_modules:
             hits = [n for n, _ in model.named_modules() if n == entry or n.endswith("." + entry)]
             if not hits:
-                raise MethodError(f"target_modules entry {entry!r} matches no module of model_type {model_type!r}")
+                raise MethodError(f"target_modules entry {entry!r} matches no module of model_type {kind!r}")
             names += hits
     names = sorted({n for n in names if not _under(n, exclude)})
     if not names:
-        raise MethodError(f"target_modules={','.join(target_modules)!r} selects no module of model_type {model_type!r}")
+        raise MethodError(f"target_modules={','.join(target_modules)!r} selects no module of model_type {kind!r}")
     return names
 
 

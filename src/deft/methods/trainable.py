@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -20,8 +18,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..arch import model_type
 from ..errors import MissingFileError
-from ..io import apply_umask, atomic_write
+from ..io import atomic_write, atomic_write_files
 from .apply import apply_method
 from .config import MethodConfig, MethodError
 
@@ -74,10 +73,6 @@ def _is_peft(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-def _model_type(model: nn.Module) -> str | None:
-    return getattr(getattr(model, "config", None), "model_type", None)
-
-
 def _base_name(model: nn.Module) -> str | None:
     """The folder or hub id the base model was loaded from (transformers keeps it in the config)."""
     config = getattr(model, "config", None)
@@ -95,15 +90,7 @@ def save_trainable(
     if _is_peft(model):
         # peft knows how to name its own weights (and writes adapter_config.json); save into a scratch dir
         # inside `out` and move each file into place, so every file appears atomically
-        scratch = Path(tempfile.mkdtemp(dir=out, prefix=".save-"))
-        try:
-            model.save_pretrained(scratch, safe_serialization=True)
-            for f in scratch.iterdir():
-                if f.is_file():
-                    apply_umask(f)  # safetensors writes 0600; results follow the user's umask
-                    os.replace(f, out / f.name)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        atomic_write_files(out, lambda scratch: model.save_pretrained(scratch, safe_serialization=True))
         peft_format = True
     else:
         tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
@@ -115,7 +102,7 @@ def save_trainable(
     record = {
         "deft_method_version": _FORMAT_VERSION,
         "method": cfg.to_dict(),
-        "model_type": _model_type(model),
+        "model_type": model_type(model),
         "base_model": _base_name(model),  # named in the error when the adapter is loaded on another model
         "task_type": task_type,
         "peft_format": peft_format,
@@ -178,9 +165,9 @@ def load_trainable(base_model: nn.Module, in_dir: str | os.PathLike, *, task_typ
     in_dir = Path(in_dir)
     record = read_method(in_dir)
     cfg: MethodConfig = record["method"]
-    saved_type, model_type = record.get("model_type"), _model_type(base_model)
-    if saved_type is not None and model_type is not None and saved_type != model_type:
-        raise _mismatch(in_dir, record, base_model, f"model_type {saved_type!r} there, {model_type!r} here")
+    saved_type, kind = record.get("model_type"), model_type(base_model)
+    if saved_type is not None and kind is not None and saved_type != kind:
+        raise _mismatch(in_dir, record, base_model, f"model_type {saved_type!r} there, {kind!r} here")
     saved_task = record.get("task_type")
     if saved_task is not None and saved_task != task_type:
         raise MethodError(f"checkpoint {in_dir} was saved with task_type {saved_task!r}, got {task_type!r}")

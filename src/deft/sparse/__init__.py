@@ -11,6 +11,13 @@ The CUDA kernel (:mod:`deft.sparse.triton_gemv`) is imported only when a CUDA te
 """
 from __future__ import annotations
 
+from ..core.threshold import (
+    ThresholdError,
+    apply_thresholds,
+    check_thresholds,
+    find_thresholds,
+    load_thresholds,
+)
 from .api import (
     calibrate_threshold_curve,
     calibrate_thresholds,
@@ -20,13 +27,6 @@ from .api import (
     unsparsify,
 )
 from .modules import DEFAULT_MAX_DENSITY, SkipStats, SparseDown, SparseGatedMLP
-from .thresholds import (
-    ThresholdError,
-    apply_thresholds,
-    check_thresholds,
-    find_thresholds,
-    load_thresholds,
-)
 
 __all__ = [
     "DEFAULT_MAX_DENSITY",

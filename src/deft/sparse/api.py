@@ -1,6 +1,6 @@
 """sparsify / unsparsify / calibrate_thresholds: put the zero-skipping modules into a model and take them out.
 
-Modules are found through the architecture table (:data:`deft.constants.MLP_SPECS`): every module whose
+Modules are found through the architecture table (:data:`deft.arch.MLP_SPECS`): every module whose
 name matches the family's ``down`` pattern is wrapped in a :class:`SparseDown` under the same name, so
 ``deft.ActivationProbe(point="down_input")`` and ``state_dict`` keep working. Site names (the keys of a
 per-layer threshold dict) are the module names relative to the transformers model, as the probe uses.
@@ -12,23 +12,33 @@ from typing import Any, Iterable, Literal, Mapping
 import torch
 from torch import nn
 
-from ..constants import full_match, in_block, is_gated, mlp_spec
+from ..arch import (
+    eval_mode,
+    full_match,
+    in_block,
+    is_gated,
+    linear_types,
+    mlp_spec,
+    model_type,
+    set_submodule,
+    to_device,
+    unwrap_model,
+)
+from ..core.probe import ActivationProbe, Site
+from ..core.report import measure_density
 from ..errors import ConfigError, UnknownNameError
-from ..metrics import measure_density
-from ..probe import ActivationProbe, Site, _unwrap_hf_model
-from .modules import Regime, SkipStats, SparseDown, SparseGatedMLP, _conv1d_type, eligible_gated_mlp
+from .modules import Regime, SkipStats, SparseDown, SparseGatedMLP, eligible_gated_mlp
 
 Mode = Literal["exact", "threshold"]
 Targets = Literal["down", "all"]
 
 
 def _down_sites(top: nn.Module) -> list[tuple[str, nn.Module]]:
-    config = getattr(top, "config", None)
-    spec = mlp_spec(getattr(config, "model_type", None))
+    spec = mlp_spec(model_type(top))
     found = [(n, m) for n, m in top.named_modules() if full_match(spec.down, n)]
     if not found:
         raise ConfigError(
-            f"found no MLP down-projection in this {getattr(config, 'model_type', None)!r} model "
+            f"found no MLP down-projection in this {model_type(top)!r} model "
             f"({type(top).__name__}) with pattern {spec.down!r}"
         )
     return found
@@ -36,8 +46,7 @@ def _down_sites(top: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def _all_sites(top: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every nn.Linear / Conv1D inside a transformer block: attention q/k/v/o and the whole MLP."""
-    conv1d = _conv1d_type()
-    kinds = (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+    kinds = linear_types()
     found = [(n, m) for n, m in top.named_modules() if type(m) in kinds and in_block(n)]
     if not found:
         raise ConfigError(f"found no linear layer inside numbered transformer blocks of this {type(top).__name__}")
@@ -59,7 +68,7 @@ def _split(name: str) -> tuple[str, str]:
 
 def sparse_modules(model: nn.Module) -> dict[str, SparseDown]:
     """Every :class:`SparseDown` in ``model`` by site name (empty when the model is not sparsified)."""
-    top = _unwrap_hf_model(model)
+    top = unwrap_model(model)
     return {n: m for n, m in top.named_modules() if isinstance(m, SparseDown)}
 
 
@@ -104,7 +113,7 @@ def sparsify(
         raise ConfigError(f"mode must be 'exact' or 'threshold', got {mode!r}")
     if targets not in ("down", "all"):
         raise ConfigError(f"targets must be 'down' or 'all', got {targets!r}")
-    top = _unwrap_hf_model(model)
+    top = unwrap_model(model)
     unsparsify(model)
     sites = _sites(top, targets)
     names = [n for n, _ in sites]
@@ -123,7 +132,7 @@ def sparsify(
         per_site = dict.fromkeys(names, float(threshold))
 
     config = getattr(top, "config", None)
-    gated = is_gated(mlp_spec(getattr(config, "model_type", None)), config)
+    gated = is_gated(mlp_spec(model_type(top)), config)
     for name, module in sites:
         sparse = SparseDown(
             module, threshold=per_site[name], regime=regime, max_density=max_density, track_stats=track_stats
@@ -132,16 +141,15 @@ def sparsify(
         parent = top.get_submodule(parent_name)
         if (mode == "exact" and gate_skip and targets == "down" and gated and child == "down_proj"
                 and eligible_gated_mlp(parent)):
-            grand_name, mlp_child = _split(parent_name)
-            setattr(top.get_submodule(grand_name), mlp_child, SparseGatedMLP(parent, sparse, max_density=max_density))
+            set_submodule(top, parent_name, SparseGatedMLP(parent, sparse, max_density=max_density))
         else:
-            setattr(parent, child, sparse)
+            set_submodule(top, name, sparse)
     return model
 
 
 def unsparsify(model: nn.Module) -> nn.Module:
     """Put the original modules back (the very same objects, holding the current parameters), in place."""
-    top = _unwrap_hf_model(model)
+    top = unwrap_model(model)
     # collect first: replacing while iterating named_modules would skip entries
     found = [(n, m) for n, m in top.named_modules() if isinstance(m, (SparseGatedMLP, SparseDown))]
     for name, module in found:
@@ -276,7 +284,7 @@ def _input_values(model: nn.Module, batches: Iterable[Mapping[str, Any]], *, inc
     A layer whose input has one row per token of the batch is masked with the batch's attention mask;
     other inputs (a decoder fed decoder_input_ids, say) keep every row.
     """
-    top = _unwrap_hf_model(model)
+    top = unwrap_model(model)
     sites = _all_sites(top)
     gen = torch.Generator().manual_seed(seed)
     values = {n: _Subsample(max_values, gen) for n, _ in sites}
@@ -293,16 +301,12 @@ def _input_values(model: nn.Module, batches: Iterable[Mapping[str, Any]], *, inc
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in sites]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for batch in batches:
                 mask[0] = batch.get("attention_mask")
-                dev = next(model.parameters()).device
-                model(**{k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()})
+                model(**to_device(batch, next(model.parameters()).device))
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return values

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..arch import conv1d_type
 from ..errors import ConfigError
 
 Regime = Literal["auto", "decode", "batched"]
@@ -60,14 +61,6 @@ class SkipStats:
     @property
     def skip_fraction(self) -> float:
         return self.units_skipped / self.units_total if self.units_total else 0.0
-
-
-def _conv1d_type() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return None
-    return Conv1D
 
 
 @lru_cache(maxsize=1)
@@ -110,7 +103,7 @@ class SparseDown(nn.Module):
         track_stats: bool = False,
     ) -> None:
         super().__init__()
-        conv1d = _conv1d_type()
+        conv1d = conv1d_type()
         if type(base) is nn.Linear:
             self.layout = "linear"  # weight (out, in)
             self.in_features, self.out_features = base.in_features, base.out_features
