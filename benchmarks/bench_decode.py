@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
             t, sparse_tokens = timed_generate(model, inputs, n_tokens)
             sparse_t.append(t)
         unsparsify(model)
-        same = sum(a == b for a, b in zip(dense_tokens, sparse_tokens)) / n_tokens
+        same = sum(a == b for a, b in zip(dense_tokens, sparse_tokens, strict=True)) / n_tokens
         row = {"target_density": d, "dense_tok_s": n_tokens / min(dense_t), "sparse_tok_s": n_tokens / min(sparse_t),
                "speedup": min(dense_t) / min(sparse_t), "same_tokens_as_dense": same}
         rows.append(row)

@@ -113,7 +113,7 @@ def crossover(rows: list[dict[str, Any]]) -> dict[str, Any]:
     rows = sorted(rows, key=lambda r: r["density"])
     wins = [r["density"] for r in rows if r["speedup"] > 1.0]
     estimate = None
-    for a, b in zip(rows, rows[1:]):
+    for a, b in itertools.pairwise(rows):
         if a["speedup"] > 1.0 >= b["speedup"]:
             t = (a["speedup"] - 1.0) / (a["speedup"] - b["speedup"])
             estimate = a["density"] + t * (b["density"] - a["density"])
@@ -151,10 +151,10 @@ def run(device: str, quick: bool, dtype: torch.dtype) -> dict[str, Any]:
                     if device == "cuda" and regime == "decode":
                         # the graph replays the calls in order: the dense and sparse closures see every input
                         it_d, it_s = itertools.cycle(xs).__next__, itertools.cycle(xs).__next__
-                        t_dense, t_sparse = cuda_graph_pair(lambda: lin(it_d()), lambda: sparse(it_s()),
+                        t_dense, t_sparse = cuda_graph_pair(lambda lin=lin, it=it_d: lin(it()), lambda sp=sparse, it=it_s: sp(it()),
                                                             n_inputs, 5 if quick else 15)
                     else:
-                        t_dense, t_sparse = timeit_pair(lambda: lin(nxt()), lambda: sparse(nxt()), min_run_time,
+                        t_dense, t_sparse = timeit_pair(lambda lin=lin, it=nxt: lin(it()), lambda sp=sparse, it=nxt: sp(it()), min_run_time,
                                                         rounds)
                 row = dict(shape=shape, regime=regime, tokens=tokens, density=d, dense_ms=1e3 * t_dense,
                            sparse_ms=1e3 * t_sparse, speedup=t_dense / t_sparse, target_speedup=0.7 / d)
@@ -167,7 +167,8 @@ def run(device: str, quick: bool, dtype: torch.dtype) -> dict[str, Any]:
                 results.append(row)
                 roof = (f"  of peak bw: dense {100 * row['dense_bw_frac']:3.0f}% sparse {100 * row['sparse_bw_frac']:3.0f}%"
                         if bandwidth else "")
-                print(f"{shape:>5} {regime:>7} tokens={tokens:<5} density={100 * d:5.1f}%  dense {row['dense_ms']:9.4f} ms"
+                print(f"{shape:>5} {regime:>7} tokens={tokens:<5} density={100 * d:5.1f}%"
+                      f"  dense {row['dense_ms']:9.4f} ms"
                       f"  sparse {row['sparse_ms']:9.4f} ms  speedup {row['speedup']:5.2f}x{roof}", flush=True)
     summary = {}
     for shape in SHAPES:

@@ -48,8 +48,7 @@ from deft.recipes.evaluate import eval_loader as _eval_loader
 from deft.recipes.evaluate import load_run_model as _load_run_model
 from deft.sparse import load_thresholds, sparsify
 
-from _common import CLOCKS, interleaved, loadavg, machine, median, write_json
-from _common import add_timing_options
+from _common import CLOCKS, add_timing_options, interleaved, loadavg, machine, median, write_json
 
 BATCH = 32
 PATHS = ("dense", "dense-thr", "union", "gather", "csr")
@@ -184,18 +183,18 @@ def main(argv: list[str] | None = None) -> None:
                     torch.testing.assert_close(mods[p](h), ref, rtol=1e-4, atol=1e-4)
                 times = interleaved([lambda m=mods[p], h=h: m(h) for p in PATHS], w2_rounds, clock=clock)
             row = {"batch": bi, "site": name, "threshold": thresholds[name], **densities(h, thresholds[name], valid)}
-            for p, ts in zip(PATHS, times):
+            for p, ts in zip(PATHS, times, strict=True):
                 row[f"{p}_ms"] = 1e3 * min(ts)
                 w2_best[p] += min(ts)
             layers.append(row)
         with torch.inference_mode():
             times = interleaved([lambda m=variants[p], b=batch: m(**b) for p in PATHS], rounds, clock=clock)
         ref_times = times[PATHS.index("dense-thr")]
-        for p, ts in zip(PATHS, times):
+        for p, ts in zip(PATHS, times, strict=True):
             whole_best[p] += min(ts)
-            whole_ratios[p] += [r / t for r, t in zip(ref_times, ts)]
+            whole_ratios[p] += [r / t for r, t in zip(ref_times, ts, strict=True)]
         print(f"batch {bi}: {tokens[-1]['valid']} of {tokens[-1]['padded']} tokens real, whole model "
-              + ", ".join(f"{p} {1e3 * min(ts):.0f} ms" for p, ts in zip(PATHS, times)), flush=True)
+              + ", ".join(f"{p} {1e3 * min(ts):.0f} ms" for p, ts in zip(PATHS, times, strict=True)), flush=True)
 
     n_layers = len(layers)
     summary = {

@@ -40,8 +40,7 @@ from deft.recipes.train import method_config as _method_config
 from deft.tasks import setup_task
 from deft.train.trainer import DeftTrainer, DensityConfig
 
-from _common import CLOCKS, interleaved, loadavg, machine, median, write_json
-from _common import add_timing_options
+from _common import CLOCKS, add_timing_options, interleaved, loadavg, machine, median, write_json
 
 TARGET = 0.05
 SIDES: dict[str, DensityConfig | None] = {
@@ -153,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(repeats):
         for b, batch in enumerate(batches):
             took = interleaved([lambda tr=tr, b=batch: one_step(tr, b) for tr in trainers.values()], 1, clock=clock)
-            for n, t in zip(trainers, took):
+            for n, t in zip(trainers, took, strict=True):
                 times[n][b] += t
 
     print(f"MiniLM-L6 + LoRA (r=8, mlp+attention), batch 8 of the SST-2 sample ({min(lengths)}-{max(lengths)} "
@@ -164,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     for n in names:
         best = sum(min(ts) for ts in times[n])
         # per-round ratio to PEFT on the same batch in the same round, a second estimate robust to drift
-        ratios = [t / p for tb, pb in zip(times[n], times["PEFT"]) for t, p in zip(tb, pb)]
+        ratios = [t / p for tb, pb in zip(times[n], times["PEFT"], strict=True) for t, p in zip(tb, pb, strict=True)]
         row = dict(side=n, config=None if SIDES[n] is None else {k: v for k, v in vars(SIDES[n]).items()
                                                                    if k in ("alpha", "target_density")},
                    best_step_ms=1e3 * best / n_batches, median_step_ms=1e3 * median([t for tb in times[n] for t in tb]),

@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deft.core.report import density_change
+from deft.io import write_json, write_text
 from deft.recipes import train as run
 from deft.recipes.common import versions
 from deft.recipes.compress import REPORT_NAME, PruneArgs, prune
-from deft.io import write_json, write_text
-from deft.core.report import density_change
 
 # name -> (prune options or None, quantize bits or None)
 COMPRESSIONS: dict[str, tuple[dict[str, Any] | None, int | None]] = {

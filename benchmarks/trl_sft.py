@@ -26,12 +26,12 @@ from typing import Any
 import torch
 
 import deft
-from deft.data import load_glue
-from deft.train.integrations import require_trl
-from deft.io import write_json
 from deft.core.report import count_thresholded
+from deft.data import load_glue
+from deft.io import write_json
 from deft.models import resolve
 from deft.sparse import calibrate_thresholds
+from deft.train.integrations import require_trl
 from deft.train.trainer import DensityConfig
 
 LABELS = (" negative", " positive")  # SST-2 label 0, 1

@@ -7,11 +7,9 @@ import os
 import sys
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).parent))
+from deft.train.trainer import DeftTrainer, DensityConfig  # noqa: E402
 from test_trainer import pad_features, sgd_step_args, tiny_lora_bert, toy_dataset  # noqa: E402
-
-from deft.train.trainer import DensityConfig, DeftTrainer  # noqa: E402
 
 out_file, per_device = sys.argv[1], int(sys.argv[2])
 model = tiny_lora_bert()

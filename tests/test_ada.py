@@ -42,7 +42,7 @@ def test_silent_block_is_detected_skipped_and_output_unchanged(model_type):
     batch = _inputs(model_type)
     report = deft.measure_density(model, [batch])
     assert report.layers[0].density == 0.0
-    assert all(l.density > 0 for l in report.layers[1:])
+    assert all(layer.density > 0 for layer in report.layers[1:])
     with torch.no_grad():
         ref = model(**batch).last_hidden_state
     n_before = sum(p.numel() for p in model.parameters())
@@ -84,7 +84,7 @@ def test_choose_skips_respects_max_drop():
 
 
 def test_adaptive_weights_push_the_sparsest_layer(tmp_path):
-    from deft.train.trainer import DensityConfig, DeftTrainer
+    from deft.train.trainer import DeftTrainer, DensityConfig
 
     model = AutoModel.from_config(tiny_config("bert"))
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)

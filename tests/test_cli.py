@@ -4,17 +4,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import sst2_folder
 
 from deft import cli
 from deft.recipes.common import RunError
 from deft.recipes.train import train
 
-
-
-
-
-
+from conftest import sst2_folder
 
 
 def _train_flags(model_dir, glue, out, *extra):

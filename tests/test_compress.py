@@ -10,9 +10,6 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, TrainingArguments
 
-from deft.methods import MethodConfig, apply_method
-from deft.recipes.compress import REPORT_NAME, PruneArgs, prepare_compressed_model, prune
-from deft.core.report import measure_density
 from deft.compress.linears import linear_layers
 from deft.compress.prune import (
     MASKS_NAME,
@@ -33,8 +30,11 @@ from deft.compress.quantize import (
     dequantize_model,
     quantize_model,
 )
+from deft.core.report import measure_density
+from deft.methods import MethodConfig, apply_method
+from deft.recipes.compress import REPORT_NAME, PruneArgs, prepare_compressed_model, prune
 from deft.testing import tiny_config
-from deft.train.trainer import DensityConfig, DeftTrainer
+from deft.train.trainer import DeftTrainer, DensityConfig
 from test_trainer import pad_features
 
 
@@ -170,7 +170,7 @@ def test_wanda_conv1d_matches_explicit_scores():
         for b in calib:
             dense(**b)
     h.remove()
-    sq = sum((x[b["attention_mask"].bool()] ** 2).sum(0) for x, b in zip(captured, calib))
+    sq = sum((x[b["attention_mask"].bool()] ** 2).sum(0) for x, b in zip(captured, calib, strict=True))
     scores = fc.weight.detach().abs().t() * sq.sqrt()[None, :]  # (out, in)
     k = int(scores.shape[1] * 0.5)
     drop = scores.argsort(dim=1)[:, :k]
@@ -254,7 +254,7 @@ def test_save_load_masks_and_mismatch(tmp_path):
     fresh = tiny("bert")
     apply_masks(fresh, loaded)  # masks on the original weights == the pruned model
     assert all(torch.equal(a.weight, b.weight) for a, b in zip(linear_layers(fresh).values(),
-                                                                linear_layers(model).values()))
+                                                                linear_layers(model).values(), strict=True))
     with pytest.raises(ValueError, match="match no layer"):
         apply_masks(tiny("gpt2"), loaded)
     assert path.exists()
@@ -406,7 +406,7 @@ def test_prune_command_and_train_wiring(tiny_model_dir, tmp_path):
     original, _ = load_model_and_tokenizer(str(tiny_model_dir), "sst2")
     original, info = prepare_compressed_model(original, SimpleNamespace(prune_dir=str(out)))
     assert info["prune"]["layers"] == 12 and info["weight_sparsity"]["overall"] == pytest.approx(0.5)
-    for (n, a), b in zip(linear_layers(pruned).items(), linear_layers(original).values()):
+    for (n, a), b in zip(linear_layers(pruned).items(), linear_layers(original).values(), strict=True):
         assert torch.equal(a.weight, b.weight), n
 
     quantized, info = prepare_compressed_model(pruned, SimpleNamespace(quantize=8, quant_backend="deft"))

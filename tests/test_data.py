@@ -1,6 +1,7 @@
 """deft.data: GLUE / SQuAD / image-folder loading and the task metrics.
 
-Real-file tests read DEFT_TEST_DATA (see conftest.py; row counts from the official GLUE files) and skip a file that is absent.
+Real-file tests read DEFT_TEST_DATA (see conftest.py; row counts from the official GLUE files) and skip a file
+that is absent.
 Every metric is checked against a value worked out by hand here, not by the library under test.
 """
 from __future__ import annotations
@@ -15,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TEST_DATA, need_test_data
 
 from deft.data import (
     GLUE_TASKS,
@@ -37,6 +37,8 @@ from deft.data import (
     squad_metrics,
     vit_image_processor,
 )
+
+from conftest import TEST_DATA, need_test_data
 
 GLUE = TEST_DATA / "glue"
 SQUAD_DEV = TEST_DATA / "squad" / "dev-v1.1.json"
@@ -252,7 +254,7 @@ def test_matthews_cola():
 def test_pearson_spearman_stsb():
     x, y = [1.0, 2.0, 4.0], [1.0, 3.0, 2.0]
     mx, my = sum(x) / 3, sum(y) / 3
-    cov = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    cov = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True))
     pearson = cov / math.sqrt(sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y))
     assert pearson == pytest.approx(3 / math.sqrt(84))
     spearman = 0.5  # ranks (1, 2, 3) vs (1, 3, 2): Pearson of the ranks = 1 / 2

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from transformers import AutoModel
 
 import deft
+from deft.analysis.tradeoff import iso_accuracy, lowest_density_within, metric_at_density
+from deft.core.threshold import save_thresholds
 from deft.errors import DeftError
 from deft.sparse import (
     apply_thresholds,
@@ -25,8 +27,6 @@ from deft.sparse import (
     unsparsify,
 )
 from deft.testing import tiny_config
-from deft.core.threshold import save_thresholds
-from deft.analysis.tradeoff import iso_accuracy, lowest_density_within, metric_at_density
 
 DOWN = ["encoder.layer.0.output.dense", "encoder.layer.1.output.dense"]
 
@@ -74,7 +74,7 @@ def test_thresholded_forward_equals_zeroing_by_hand():
     hand_exact = {n: 0 for n in DOWN}
     for name in DOWN:
         w, b = model.get_submodule(name).weight, model.get_submodule(name).bias
-        for (h, out), batch in zip(seen[name], batches):
+        for (h, out), batch in zip(seen[name], batches, strict=True):
             # what W2 must compute: its input with every |h| <= t set to 0, then the plain affine map
             zeroed = torch.where(h.abs() > th[name], h, torch.zeros_like(h))
             torch.testing.assert_close(out, F.linear(zeroed, w, b))
@@ -82,12 +82,12 @@ def test_thresholded_forward_equals_zeroing_by_hand():
             hand_active += int((h.abs() > th[name])[valid].sum())
             hand_exact[name] += int((h != 0)[valid].sum())
             hand_total += int(valid.sum()) * h.shape[-1]
-    assert not all(torch.allclose(a, b) for a, b in zip(dense, masked))  # the thresholds do change outputs
+    assert not all(torch.allclose(a, b) for a, b in zip(dense, masked, strict=True))  # the thresholds do change outputs
 
     # sparsify's thresholded kernel computes the same model
     sparsify(model, mode="threshold", threshold=th, max_density=1.0)
     with torch.no_grad():
-        for b, ref in zip(batches, masked):
+        for b, ref in zip(batches, masked, strict=True):
             torch.testing.assert_close(model(**b).last_hidden_state, ref, atol=1e-5, rtol=1e-5)
     unsparsify(model)
 
@@ -96,7 +96,7 @@ def test_thresholded_forward_equals_zeroing_by_hand():
     per_layer = hand_total // 2
     assert report.thresholds == th
     assert report.overall == pytest.approx(hand_active / hand_total)  # both layers have the same entry count
-    assert [l.exact_density for l in report.layers] == pytest.approx([hand_exact[n] / per_layer for n in DOWN])
+    assert [layer.exact_density for layer in report.layers] == pytest.approx([hand_exact[n] / per_layer for n in DOWN])
     assert report.exact_overall == pytest.approx(sum(hand_exact.values()) / hand_total)
     assert report.overall < report.exact_overall < 1.0  # ReLU: some exact zeros, thresholds remove more
     same = deft.measure_density(model, batches, threshold=th)  # a mapping as threshold= means the same
@@ -116,7 +116,7 @@ def test_density_report_round_trips_and_reads_old_results():
     assert back.overall == report.overall and back.exact_overall == pytest.approx(report.exact_overall)
     # a results.json written before thresholds existed: no "thresholds", no "exact_density"
     old = {k: v for k, v in d.items() if k not in ("thresholds", "exact_overall")}
-    old["layers"] = [{k: v for k, v in l.items() if k != "exact_density"} for l in d["layers"]]
+    old["layers"] = [{k: v for k, v in layer.items() if k != "exact_density"} for layer in d["layers"]]
     legacy = deft.DensityReport.from_dict(old)
     assert legacy.thresholds is None and legacy.exact_overall is None and legacy.overall == report.overall
 
@@ -284,15 +284,15 @@ def test_energy_prices_thresholded_entries_as_skipped():
     report = estimate_energy(model, batches, thresholds=th)
     assert report.thresholds == th
     for name in DOWN:
-        (rec,) = [l for l in report.layers if l.name == name]
+        (rec,) = [layer for layer in report.layers if layer.name == name]
         valid = [b["attention_mask"].bool() for b in batches]
-        active = sum(int((h.abs() > th[name])[v].sum()) for (h, _), v in zip(seen[name], valid))
-        exact = sum(int((h != 0)[v].sum()) for (h, _), v in zip(seen[name], valid))
+        active = sum(int((h.abs() > th[name])[v].sum()) for (h, _), v in zip(seen[name], valid, strict=True))
+        exact = sum(int((h != 0)[v].sum()) for (h, _), v in zip(seen[name], valid, strict=True))
         assert rec.op == "mlp_down" and rec.threshold == th[name]
         assert rec.act_in_nonzero == active and rec.act_in_exact_nonzero == exact
         assert rec.macs_nonzero == active * rec.out_features
-    (l0,) = [l for l in plain.layers if l.name == DOWN[0]]
-    (t0,) = [l for l in report.layers if l.name == DOWN[0]]
+    (l0,) = [layer for layer in plain.layers if layer.name == DOWN[0]]
+    (t0,) = [layer for layer in report.layers if layer.name == DOWN[0]]
     assert l0.act_in_nonzero == t0.act_in_exact_nonzero  # layer 0 sees the same raw input either way
     assert report.zero_skip_pj < plain.zero_skip_pj and report.dense_pj == pytest.approx(plain.dense_pj)
     eff, ex = report.down_input_density()
@@ -340,7 +340,7 @@ class _CalibrationSpy:
             batches = list(batches)
             self.calls += 1
             for b in batches:
-                for ids, m in zip(b["input_ids"], b["attention_mask"]):
+                for ids, m in zip(b["input_ids"], b["attention_mask"], strict=True):
                     self.rows.append(ids[m.bool()].tolist())
             return real(model, batches, *a, **kw)
 
@@ -504,11 +504,11 @@ def test_measure_energy_and_skip_use_the_adapter_thresholds(thresholded_run, tin
     assert cli.main(["energy", *common, "--output", str(tmp_path / "e")]) == 0
     energy = json.loads((tmp_path / "e" / "energy.json").read_text())["energy"]
     assert energy["thresholds"] == th
-    downs = [l for l in energy["layers"] if l["op"] == "mlp_down"]
-    assert [l["threshold"] for l in downs] == [th[n] for n in sorted(th)]
+    downs = [layer for layer in energy["layers"] if layer["op"] == "mlp_down"]
+    assert [layer["threshold"] for layer in downs] == [th[n] for n in sorted(th)]
     # the merged model priced here and the unmerged one measured above count the same active inputs
-    assert [l["act_in_nonzero"] / l["act_in"] for l in downs] == pytest.approx(
-        [l["density"] for l in eff["layers"]], abs=1e-3)
+    assert [layer["act_in_nonzero"] / layer["act_in"] for layer in downs] == pytest.approx(
+        [layer["density"] for layer in eff["layers"]], abs=1e-3)
     assert cli.main(["energy", *common, "--no-use-thresholds", "--output", str(tmp_path / "e0")]) == 0
     energy0 = json.loads((tmp_path / "e0" / "energy.json").read_text())["energy"]
     assert energy["zero_skip_pj"] < energy0["zero_skip_pj"]
@@ -535,7 +535,7 @@ def test_bad_thresholds_file_fails_the_command_with_one_line(thresholded_run, ti
     assert cli.main(["measure", "--model", str(tiny_model_dir), "--task", "sst2", "--data-dir",
                      str(thresholded_run["glue"]), "--adapter", str(adapter)]) == 2
     err = capsys.readouterr().err
-    (line,) = [l for l in err.splitlines() if l.startswith("deft measure: error:")]  # (loading bars aside)
+    (line,) = [s for s in err.splitlines() if s.startswith("deft measure: error:")]  # (loading bars aside)
     assert "bert.encoder.layer.0.output.dense" in line and "thresholds.json" in line and "Traceback" not in err
 
 

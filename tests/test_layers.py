@@ -235,7 +235,8 @@ def test_the_library_never_imports_recipes_or_the_cli():
     # ... and at run time: `import deft` and every library module load neither (nor, for `import deft`, transformers)
     library = sorted(m for m in graph if LAYERS[layer_of(m)] <= LIBRARY_MAX
                      and m not in ("deft.sparse.triton_gemv", "deft.train.integrations"))  # need CUDA / TRL
-    code = ("import importlib, sys\nimport deft\nassert 'transformers' not in sys.modules, 'import deft loads transformers'\n"
+    code = ("import importlib, sys\nimport deft\n"
+            "assert 'transformers' not in sys.modules, 'import deft loads transformers'\n"
             f"for m in {library!r}:\n    importlib.import_module(m)\n"
             "loaded = sorted(m for m in sys.modules if m.startswith(('deft.recipes', 'deft.cli')))\n"
             "assert not loaded, loaded\n")

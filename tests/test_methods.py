@@ -213,7 +213,7 @@ def test_adapter_starts_as_base_and_keeps_names(family, task, adapter_type):
         out_base, out_adapted = base(**inputs).logits, model(**inputs).logits
     assert torch.equal(out_base, out_adapted)  # zero-initialised `up`: exactly the base model
     assert len(seen["base"]) == len(seen["adapted"]) > 0
-    assert all(torch.equal(a, b) for a, b in zip(seen["base"], seen["adapted"]))
+    assert all(torch.equal(a, b) for a, b in zip(seen["base"], seen["adapted"], strict=True))
 
 
 def test_bottleneck_adapter_sizes():

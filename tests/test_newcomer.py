@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 from transformers import TrainerCallback
-from conftest import one_error_line, sst2_folder
 
 from deft import cli
 from deft.console import cli_session, quiet_loading
 from deft.errors import DeftError
 from deft.recipes.common import RunError
+
+from conftest import one_error_line, sst2_folder
 
 REPO = Path(__file__).resolve().parents[1]
 

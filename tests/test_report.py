@@ -13,21 +13,15 @@ import pytest
 import torch
 
 from deft import cli
-from deft.train.callbacks import DensityCSVCallback
+from deft.analysis.report import build_report
+from deft.analysis.report_plots import pareto_front
 from deft.recipes import train as train_recipe
 from deft.recipes.common import RunError
 from deft.recipes.compare import CompareArgs, compare
 from deft.recipes.measure import EnergyArgs, energy
 from deft.recipes.report import ReportArgs, report
-from deft.analysis.report import build_report
-from deft.analysis.report_plots import pareto_front
 from deft.recipes.sweep import SweepArgs, base_args, grid, point_name, read_rows, sweep
-
-
-
-
-
-
+from deft.train.callbacks import DensityCSVCallback
 
 
 def _base(model_dir, glue) -> dict:
@@ -121,8 +115,8 @@ def test_energy_json_next_to_run(runs):
     assert "DEFT" in e["op_help"]["mlp_down"]
     # the merged LoRA model sees the same W2 inputs as the trained run measured
     res = json.loads((runs["sweep"] / "a5-s0" / "results.json").read_text())
-    downs = [l for l in e["layers"] if l["op"] == "mlp_down"]
-    assert [l["act_in_nonzero"] for l in downs] == [l["nonzero"] for l in res["density"]["layers"]]
+    downs = [layer for layer in e["layers"] if layer["op"] == "mlp_down"]
+    assert [layer["act_in_nonzero"] for layer in downs] == [layer["nonzero"] for layer in res["density"]["layers"]]
     assert (runs["sweep"] / "a5-s0" / "energy_breakdown.png").stat().st_size > 1000
     assert (runs["sweep"] / "a5-s0" / "energy_breakdown.svg").exists()
 
@@ -144,9 +138,9 @@ def test_report_tables_images_and_configs(runs):
     for needle in ("accuracy (%)", "density (%)", "Density Change %", "energy ratio", "baseline", " ± "):
         assert needle in page and needle in md
     table = md.split("## Results")[1].split("## Figures")[0]
-    body = [l for l in table.splitlines() if l.startswith("| ") and "setting" not in l]
+    body = [line for line in table.splitlines() if line.startswith("| ") and "setting" not in line]
     assert len(body) == 2  # alpha 0 and alpha 5, two seeds each (the compare copies are not counted again)
-    deft_row = next(l for l in body if "α=5" in l)
+    deft_row = next(line for line in body if "α=5" in line)
     assert re.search(r"\| 2 \|", deft_row) and "Not counted" in md
     cells = [c.strip() for c in deft_row.strip("|").split("|")]
     sweep_runs = [json.loads((runs["sweep"] / p / "results.json").read_text()) for p in ("a0-s0", "a0-s1", "a5-s0",
@@ -161,7 +155,7 @@ def test_report_tables_images_and_configs(runs):
     # the energy section: one row per setting, W2 (mlp_down) called out
     energy = md.split("## Energy on a zero-skipping accelerator")[1].split("## Configurations")[0]
     assert "W2 input non-zero %" in energy and "mlp_down" in energy and "DEFT" in energy
-    w2 = next(l for l in energy.splitlines() if l.startswith("| DEFT"))
+    w2 = next(line for line in energy.splitlines() if line.startswith("| DEFT"))
     assert float(w2.split("|")[3]) == pytest.approx(100 * e5["by_op"]["mlp_down"]["input_nonzero_fraction"], abs=0.01)
 
     # figures exist as PNG and SVG, and the Markdown links them

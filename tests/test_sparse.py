@@ -119,7 +119,7 @@ def test_gated_mlp_skips_up_rows_prefill_and_cached_decode(model_type):
     sparsify(model, max_density=1.0, track_stats=True)
     mlps = [m for m in model.modules() if isinstance(m, SparseGatedMLP)]
     assert len(mlps) == 2 and all(isinstance(m.down_proj, SparseDown) for m in mlps)
-    for got, want in zip(run(), ref):
+    for got, want in zip(run(), ref, strict=True):
         torch.testing.assert_close(got, want, **TOL)
     assert all(s.units_skipped > 0 for s in sparse_stats(model).values())
 
@@ -197,7 +197,7 @@ def test_calibrate_thresholds_reaches_target_density(model_type, target):
         assert t > 0
         for batches, tol in ((calib, 0.001), (held_out, 0.02)):
             report = deft.measure_density(model, batches, point="down_input", threshold=t)
-            (layer,) = [l for l in report.layers if l.name == name]
+            (layer,) = [rec for rec in report.layers if rec.name == name]
             assert abs(layer.density - target) <= tol, (name, batches is calib, layer.density)
 
 
@@ -228,7 +228,7 @@ def test_probe_still_finds_the_down_input_of_a_sparsified_model():
     probe = deft.ActivationProbe(model, point="down_input")
     assert all(isinstance(s.module, SparseDown) for s in probe.sites)
     sparse = deft.measure_density(model, [batch], point="down_input", threshold=0.05)
-    assert [l.density for l in sparse.layers] == [l.density for l in dense.layers]
+    assert [layer.density for layer in sparse.layers] == [layer.density for layer in dense.layers]
 
 
 def test_transposed_weight_cache_follows_in_place_updates():

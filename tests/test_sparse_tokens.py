@@ -67,7 +67,7 @@ def test_per_token_threshold_path_keeps_the_dense_gradients():
     grads_sparse = [h_sparse.grad, lin.weight.grad.clone(), lin.bias.grad.clone()]
     lin.zero_grad()
     (_thresholded_dense(lin, h_dense, t) * g).sum().backward()
-    for a, b in zip(grads_sparse, [h_dense.grad, lin.weight.grad, lin.bias.grad]):
+    for a, b in zip(grads_sparse, [h_dense.grad, lin.weight.grad, lin.bias.grad], strict=True):
         torch.testing.assert_close(a, b)
     assert not h_sparse.grad[h.abs() <= t].any()  # a dropped unit gets no gradient, as in the dense mask
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import one_error_line, sst2_folder
 
 from deft import cli
 from deft.recipes.sweep import SweepArgs, _validate, suite_points
+
+from conftest import one_error_line, sst2_folder
 
 SUITES = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "suites").glob("*.yaml"))
 

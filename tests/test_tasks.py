@@ -213,7 +213,7 @@ def test_squad_causal_llama(llama_dir, squad_dir, tmp_path):
     assert setup.details["prompt_format"] == "plain"
     for f in setup.train_dataset.features:  # prompt masked, answer + eos learned, never longer than max_length
         assert len(f["input_ids"]) <= 40 and f["labels"][0] == -100 and f["labels"][-1] == 1
-        prompt = [i for i, lab in zip(f["input_ids"], f["labels"]) if lab == -100]
+        prompt = [i for i, lab in zip(f["input_ids"], f["labels"], strict=True) if lab == -100]
         assert setup.tokenizer_or_processor.decode(prompt).endswith("Answer :")  # the template survives the cut
     texts = [setup.tokenizer_or_processor.decode(f["input_ids"]) for f in setup.train_dataset.features]
     assert any("capital" in t and "buildings" not in t for t in texts)  # ... the end of the context does not

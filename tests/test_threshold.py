@@ -55,13 +55,13 @@ def test_masked_forward_equals_zeroing_by_hand(tiny_model_dir):
 
     probe = ActivationProbe(model, point="down_input")
     assert [s.name for s in probe.sites] == [f"bert.{n}" if not n.startswith("bert.") else n for n in names]
-    probe.mask_below({s.name: th[n] for s, n in zip(probe.sites, names)})
+    probe.mask_below({s.name: th[n] for s, n in zip(probe.sites, names, strict=True)})
     with probe, torch.no_grad():
         got = model(**batch).logits
     torch.testing.assert_close(got, want)
     # what the probe counted is the effective density: the share of real-token entries above t
     mask = batch["attention_mask"].bool()
-    for s, n in zip(probe.sites, names):
+    for s, n in zip(probe.sites, names, strict=True):
         expect = float((offered[n].abs() > th[n])[mask].float().mean())
         assert s.density() == pytest.approx(expect)
 
@@ -154,9 +154,9 @@ def test_thresholds_file_checks(tmp_path, tiny_model_dir):
 
 def test_train_writes_thresholds_that_sparsify_serves_unchanged(tiny_model_dir, glue_dir, tmp_path):
     """The thresholds a run ends with reproduce its evaluation when a sparse kernel applies them."""
-    from deft.recipes.train import TrainArgs, train
-    from deft.methods import load_trainable
     from deft.core.report import measure_density
+    from deft.methods import load_trainable
+    from deft.recipes.train import TrainArgs, train
     from deft.sparse import sparsify
 
     out = tmp_path / "run"

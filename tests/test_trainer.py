@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification, TrainingArguments
 
 import deft
 from deft.testing import tiny_config
-from deft.train.trainer import DensityConfig, DeftTrainer
+from deft.train.trainer import DeftTrainer, DensityConfig
 
 HERE = Path(__file__).parent
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-optuna = pytest.importorskip("optuna")
-
 from deft import cli
 from deft.recipes import train as train_recipe
 from deft.recipes import tune
 from deft.recipes.tune import Param, TuneArgs, TuneError
+
+optuna = pytest.importorskip("optuna")
 
 
 def _flags(model_dir, glue, out, *extra):

@@ -18,7 +18,6 @@ from .core import ActivationProbe, DensityLoss, DensityReport, LayerDensity, den
 from .errors import ConfigError, DeftError
 from .version import __version__  # noqa: F401  (deft.__version__)
 
-
 __all__ = [
     "ActivationProbe",
     "ConfigError",

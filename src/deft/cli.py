@@ -14,13 +14,14 @@ import re
 import sys
 import traceback
 import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .console import cli_session
 from .errors import DeftError
 from .fields import check_choices, field_choices, field_type
-from .recipes.common import RunError, read_config
+from .recipes.common import read_config
 from .recipes.compare import CompareArgs, compare
 from .recipes.compress import PruneArgs, prune
 from .recipes.measure import EnergyArgs, MeasureArgs, energy, measure

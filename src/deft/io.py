@@ -5,8 +5,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import ConfigError, MissingFileError
 
@@ -38,7 +39,7 @@ def apply_umask(path: str | os.PathLike, *, directory: bool = False) -> None:
 def apply_umask_tree(root: str | os.PathLike) -> None:
     """:func:`apply_umask` on a folder and everything in it (safetensors writes its files 0600 too)."""
     mask = _umask()
-    for folder, dirs, files in os.walk(root):
+    for folder, _dirs, files in os.walk(root):
         os.chmod(folder, 0o777 & ~mask)
         for name in files:
             os.chmod(os.path.join(folder, name), 0o666 & ~mask)

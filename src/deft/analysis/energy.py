@@ -45,9 +45,10 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -117,7 +118,7 @@ class EnergyConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, source: str = "EnergyConfig") -> "EnergyConfig":
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "EnergyConfig") -> EnergyConfig:
         known = {f.name for f in fields(cls)}
         for key in data:
             if key not in known:
@@ -125,7 +126,7 @@ class EnergyConfig:
         return cls(**dict(data))
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "EnergyConfig":
+    def from_file(cls, path: str | Path) -> EnergyConfig:
         """Read a YAML (.yaml/.yml) or JSON file of the fields above; unknown keys are an error."""
         p = Path(path)
         data = read_mapping(p, "hardware config")
@@ -197,11 +198,11 @@ class EnergyReport:
     # -- totals (pJ)
     @property
     def dense_pj(self) -> float:
-        return sum(l.total(self.config, zero_skip=False) for l in self.layers)
+        return sum(layer.total(self.config, zero_skip=False) for layer in self.layers)
 
     @property
     def zero_skip_pj(self) -> float:
-        return sum(l.total(self.config, zero_skip=True) for l in self.layers)
+        return sum(layer.total(self.config, zero_skip=True) for layer in self.layers)
 
     @property
     def ratio(self) -> float:
@@ -213,38 +214,38 @@ class EnergyReport:
         """Per operation type: dense and zero-skip pJ, MACs, and the input non-zero fraction."""
         out: dict[str, dict[str, float]] = {}
         for op in OPS:
-            ls = [l for l in self.layers if l.op == op]
+            ls = [layer for layer in self.layers if layer.op == op]
             if not ls:
                 continue
-            a_in = sum(l.act_in for l in ls)
+            a_in = sum(layer.act_in for layer in ls)
             out[op] = {
-                "dense_pj": sum(l.total(self.config, zero_skip=False) for l in ls),
-                "zero_skip_pj": sum(l.total(self.config, zero_skip=True) for l in ls),
-                "macs": float(sum(l.macs for l in ls)),
-                "macs_nonzero": float(sum(l.macs_nonzero for l in ls)),
-                "input_nonzero_fraction": sum(l.act_in_nonzero for l in ls) / a_in if a_in else float("nan"),
-                "observed": all(l.observed for l in ls),
+                "dense_pj": sum(layer.total(self.config, zero_skip=False) for layer in ls),
+                "zero_skip_pj": sum(layer.total(self.config, zero_skip=True) for layer in ls),
+                "macs": float(sum(layer.macs for layer in ls)),
+                "macs_nonzero": float(sum(layer.macs_nonzero for layer in ls)),
+                "input_nonzero_fraction": sum(layer.act_in_nonzero for layer in ls) / a_in if a_in else float("nan"),
+                "observed": all(layer.observed for layer in ls),
             }
         return out
 
     def by_component(self, *, zero_skip: bool) -> dict[str, float]:
         tot = {"compute": 0.0, "weights": 0.0, "activations": 0.0}
-        for l in self.layers:
-            for k, v in l.energy(self.config, zero_skip=zero_skip).items():
+        for layer in self.layers:
+            for k, v in layer.energy(self.config, zero_skip=zero_skip).items():
                 tot[k] += v
         return tot
 
-    def reprice(self, config: EnergyConfig) -> "EnergyReport":
+    def reprice(self, config: EnergyConfig) -> EnergyReport:
         return EnergyReport(self.layers, config, self.examples, self.tokens, self.include_padding, self.thresholds)
 
     def down_input_density(self) -> tuple[float, float] | None:
         """(effective, exact-zero) non-zero fraction of the MLP down-projection inputs, pooled over layers;
         None unless the model ran with per-layer thresholds."""
-        ls = [l for l in self.layers if l.op == "mlp_down" and l.act_in_exact_nonzero is not None and l.act_in]
+        ls = [layer for layer in self.layers if layer.op == "mlp_down" and layer.act_in_exact_nonzero is not None and layer.act_in]
         if not self.thresholds or not ls:
             return None
-        n = sum(l.act_in for l in ls)
-        return sum(l.act_in_nonzero for l in ls) / n, sum(l.act_in_exact_nonzero or 0 for l in ls) / n
+        n = sum(layer.act_in for layer in ls)
+        return sum(layer.act_in_nonzero for layer in ls) / n, sum(layer.act_in_exact_nonzero or 0 for layer in ls) / n
 
     # -- output
     def table(self, *, per_layer: bool = False) -> str:
@@ -270,7 +271,8 @@ class EnergyReport:
                 f"{100 * _div(r['zero_skip_pj'], total_skip):7.2f}"
             )
         lines.append(
-            f"{'total':<17} {sum(l.macs for l in self.layers):12.4g} {sum(l.macs_nonzero for l in self.layers):12.4g} "
+            f"{'total':<17} {sum(layer.macs for layer in self.layers):12.4g} "
+            f"{sum(layer.macs_nonzero for layer in self.layers):12.4g} "
             f"{'':>10} {self.dense_pj / 1e6:11.3f} {total_skip / 1e6:11.3f} {self.ratio:6.3f}"
         )
         lines += ["", f"energy ratio (zero-skip / dense): {self.ratio:.4f}{per_ex}"]
@@ -280,12 +282,12 @@ class EnergyReport:
                          f"skipped), exact-zero density {100 * dens[1]:.2f} %")
         lines += [f"  {op}: {OP_HELP[op]}" for op in self.by_op()]
         if per_layer:
-            w = max([len(l.name) for l in self.layers] + [5])
+            w = max([len(layer.name) for layer in self.layers] + [5])
             lines += ["", f"{'layer':<{w}} {'operation':<17} {'input nz %':>10} {'dense µJ':>11} {'0-skip µJ':>11}"]
-            for l in self.layers:
-                nz = f"{100 * l.input_nonzero_fraction:10.2f}" if l.observed else f"{'n/a':>10}"
-                lines.append(f"{l.name:<{w}} {l.op:<17} {nz} {l.total(c, zero_skip=False) / 1e6:11.4f} "
-                             f"{l.total(c, zero_skip=True) / 1e6:11.4f}")
+            for layer in self.layers:
+                nz = f"{100 * layer.input_nonzero_fraction:10.2f}" if layer.observed else f"{'n/a':>10}"
+                lines.append(f"{layer.name:<{w}} {layer.op:<17} {nz} {layer.total(c, zero_skip=False) / 1e6:11.4f} "
+                             f"{layer.total(c, zero_skip=True) / 1e6:11.4f}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -302,15 +304,15 @@ class EnergyReport:
                              "zero_skip": self.by_component(zero_skip=True)},
             "op_help": {op: OP_HELP[op] for op in OPS},
             "config": self.config.to_dict(),
-            "layers": [{**asdict(l), "dense_pj": l.total(self.config, zero_skip=False),
-                        "zero_skip_pj": l.total(self.config, zero_skip=True)} for l in self.layers],
+            "layers": [{**asdict(layer), "dense_pj": layer.total(self.config, zero_skip=False),
+                        "zero_skip_pj": layer.total(self.config, zero_skip=True)} for layer in self.layers],
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "EnergyReport":
+    def from_dict(cls, d: Mapping[str, Any]) -> EnergyReport:
         names = {f.name for f in fields(LayerEnergy)}
         return cls(
-            layers=[LayerEnergy(**{k: v for k, v in l.items() if k in names}) for l in d["layers"]],
+            layers=[LayerEnergy(**{k: v for k, v in layer.items() if k in names}) for layer in d["layers"]],
             config=EnergyConfig.from_dict(d.get("config", {})),
             examples=d.get("examples", 0),
             tokens=d.get("tokens", 0),
@@ -346,7 +348,7 @@ def _features(m: nn.Module) -> tuple[int, int]:
 
 
 def _unwrap_layer(m: nn.Module) -> nn.Module:
-    while hasattr(m, "base_layer") and isinstance(getattr(m, "base_layer"), nn.Module):
+    while hasattr(m, "base_layer") and isinstance(m.base_layer, nn.Module):
         m = m.base_layer
     return m
 
@@ -647,10 +649,10 @@ def estimate_energy(
             if masking is not None:
                 masking.detach()
             counter.detach()
-    layers = [l for l in counter.layers.values() if l.calls > 0]
-    for l in layers:
-        owner = _owner(l.name)
+    layers = [layer for layer in counter.layers.values() if layer.calls > 0]
+    for layer in layers:
+        owner = _owner(layer.name)
         if owner in counter.exact_nonzero:
-            l.act_in_exact_nonzero = counter.exact_nonzero[owner]
+            layer.act_in_exact_nonzero = counter.exact_nonzero[owner]
     return EnergyReport(layers=layers, config=cfg, examples=counter.examples, tokens=counter.tokens,
                         include_padding=include_padding, thresholds=thresholds)

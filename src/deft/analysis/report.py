@@ -17,9 +17,10 @@ import html
 import json
 import math
 import statistics
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from ..core.report import DensityReport
 from ..errors import DeftError
@@ -55,7 +56,7 @@ class Setting:
     runs: list[Run]
     label: str = ""
     varying: dict[str, Any] = field(default_factory=dict)  # the options that tell it apart from other settings
-    baseline: "Setting | None" = None
+    baseline: Setting | None = None
     duplicates: list[Run] = field(default_factory=list)  # same options *and* seed as a run already counted
     stats: dict[str, float] = field(default_factory=dict)
 
@@ -241,6 +242,12 @@ def markdown_table(head: list[str], rows: list[list[str]]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- figures
+def _point(s: Setting) -> dict[str, Any]:
+    """A setting as one point of a trade-off curve."""
+    return {"alpha": s.config.get("alpha", 0.0), "density": s.stats["density"], "density_std": s.stats["density_std"],
+            "metric": s.stats["metric"], "metric_std": s.stats["metric_std"]}
+
+
 def _figures(settings: Sequence[Setting], fig_dir: Path) -> list[tuple[str, Path, str]]:
     """(title, png path, caption) of every figure; each is also written as SVG next to the PNG."""
     from . import report_plots
@@ -252,22 +259,19 @@ def _figures(settings: Sequence[Setting], fig_dir: Path) -> list[tuple[str, Path
         groups.setdefault((s.config.get("model", "?"), s.config.get("task", "?")), []).append(s)
     for gi, ((model, task), ss) in enumerate(groups.items()):
         series: dict[str, list[dict[str, Any]]] = {}
-        point = lambda s: {"alpha": s.config.get("alpha", 0.0), "density": s.stats["density"],  # noqa: E731
-                           "density_std": s.stats["density_std"], "metric": s.stats["metric"],
-                           "metric_std": s.stats["metric_std"]}
         with_base: set[tuple[str, int]] = set()
         for s in ss:
             if not s.config.get("alpha"):
                 continue
             name = _series_name(s)
-            series.setdefault(name, []).append(point(s))
+            series.setdefault(name, []).append(_point(s))
             # the PEFT baseline is the alpha = 0 end of every curve built on it
             if s.baseline is not None and (name, id(s.baseline)) not in with_base:
                 with_base.add((name, id(s.baseline)))
-                series[name].append(point(s.baseline))
+                series[name].append(_point(s.baseline))
         for s in ss:  # baselines without any DEFT setting on top of them
             if not s.config.get("alpha") and not any(x.baseline is s for x in ss):
-                series.setdefault(_series_name(s), []).append(point(s))
+                series.setdefault(_series_name(s), []).append(_point(s))
         metric = ss[0].runs[0].results.get("main_metric", "metric")
         png, _ = report_plots.tradeoff(series, fig_dir / f"tradeoff_{gi}", metric_name=metric,
                                        title=f"{model_short(model)} / {task}: {metric} vs density")
@@ -379,14 +383,14 @@ def _energy_summary(settings: Sequence[Setting]) -> list[list[str]]:
         mean = statistics.fmean
         w2 = "–"
         if all(down):
-            w2 = (f"{mean(d['dense_pj'] / k / 1e6 for d, k in zip(down, n)):.3f} → "
-                  f"{mean(d['zero_skip_pj'] / k / 1e6 for d, k in zip(down, n)):.3f}")
+            w2 = (f"{mean(d['dense_pj'] / k / 1e6 for d, k in zip(down, n, strict=True)):.3f} → "
+                  f"{mean(d['zero_skip_pj'] / k / 1e6 for d, k in zip(down, n, strict=True)):.3f}")
         rows.append([
             s.label, str(len(runs)),
             f"{100 * mean(d['input_nonzero_fraction'] for d in down):.2f}" if all(down) else "–",
             w2,
-            f"{mean(r.energy['dense_pj'] / k / 1e6 for r, k in zip(runs, n)):.3f}",
-            f"{mean(r.energy['zero_skip_pj'] / k / 1e6 for r, k in zip(runs, n)):.3f}",
+            f"{mean(r.energy['dense_pj'] / k / 1e6 for r, k in zip(runs, n, strict=True)):.3f}",
+            f"{mean(r.energy['zero_skip_pj'] / k / 1e6 for r, k in zip(runs, n, strict=True)):.3f}",
             f"{mean(r.energy['ratio'] for r in runs):.3f}",
         ])
     return rows

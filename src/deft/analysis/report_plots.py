@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from ..io import atomic_write
 from .energy import OPS
@@ -76,7 +77,7 @@ def tradeoff(
                     yerr=[100 * _num(p.get("metric_std"), 0.0) for p in pts], fmt="o-", lw=1, ms=6,
                     color=COLORS[k % len(COLORS)], label=label, capsize=2, alpha=0.9)
         clusters: list[tuple[float, float, list[str]]] = []
-        for p, x, y in zip(pts, xs, ys):
+        for p, x, y in zip(pts, xs, ys, strict=True):
             if "alpha" not in p or math.isnan(y):
                 continue
             near = next((c for c in clusters if abs(c[0] - x) <= tol_x and abs(c[1] - y) <= tol_y), None)
@@ -87,7 +88,7 @@ def tradeoff(
         for x, y, alphas in clusters:
             ax.annotate("α=" + ", ".join(alphas), (x, y), textcoords="offset points", xytext=(6, 6 + 11 * k),
                         fontsize=8, color="#333333")
-        every += list(zip(xs, ys))
+        every += list(zip(xs, ys, strict=True))
     front = pareto_front(every)
     if front:
         fx, fy = [every[i][0] for i in front], [every[i][1] for i in front]
@@ -111,7 +112,7 @@ def density_curves(
     for k, (label, pts) in enumerate(curves.items()):
         if not pts:
             continue
-        xs, ys = zip(*sorted(pts))
+        xs, ys = zip(*sorted(pts), strict=True)
         # line style and marker vary too, so curves that coincide (two alphas that both reach 0) stay visible
         ax.plot(xs, [100 * y for y in ys], marker=MARKERS[k % len(MARKERS)] if len(xs) < 15 else None,
                 ms=4 + 2 * (k % 3), lw=1.4, ls=LINESTYLES[k % len(LINESTYLES)], color=COLORS[k % len(COLORS)],
@@ -153,7 +154,7 @@ def energy_breakdown(
             ax.bar(x + (j - 0.5) * width, vals, width, bottom=bottom, color=OP_COLORS[op], hatch=hatch,
                    edgecolor="white", lw=0.5, label=op if j == 0 else None)
             bottom += vals
-        for xi, b, d in zip(x, bottom, dicts.values()):
+        for xi, b, d in zip(x, bottom, dicts.values(), strict=True):
             text = kind if j == 0 else f"{kind}\n×{d['ratio']:.3f}"
             ax.text(xi + (j - 0.5) * width, b, text, ha="center", va="bottom", fontsize=7)
     ax.set_xticks(x, labels, fontsize=8, rotation=15 if len(labels) > 3 else 0,

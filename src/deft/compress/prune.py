@@ -29,11 +29,13 @@ Padding tokens are excluded from the norms via the batch's attention mask.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -209,7 +211,7 @@ def wanda_prune(model: nn.Module, batches: Iterable[Mapping[str, Any]], cfg: Pru
     quantized = [n for n, m in targets.items() if isinstance(m, QuantizedLinear)]
     if quantized:
         raise ConfigError(f"wanda_prune: {quantized[0]} is quantized; prune first, then quantize")
-    calib = [b for _, b in zip(range(cfg.calib_batches), batches)]
+    calib = list(itertools.islice(batches, cfg.calib_batches))
     if not calib:
         raise ConfigError("wanda_prune needs at least one calibration batch")
     device = model_device(model)

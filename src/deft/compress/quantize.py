@@ -144,7 +144,7 @@ class _DequantMatmul(torch.autograd.Function):
     for backward (only the codes are): the memory point of a quantized base. No gradient for ``W``: frozen."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:  # type: ignore[override]
         ctx.layer = layer
         return F.linear(x, layer.dequantize(x.dtype))
 
@@ -173,7 +173,7 @@ class QuantizedLinear(nn.Linear):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_float(cls, module: nn.Module, bits: int, group_size: int | None = None) -> "QuantizedLinear":
+    def from_float(cls, module: nn.Module, bits: int, group_size: int | None = None) -> QuantizedLinear:
         """Quantize an ``nn.Linear`` or transformers ``Conv1D`` (weight (in, out))."""
         w = weight_out_in(module)
         out_f, in_f = w.shape
@@ -331,7 +331,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------- from run options
-def quant_config(args: Any) -> "QuantConfig | None":
+def quant_config(args: Any) -> QuantConfig | None:
     """The :class:`QuantConfig` of ``args.quantize`` / ``args.quant_backend`` / ``args.quant_group_size``."""
     bits = getattr(args, "quantize", None)
     if bits is None:

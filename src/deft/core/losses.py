@@ -18,8 +18,9 @@ Two granularities:
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -111,7 +112,7 @@ class DensityLoss:
             raise ConfigError(f"layer_weights has shape {tuple(w.shape)}, but the probe has {n_sites} sites")
         return w
 
-    def per_layer(self, probe: "ActivationProbe", *, num_tokens: int | float | None = None) -> list[torch.Tensor | None]:
+    def per_layer(self, probe: ActivationProbe, *, num_tokens: int | float | None = None) -> list[torch.Tensor | None]:
         """The loss of each site (None where the site saw nothing), before layer weighting."""
         out: list[torch.Tensor | None] = []
         for site in probe.sites:
@@ -130,7 +131,7 @@ class DensityLoss:
                 out.append(self.surrogate(s).sum())
         return out
 
-    def __call__(self, probe: "ActivationProbe", *, num_tokens: int | float | None = None) -> torch.Tensor:
+    def __call__(self, probe: ActivationProbe, *, num_tokens: int | float | None = None) -> torch.Tensor:
         """The density loss of what the probe recorded in the last forward pass."""
         per = self.per_layer(probe, num_tokens=num_tokens)
         used = [i for i, v in enumerate(per) if v is not None]

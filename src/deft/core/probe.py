@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -201,7 +202,7 @@ class ActivationProbe:
         self._straight_through = bool(straight_through)
 
     # ------------------------------------------------------------------ lifecycle
-    def attach(self) -> "ActivationProbe":
+    def attach(self) -> ActivationProbe:
         if self._handles:
             return self
         # Both the model as given and the transformers model inside it mark "a forward is running": peft's
@@ -230,7 +231,7 @@ class ActivationProbe:
         """Whether the hooks are in place (between :meth:`attach` and :meth:`detach`)."""
         return bool(self._handles)
 
-    def __enter__(self) -> "ActivationProbe":
+    def __enter__(self) -> ActivationProbe:
         return self.attach()
 
     def __exit__(self, *exc: object) -> None:
@@ -243,7 +244,7 @@ class ActivationProbe:
             s.union_sum = 0.0
             s.partials.clear()
 
-    def track(self, loss: "DensityLoss | None") -> "ActivationProbe":
+    def track(self, loss: DensityLoss | None) -> ActivationProbe:
         """Bind a density loss: from now on hooks keep the partials it needs (when grad is enabled)."""
         self._loss = loss
         return self

@@ -54,17 +54,17 @@ class DensityReport:
     thresholds: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
-        seen = [l for l in self.layers if l.entries > 0]
+        seen = [layer for layer in self.layers if layer.entries > 0]
         if not self.groups:
             by: dict[str, list[float]] = {}
-            for l in seen:
-                by.setdefault(l.group, []).append(l.density)
+            for layer in seen:
+                by.setdefault(layer.group, []).append(layer.density)
             self.groups = {g: sum(v) / len(v) for g, v in sorted(by.items())}
         if seen and math.isnan(self.overall):
-            self.overall = sum(l.density for l in seen) / len(seen)
+            self.overall = sum(layer.density for layer in seen) / len(seen)
 
     @classmethod
-    def from_probe(cls, probe: ActivationProbe) -> "DensityReport":
+    def from_probe(cls, probe: ActivationProbe) -> DensityReport:
         layers = [
             LayerDensity(
                 name=s.name,
@@ -84,13 +84,13 @@ class DensityReport:
 
     @property
     def union_overall(self) -> float:
-        vals = [l.union_density for l in self.layers if l.entries > 0]
+        vals = [layer.union_density for layer in self.layers if layer.entries > 0]
         return sum(vals) / len(vals) if vals else float("nan")
 
     @property
     def exact_overall(self) -> float | None:
         """Mean exact-zero density over the layers (None unless measured beside per-layer thresholds)."""
-        vals = [l.exact_density for l in self.layers if l.entries > 0 and l.exact_density is not None]
+        vals = [layer.exact_density for layer in self.layers if layer.entries > 0 and layer.exact_density is not None]
         return sum(vals) / len(vals) if vals else None
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,13 +102,13 @@ class DensityReport:
             "include_padding": self.include_padding,
             "thresholds": dict(self.thresholds) if self.thresholds is not None else None,
             "exact_overall": self.exact_overall,
-            "layers": [asdict(l) for l in self.layers],
+            "layers": [asdict(layer) for layer in self.layers],
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "DensityReport":
+    def from_dict(cls, d: Mapping[str, Any]) -> DensityReport:
         return cls(
-            layers=[LayerDensity(**l) for l in d["layers"]],
+            layers=[LayerDensity(**layer) for layer in d["layers"]],
             threshold=d.get("threshold", 0.0),
             include_padding=d.get("include_padding", False),
             groups=dict(d.get("groups", {})),
@@ -119,18 +119,19 @@ class DensityReport:
 
     def table(self) -> str:
         """A fixed-width table for the terminal (densities in %)."""
-        w = max([len(l.name) for l in self.layers] + [5])
+        w = max([len(layer.name) for layer in self.layers] + [5])
         lines = [f"{'layer':<{w}}  {'group':<7}  {'density %':>9}  {'union %':>8}  {'tokens':>8}"]
         exact = self.exact_overall is not None
         if exact:  # thresholded: density is the effective one, the exact-zero one goes beside it
             lines[0] += f"  {'threshold':>9}  {'exact-0 %':>9}"
-        for l in self.layers:
+        for layer in self.layers:
             lines.append(
-                f"{l.name:<{w}}  {l.group:<7}  {100 * l.density:>9.2f}  {100 * l.union_density:>8.2f}  {l.tokens:>8}"
+                f"{layer.name:<{w}}  {layer.group:<7}  {100 * layer.density:>9.2f}  "
+                f"{100 * layer.union_density:>8.2f}  {layer.tokens:>8}"
             )
             if exact:
-                t = (self.thresholds or {}).get(l.name, self.threshold)
-                ex = f"{100 * l.exact_density:>9.2f}" if l.exact_density is not None else f"{'':>9}"
+                t = (self.thresholds or {}).get(layer.name, self.threshold)
+                ex = f"{100 * layer.exact_density:>9.2f}" if layer.exact_density is not None else f"{'':>9}"
                 lines[-1] += f"  {t:>9.3g}  {ex}"
         for g, v in self.groups.items():
             lines.append(f"{'mean (' + g + ')':<{w}}  {'':<7}  {100 * v:>9.2f}")
@@ -224,7 +225,7 @@ def count_thresholded(
     finally:
         exact.detach()
     report = DensityReport.from_probe(effective)
-    for layer, site in zip(report.layers, exact.sites):
+    for layer, site in zip(report.layers, exact.sites, strict=True):
         layer.exact_density = site.density()
     report.thresholds = th
     return result, report

@@ -223,7 +223,8 @@ def _local_file(spec: GlueTask, split: Split, data_dir: Path) -> Path:
     if path is not None:
         return path
     raise DataError(
-        f"{data_dir / spec.dir_name / spec.file_name(split)}: no such file. --data-dir should be the GLUE root laid out as "
+        f"{data_dir / spec.dir_name / spec.file_name(split)}: no such file. "
+        "--data-dir should be the GLUE root laid out as "
         f"TASK_DIR/{{train,dev}}.tsv, here {spec.dir_name}/{spec.train_file} and {spec.dir_name}/{spec.dev_file}"
     )
 

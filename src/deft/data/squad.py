@@ -125,10 +125,10 @@ def _check_windows_cover_contexts(enc: Any, examples: Sequence[QAExample], slack
     for i, offsets in enumerate(enc["offset_mapping"]):
         j = enc["overflow_to_sample_mapping"][i]
         ids = enc.sequence_ids(i)
-        ends = [o[1] for o, sid in zip(offsets, ids) if sid == 1]
+        ends = [o[1] for o, sid in zip(offsets, ids, strict=True) if sid == 1]
         if ends:
             reach[j] = max(reach[j], max(ends))
-    for e, r in zip(examples, reach):
+    for e, r in zip(examples, reach, strict=True):
         if r < len(e.context.rstrip()) - slack:
             import tokenizers
 
@@ -206,7 +206,7 @@ def prepare_extractive_eval(
         feature: dict[str, Any] = _model_inputs(enc, i)
         feature["example_id"] = example.id
         feature["context"] = example.context
-        feature["offset_mapping"] = [tuple(o) if s == 1 else None for o, s in zip(offsets, sequence_ids)]
+        feature["offset_mapping"] = [tuple(o) if s == 1 else None for o, s in zip(offsets, sequence_ids, strict=True)]
         features.append(feature)
     return features
 

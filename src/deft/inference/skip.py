@@ -9,8 +9,9 @@ validation data under a bounded metric drop.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -100,7 +101,7 @@ def skip_mlp_blocks(
             f"the density report has {len(report.layers)} layers but the model has {len(downs)} MLP blocks: "
             "measure the report on this model"
         )
-    chosen = layers if layers is not None else [i for i, l in enumerate(report.layers) if l.density <= threshold]
+    chosen = layers if layers is not None else [i for i, layer in enumerate(report.layers) if layer.density <= threshold]
     result = SkipResult()
     for i in chosen:
         down = downs[i]

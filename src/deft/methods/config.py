@@ -128,7 +128,7 @@ class MethodConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MethodConfig":
+    def from_dict(cls, data: dict[str, Any]) -> MethodConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

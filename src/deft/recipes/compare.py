@@ -229,7 +229,7 @@ def format_iso_table(iso: dict[str, Any], metric: str) -> str:
              f"{iso.get('matched_kind') or BASELINE_KIND} reaches there")
     lines = [title, ""]
     for row in [head, ["-" * w for w in widths], *body]:
-        lines.append("| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) + " |")
+        lines.append("| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))) + " |")
     return "\n".join(lines)
 
 
@@ -271,7 +271,7 @@ def format_table(summary: dict[str, Any]) -> str:
     ]
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
     for row in [head, ["-" * w for w in widths], *body]:
-        lines.append("| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) + " |")
+        lines.append("| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))) + " |")
     lines.append("")
     lines.append(
         f"Density Change: {summary['density_change_percent']:.2f} %   "

@@ -52,7 +52,7 @@ class PruneArgs:
     overwrite: bool = _h("replace an existing prune folder", default=False)
     trust_remote_code: bool = _h("allow model code from the hub", default=False)
 
-    def config(self) -> "PruneConfig":
+    def config(self) -> PruneConfig:
         from ..compress.prune import PruneConfig
 
         return PruneConfig(sparsity=self.sparsity, nm=self.nm, targets=self.targets,
@@ -100,7 +100,7 @@ def prune(args: PruneArgs) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- train wiring
-def prepare_compressed_model(model: "nn.Module", args: Any) -> "tuple[nn.Module, dict[str, Any]]":
+def prepare_compressed_model(model: nn.Module, args: Any) -> tuple[nn.Module, dict[str, Any]]:
     """Apply ``args.prune_dir`` (WANDA masks, kept through training) and ``args.quantize`` (8 / 4) to a freshly
     loaded model, before ``apply_method``. Returns the model and a JSON-able summary for results.json.
 

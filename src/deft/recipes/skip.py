@@ -69,7 +69,7 @@ def skip(args: SkipArgs) -> dict[str, Any]:
     out = {
         "run": str(run_dir), "main_metric": main, "max_drop_points": args.max_drop,
         "skipped_layers": choice["skip_layers"], "skipped_modules": info.skipped,
-        "layer_densities": [l.density for l in report.layers],
+        "layer_densities": [layer.density for layer in report.layers],
         "metric_before": base_metrics[main], "metric_after": skip_metrics[main],
         "model_seconds_before": base_time, "model_seconds_after": skip_time,
         "runtime_change_percent": 100 * (skip_time - base_time) / base_time if base_time else None,
@@ -81,7 +81,8 @@ def skip(args: SkipArgs) -> dict[str, Any]:
     write_json(Path(args.output or run_dir) / "skip.json", out)
     print(f"skipped MLP blocks {choice['skip_layers']} of {len(report.layers)}; {main}: "
           f"{100 * out['metric_before']:.2f} -> {100 * out['metric_after']:.2f}; model time "
-          f"{base_time:.2f}s -> {skip_time:.2f}s; weights freed {info.freed_params:,} ({out['memory_change_percent']:.1f}%)")
+          f"{base_time:.2f}s -> {skip_time:.2f}s; "
+          f"weights freed {info.freed_params:,} ({out['memory_change_percent']:.1f}%)")
     return out
 
 

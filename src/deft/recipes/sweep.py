@@ -25,10 +25,11 @@ import subprocess
 import sys
 import time
 import typing
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from ..analysis.report import read_rows
 from ..fields import check_choices, field_type
@@ -157,7 +158,7 @@ def grid(args: SweepArgs) -> list[SweepPoint]:
     out = Path(args.output)
     points, seen = [], set()
     for combo in itertools.product(*[v for _, v in axes]):
-        values = dict(zip([k for k, _ in axes], combo))
+        values = dict(zip([k for k, _ in axes], combo, strict=True))
         if values.get("alpha") == 0:
             # without the density loss its eps / beta change nothing: one PEFT baseline per method and seed
             values.pop("eps", None)
@@ -379,7 +380,10 @@ def sweep(args: SweepArgs) -> list[dict[str, Any]]:
     _validate(points)
     out = Path(args.output)
     jsonl, csv_path = out / "sweep.jsonl", out / "sweep.csv"
-    done = lambda p: (Path(p.args.output) / "results.json").exists()  # noqa: E731
+
+    def done(p: SweepPoint) -> bool:
+        return (Path(p.args.output) / "results.json").exists()
+
     print(f"deft sweep: {len(points)} points, {sum(map(done, points))} finished, in {out}")
     if args.dry_run:
         for p in points:

@@ -26,11 +26,12 @@ Decisions, and why:
   workers that start together may both enqueue it: the later one becomes an ordinary search trial.
 * **Pruning** (``--prune``, on by default): Optuna's pruners do not support several objectives, so deft
   prunes by its own rule. At every evaluation before the last (``--eval-every``: half-way by default)
-  the trial's metric is compared with the baseline's at the same share of training (the baseline's latest evaluation at or before it): a trial more than
-  ``--prune-factor`` x ``--max-drop`` points below it is stopped. The question being answered is "how
-  sparse within max-drop of the baseline": a run that far behind has rarely caught up by its end, and
-  the factor (4 by default) leaves room for evaluation noise and for the density loss's warm-up. The
-  steps pruning saved (planned minus run) are summed in ``pareto.json``.
+  the trial's metric is compared with the baseline's at the same share of training (the baseline's
+  latest evaluation at or before it): a trial more than ``--prune-factor`` x ``--max-drop`` points below
+  it is stopped. The question being answered is "how sparse within max-drop of the baseline": a run
+  that far behind has rarely caught up by its end, and the factor (4 by default) leaves room for
+  evaluation noise and for the density loss's warm-up. The steps pruning saved (planned minus run) are
+  summed in ``pareto.json``.
 * **Interrupted trials**: every running trial sends a heartbeat to the storage. A trial whose process
   died (its heartbeat older than two minutes) is marked FAIL by the next worker to start a trial, and a
   trial stopped by Ctrl-C is marked FAIL at once; either way the same parameters are enqueued again and
@@ -766,7 +767,8 @@ def _print_summary(s: Mapping[str, Any], out: Path) -> None:
               f"{100 * base['metric']:.2f} %)")
     else:
         who = f"trial {ans['number']}" if ans.get("number") is not None else "the baseline itself"
-        print(f"sparsest within {s['max_drop_points']:g} points of the PEFT baseline ({metric} {100 * base['metric']:.2f} %): "
+        print(f"sparsest within {s['max_drop_points']:g} points of the PEFT baseline "
+              f"({metric} {100 * base['metric']:.2f} %): "
               f"{who}, {ans['density_kind'] or ''} density {100 * ans['density']:.2f} %, {metric} "
               f"{100 * ans['metric']:.2f} % -> {ans['run_dir']}")
     print(f"front: {out / 'pareto.json'} (also pareto.csv, pareto.png); report: deft report {out}")

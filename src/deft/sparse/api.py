@@ -7,7 +7,8 @@ per-layer threshold dict) are the module names relative to the transformers mode
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Literal, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import nn

@@ -70,7 +70,7 @@ def _gather_gemv(
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     offs = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     rows = tl.load(idx_ptr + offs, mask=offs < count, other=0)
-    for kb in range(pid_k, tl.cdiv(count, BLOCK_K), split):
+    for _kb in range(pid_k, tl.cdiv(count, BLOCK_K), split):
         valid = offs < count
         # the next block's indices are requested before this block's weights are used: the index load's
         # round trip overlaps the weight load instead of adding to it

@@ -26,7 +26,7 @@ def sentiment_accuracy(generated: Sequence[str], labels: Sequence[int]) -> dict[
     and how often a generation contained a label word at all."""
     found = [[w for w in re.findall(r"[a-z]+", g.lower()) if w in SENTIMENT_WORDS] for g in generated]
     words = [f[0] if f else "" for f in found]
-    correct = sum(w == SENTIMENT_WORDS[y] for w, y in zip(words, labels))
+    correct = sum(w == SENTIMENT_WORDS[y] for w, y in zip(words, labels, strict=True))
     valid = sum(w in SENTIMENT_WORDS for w in words)
     n = max(len(labels), 1)
     return {"accuracy": correct / n, "valid_answer_rate": valid / n}

@@ -141,13 +141,13 @@ def _seq2seq_qa(args: TaskArgs, path: str, train_ex: list[QAExample], eval_ex: l
         pairs = generative_pairs(examples, style="t5")  # "question: ... context: ...": truncation cuts the context
         src = tok([s for s, _ in pairs], truncation=True, max_length=args.max_length)["input_ids"]
         tgt = tok(text_target=[t for _, t in pairs], truncation=True, max_length=ANSWER_MAX_TOKENS)["input_ids"]
-        return [Prompted(s, t, e.id) for s, t, e in zip(src, tgt, examples)]
+        return [Prompted(s, t, e.id) for s, t, e in zip(src, tgt, examples, strict=True)]
 
     eval_items = items(eval_ex)
 
     def evaluate(trainer: Any) -> dict[str, float]:
         answers = greedy_generate(trainer, tok, [it.prompt_ids for it in eval_items], QA_NEW_TOKENS)
-        return squad_scores({it.key: a for it, a in zip(eval_items, answers)}, eval_ex)
+        return squad_scores({it.key: a for it, a in zip(eval_items, answers, strict=True)}, eval_ex)
 
     return TaskSetup(
         task="squad", task_type="SEQ_2_SEQ_LM", model=model, tokenizer_or_processor=tok,
@@ -175,7 +175,7 @@ def _causal_qa(args: TaskArgs, path: str, train_ex: list[QAExample], eval_ex: li
 
     def evaluate(trainer: Any) -> dict[str, float]:
         answers = greedy_generate(trainer, tok, [it.prompt_ids for it in eval_items], QA_NEW_TOKENS)
-        return squad_scores({it.key: a for it, a in zip(eval_items, answers)}, eval_ex)
+        return squad_scores({it.key: a for it, a in zip(eval_items, answers, strict=True)}, eval_ex)
 
     return TaskSetup(
         task="squad", task_type="CAUSAL_LM", model=model, tokenizer_or_processor=tok,

@@ -1,4 +1,5 @@
-"""DeftTrainer: a drop-in ``transformers.Trainer`` that adds the density loss; DensityMixin: the same for its subclasses.
+"""DeftTrainer: a drop-in ``transformers.Trainer`` that adds the density loss; DensityMixin: the same for its
+subclasses.
 
 ``total = task_loss + alpha * density_loss``. Both terms are normalised over the *whole optimizer step*
 (all gradient-accumulation micro-batches, all DDP processes), so one step is the same for GA=1 and
@@ -225,7 +226,7 @@ class DensityMixin:
             vals = [totals["task"]] + ([totals["density"][g] for g in sorted(totals["density"])] if totals["density"] else [])
             t = torch.tensor(vals, dtype=torch.float64, device=device)
             g = self.accelerator.gather(t.unsqueeze(0)).sum(dim=0).tolist()
-            totals = {"task": g[0], "density": {k[2:]: v for k, v in zip(keys[1:], g[1:])} or None}
+            totals = {"task": g[0], "density": {k[2:]: v for k, v in zip(keys[1:], g[1:], strict=True)} or None}
         self._step_totals = totals
         return batch_samples, num_items
 
@@ -313,7 +314,7 @@ class DensityMixin:
             names = sorted(pending)
             v = torch.tensor([pending[n] for n in names], dtype=torch.float64, device=self.args.device)
             torch.distributed.all_reduce(v)
-            pending = {n: float(x) / self.args.world_size for n, x in zip(names, v.tolist())}
+            pending = {n: float(x) / self.args.world_size for n, x in zip(names, v.tolist(), strict=True)}
         progress = self.state.global_step / self.state.max_steps if self.state.max_steps else 1.0
         self.thresholds.step(progress, pending)
 
@@ -372,7 +373,7 @@ class DensityMixin:
         if self._ada_density is None:
             self._ada_density = [1.0 if math.isnan(d) else d for d in dens]
         else:  # smooth over updates: a single micro-batch is a noisy estimate
-            self._ada_density = [p if math.isnan(d) else 0.7 * p + 0.3 * d for p, d in zip(self._ada_density, dens)]
+            self._ada_density = [p if math.isnan(d) else 0.7 * p + 0.3 * d for p, d in zip(self._ada_density, dens, strict=True)]
         v = [(1.0 - d + 1e-3) ** self.density.adaptive_gamma for d in self._ada_density]
         n, total = len(v), sum(v)
         mix = self.density.adaptive_mix
@@ -395,16 +396,17 @@ class DensityMixin:
                 warnings.warn(
                     "deft: the token count seen by the MLPs differs from the inputs' attention mask "
                     f"(seen {seen}, predicted {predicted}); the density term is averaged per micro-batch instead "
-                    "of over the whole accumulated batch"
+                    "of over the whole accumulated batch",
+                    stacklevel=2,
                 )
             return dens_mean / ga
         totals = self._step_totals["density"]
         # per-layer sums divided by the step's token count: summing micro-batches gives the step mean
         per = self.density_loss.per_layer(self.probe, num_tokens=1.0)
-        vals = [v / float(totals[s.group]) for v, s in zip(per, self.probe.sites) if v is not None]
+        vals = [v / float(totals[s.group]) for v, s in zip(per, self.probe.sites, strict=True) if v is not None]
         weights = self.density_loss.weight_vector(len(per), dens_mean.device)
         used = [i for i, v in enumerate(per) if v is not None]
-        total = sum(w * v for w, v in zip([weights[i] for i in used], vals))
+        total = sum(w * v for w, v in zip([weights[i] for i in used], vals, strict=True))
         return total / len(used) * ws
 
     # ------------------------------------------------------------------ logging & evaluation
@@ -412,7 +414,7 @@ class DensityMixin:
         return [(s.nonzero, s.entries, s.tokens, s.units, s.union_sum, s.union_batches) for s in self.probe.sites]
 
     def _restore_snapshot(self, snap) -> None:
-        for s, (nz, en, tok, un, us, ub) in zip(self.probe.sites, snap):
+        for s, (nz, en, tok, un, us, ub) in zip(self.probe.sites, snap, strict=True):
             s.nonzero, s.entries, s.tokens, s.units, s.union_sum, s.union_batches = nz, en, tok, un, us, ub
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
