@@ -1,4 +1,5 @@
 """ADA-DEFT: adaptive layer weights and MLP block skipping."""
+
 from __future__ import annotations
 
 import pytest
@@ -48,8 +49,11 @@ def test_silent_block_is_detected_skipped_and_output_unchanged(model_type):
     n_before = sum(p.numel() for p in model.parameters())
 
     model, info = skip_mlp_blocks(model, report, threshold=0.0)
-    expected_down = {"bert": "encoder.layer.0.output.dense", "llama": "layers.0.mlp.down_proj",
-                     "t5": "encoder.block.0.layer.1.DenseReluDense.wo"}[model_type]
+    expected_down = {
+        "bert": "encoder.layer.0.output.dense",
+        "llama": "layers.0.mlp.down_proj",
+        "t5": "encoder.block.0.layer.1.DenseReluDense.wo",
+    }[model_type]
     assert info.skipped == [expected_down]
     downs = [m for m in model.modules() if isinstance(m, ConstantOutput)]
     assert len(downs) == 1 and any(isinstance(m, ZeroWidth) for m in model.modules())

@@ -4,6 +4,7 @@ Real-file tests read DEFT_TEST_DATA (see conftest.py; row counts from the offici
 that is absent.
 Every metric is checked against a value worked out by hand here, not by the library under test.
 """
+
 from __future__ import annotations
 
 import importlib.resources
@@ -132,7 +133,9 @@ def test_qqp_and_mnli_formats(tmp_path):
     )
     qqp = load_glue("qqp", "dev", data_dir=tmp_path)
     assert [(e.text_a, e.text_b, e.label) for e in qqp] == [
-        ('How do I "learn" Python?', "How to learn Python?", 1), ("Why?", "How?", 0)]
+        ('How do I "learn" Python?', "How to learn Python?", 1),
+        ("Why?", "How?", 0),
+    ]
     (tmp_path / "MNLI").mkdir()
     header = "index\tpromptID\tpairID\tgenre\tsentence1\tsentence2\tlabel1\tgold_label\n"
     (tmp_path / "MNLI" / "dev_matched.tsv").write_text(
@@ -152,11 +155,21 @@ MALFORMED = [
     ("rte", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\ta\tb\tmaybe\n", 3, "unknown label"),
     ("cola", "src\t1\t\tFine.\nsrc\t1\t\tFine.\nsrc\tx\t\tBad label.\n", 3, "unknown label 'x'"),
     ("cola", "src\t1\t\tFine.\nsrc\t1\tToo few.\n", 2, "expected 4"),
-    ("stsb", "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
-             "0\tg\tf\ty\t0\tn\tn\tA.\tB.\t4.5\n"
-             "1\tg\tf\ty\t1\tn\tn\tA.\tB.\tfour\n", 3, "not a finite number"),
-    ("stsb", "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
-             "0\tg\tf\ty\t0\tn\tn\tA.\tB.\tnan\n", 2, "not a finite number"),
+    (
+        "stsb",
+        "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+        "0\tg\tf\ty\t0\tn\tn\tA.\tB.\t4.5\n"
+        "1\tg\tf\ty\t1\tn\tn\tA.\tB.\tfour\n",
+        3,
+        "not a finite number",
+    ),
+    (
+        "stsb",
+        "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+        "0\tg\tf\ty\t0\tn\tn\tA.\tB.\tnan\n",
+        2,
+        "not a finite number",
+    ),
     ("sst2", "text\tlabel\nfine\t1\n", 1, "header lacks column"),
     ("sst2", "", 1, "empty file"),
     ("sst2", "sentence\tlabel\n", 2, "no data rows after the header line"),  # would fail later as num_samples=0
@@ -207,6 +220,7 @@ def test_glue_option_errors(tmp_path, monkeypatch):
 
 # ---- GLUE: built-in SST-2 sample -----------------------------------------------------------------
 
+
 def test_builtin_sst2_sample():
     train, dev = load_glue("sst2", "train"), load_glue("sst2", "dev", source="builtin")
     assert (len(train), len(dev)) == (3000, 872)
@@ -220,6 +234,7 @@ def test_builtin_sst2_sample():
 
 
 # ---- GLUE: metrics against hand-computed values ----------------------------------------------------
+
 
 def test_accuracy_from_logits_and_ids():
     refs = [1, 0, 0, 1]
@@ -269,6 +284,7 @@ def test_metric_length_mismatch():
 
 # ---- GLUE: tokenized dataset -----------------------------------------------------------------------
 
+
 def test_glue_dataset_pairs_and_regression(tokenizer):
     from transformers import DataCollatorWithPadding
 
@@ -289,6 +305,7 @@ def test_glue_dataset_pairs_and_regression(tokenizer):
 
 # ---- SQuAD ------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def squad_dev():
     return load_squad(_need(SQUAD_DEV))
@@ -301,7 +318,7 @@ def test_load_squad(squad_dev):
     assert first.title == "Super_Bowl_50" and first.answers[0] == "Denver Broncos"
     for e in squad_dev[:500]:
         for text, start in zip(e.answers, e.answer_starts, strict=True):
-            assert e.context[start: start + len(text)] == text
+            assert e.context[start : start + len(text)] == text
 
 
 def test_split_squad_by_article(squad_dev):
@@ -356,8 +373,8 @@ def test_extractive_train_labels_decode_to_answer(squad_dev, tokenizer):
         # The span is the smallest run of tokens covering the answer ...
         assert offsets[s][0] <= a_start < offsets[s][1] and offsets[e][0] < a_end <= offsets[e][1]
         # ... which is the answer itself unless the answer ends inside a token ("gold" in "golden").
-        if ex.context[offsets[s][0]: offsets[e][1]] == ex.answers[0]:
-            decoded = tokenizer.decode(feat["input_ids"][s: e + 1])
+        if ex.context[offsets[s][0] : offsets[e][1]] == ex.answers[0]:
+            decoded = tokenizer.decode(feat["input_ids"][s : e + 1])
             expected = tokenizer.decode(tokenizer(ex.answers[0], add_special_tokens=False)["input_ids"])
             assert decoded == expected
             exact += 1
@@ -404,7 +421,7 @@ def test_postprocess_best_window_wins():
 def test_generative_pairs():
     ex = QAExample("q", "Who?", "Ann met Bob.", ["Ann", "Ann met"], [0, 0])
     assert generative_pairs([ex]) == [("question: Who? context: Ann met Bob.", "Ann")]
-    (source, target), = generative_pairs([ex], style="chat")
+    ((source, target),) = generative_pairs([ex], style="chat")
     assert "Who?" in source and "Ann met Bob." in source and target == "Ann"
     with pytest.raises(DataError, match="style='gpt'"):
         generative_pairs([ex], style="gpt")
@@ -414,8 +431,14 @@ def test_squad_metrics_hand_computed():
     # Two paragraphs, one question each.
     examples = [
         QAExample("p1", "What sat?", "Look: a cat sat there.", ["a cat sat"], [6], title="A"),
-        QAExample("p2", "What tower?", "We saw the Eiffel Tower in Paris.",
-                  ["Eiffel Tower", "the Eiffel Tower in Paris"], [11, 7], title="B"),
+        QAExample(
+            "p2",
+            "What tower?",
+            "We saw the Eiffel Tower in Paris.",
+            ["Eiffel Tower", "the Eiffel Tower in Paris"],
+            [11, 7],
+            title="B",
+        ),
     ]
     predictions = {"p1": "the cat", "p2": "The Eiffel Tower."}
     # p1: normalisation drops articles -> pred ["cat"], gold ["cat", "sat"]: 1 token in common.
@@ -433,6 +456,7 @@ def test_squad_metrics_hand_computed():
 
 
 # ---- images ------------------------------------------------------------------------------------------
+
 
 def test_synthetic_image_folder(tmp_path):
     root = make_synthetic_images(tmp_path / "imgs", n_per_class=4, classes=("red", "green", "blue"), size=16)

@@ -1,4 +1,5 @@
 """Energy model: hand-computed prices, monotonicity in sparsity, labelled ops on real model types."""
+
 from __future__ import annotations
 
 import itertools
@@ -42,7 +43,13 @@ def test_weight_fetch_uses_the_union_over_tokens():
     x = torch.tensor([[1.0, 0.0, 2.0, 0.0], [0.0, 0.0, 3.0, 0.0]])
     r = estimate_energy(_ones_linear(), [x])
     (layer,) = r.layers
-    assert (layer.macs, layer.macs_nonzero, layer.weight_words_needed, layer.act_in_nonzero, layer.act_out_nonzero) == (24, 9, 6, 3, 6)
+    assert (layer.macs, layer.macs_nonzero, layer.weight_words_needed, layer.act_in_nonzero, layer.act_out_nonzero) == (
+        24,
+        9,
+        6,
+        3,
+        6,
+    )
     assert r.zero_skip_pj == pytest.approx(9 * 3.7 + 6 * 1950 + (3 + 6) * 1950)
     assert r.dense_pj == pytest.approx(24 * 3.7 + 12 * 1950 + (8 + 6) * 1950)
 
@@ -97,8 +104,15 @@ def test_sparser_activations_never_cost_more():
 
 def _bert_relu():
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                     max_position_embeddings=64, hidden_act="relu")
+    cfg = BertConfig(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_act="relu",
+    )
     return AutoModel.from_config(cfg).eval()
 
 

@@ -1,4 +1,5 @@
 """Probe, density metric and density losses against independent expectations."""
+
 from __future__ import annotations
 
 import json
@@ -193,8 +194,13 @@ def test_loss_partials_are_reduced_not_full_activations():
 
 @pytest.mark.parametrize(
     "kwargs, word",
-    [({"eps": 0}, "eps"), ({"eps": -1e-7}, "eps"), ({"beta": 0}, "beta"), ({"kind": "l1"}, "kind"),
-     ({"granularity": "sentence"}, "granularity")],
+    [
+        ({"eps": 0}, "eps"),
+        ({"eps": -1e-7}, "eps"),
+        ({"beta": 0}, "beta"),
+        ({"kind": "l1"}, "kind"),
+        ({"granularity": "sentence"}, "granularity"),
+    ],
 )
 def test_loss_validation(kwargs, word):
     with pytest.raises(ValueError, match=word):
@@ -311,8 +317,10 @@ def test_prefix_tuning_classification_is_recorded():
 
     torch.manual_seed(0)
     cfg = tiny_config("bert", num_labels=2)
-    model = get_peft_model(AutoModelForSequenceClassification.from_config(cfg),
-                           PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3))
+    model = get_peft_model(
+        AutoModelForSequenceClassification.from_config(cfg),
+        PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3),
+    )
     batch = _batch("bert", cfg)
     report = deft.measure_density(model, [batch], threshold=0.05)
     assert report.layers[0].tokens == 11  # the 3 virtual tokens have no MLP activations; padding excluded

@@ -1,4 +1,5 @@
 """Zero-skipping MLP inference (deft.sparse) against the dense model and hand computations."""
+
 from __future__ import annotations
 
 import pytest
@@ -153,10 +154,12 @@ def test_threshold_mode_zeroes_exactly_the_small_units(regime, layout):
         base.weight.data, base.bias.data = w.t().contiguous(), b.clone()
     h = torch.tensor([[0.05, -0.5, 0.2, -0.1], [0.3, 0.01, -0.1, 0.0]])
     # threshold 0.1: |h| <= 0.1 is dropped; token 0 keeps units 1, 2; token 1 keeps unit 0 only
-    expected = torch.stack([
-        w[:, 1] * -0.5 + w[:, 2] * 0.2 + b,
-        w[:, 0] * 0.3 + b,
-    ])
+    expected = torch.stack(
+        [
+            w[:, 1] * -0.5 + w[:, 2] * 0.2 + b,
+            w[:, 0] * 0.3 + b,
+        ]
+    )
     sparse = SparseDown(base, threshold=0.1, regime=regime, max_density=1.0)
     torch.testing.assert_close(sparse(h), expected)
     torch.testing.assert_close(sparse(h[:1]), expected[:1])  # one token: the decode gather in auto too
@@ -285,9 +288,11 @@ def test_all_projections_thresholds_reach_target_on_every_input(target):
     counts = {n: [0, 0] for n in thresholds}
     hooks = []
     for n in thresholds:
+
         def fn(_m, args, n=n):
             counts[n][0] += int((args[0].abs() > thresholds[n]).sum())
             counts[n][1] += args[0].numel()
+
         hooks.append(model.get_submodule(n).register_forward_pre_hook(fn))
     with torch.no_grad():
         for b in batches:
@@ -297,8 +302,12 @@ def test_all_projections_thresholds_reach_target_on_every_input(target):
     for n, (above, total) in counts.items():
         assert above / total == pytest.approx(target, abs=0.02), n
     # the thresholded model equals zeroing those inputs by hand
-    zeroing = [model.get_submodule(n).register_forward_pre_hook(
-        lambda _m, args, t=thresholds[n]: (args[0] * (args[0].abs() > t),)) for n in thresholds]
+    zeroing = [
+        model.get_submodule(n).register_forward_pre_hook(
+            lambda _m, args, t=thresholds[n]: (args[0] * (args[0].abs() > t),)
+        )
+        for n in thresholds
+    ]
     want = _hidden(model, batches[0])
     for h in zeroing:
         h.remove()

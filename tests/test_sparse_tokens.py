@@ -5,6 +5,7 @@ batch, so it is served with ``sparsify(mode="threshold", regime="decode")``: eve
 rows of its own units with ``|h| > t``. These tests pin that this path equals the dense model on the
 thresholded input, for every float dtype, with gradients, and on a padded batch of a real model family.
 """
+
 from __future__ import annotations
 
 import pytest

@@ -10,6 +10,7 @@ Core API::
     loss = deft.DensityLoss(kind="l0", eps=1e-7)     # differentiable count of non-zeros
     deft.density_change(peft_report, deft_report)    # the paper's Density Change %
 """
+
 from __future__ import annotations
 
 from . import models  # noqa: F401  (deft.models.minilm_path() etc.)

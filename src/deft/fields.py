@@ -1,5 +1,6 @@
 """Dataclass fields whose help text becomes the CLI's ``--help`` (read by ``deft.cli``), and the type / choice
 introspection the CLI, ``--config`` files and ``deft sweep`` suite files share."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,5 +48,7 @@ def check_choices(values: dict[str, Any], cls: type, what: str) -> None:
             given = values[f.name] if isinstance(values[f.name], list) else [values[f.name]]
             bad = [v for v in given if v not in choices]
             if bad:
-                raise ConfigError(f"{what}: {f.name} (--{f.name.replace('_', '-')}) {bad[0]!r} is not one of "
-                               f"{', '.join(map(str, choices))}")
+                raise ConfigError(
+                    f"{what}: {f.name} (--{f.name.replace('_', '-')}) {bad[0]!r} is not one of "
+                    f"{', '.join(map(str, choices))}"
+                )

@@ -1,4 +1,5 @@
 """Atomic writes: a crash or Ctrl-C mid-write never leaves a truncated results file behind."""
+
 from __future__ import annotations
 
 import json

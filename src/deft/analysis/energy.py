@@ -41,6 +41,7 @@ about it)", ISSCC 2014, as tabulated e.g. by Han et al. (EIE, ISCA 2016):
   SRAM (``weights_in`` / ``activations_in``); by default, as in the Sponge simulator, weights and
   activations each cross DRAM once per layer call and on-chip buffers are free.
 """
+
 from __future__ import annotations
 
 import math
@@ -79,23 +80,23 @@ OP_HELP = {
 MemoryLevel = Literal["dram", "sram"]
 
 
-
-
 @dataclass
 class EnergyConfig:
     """Prices of one accelerator (45 nm fp32 defaults; see the module docstring for the sources)."""
 
-    mac_pj: float = _h("energy of one multiply-accumulate in pJ (3.7 = Horowitz fp32 multiply, as Sponge)",
-                       default=3.7)
+    mac_pj: float = _h("energy of one multiply-accumulate in pJ (3.7 = Horowitz fp32 multiply, as Sponge)", default=3.7)
     dram_pj: float = _h("energy of one DRAM word access in pJ (1950 as in the Sponge simulator)", default=1950.0)
     sram_pj: float = _h("energy of one SRAM word access in pJ (5 = Horowitz 32-bit read, 8 KB SRAM)", default=5.0)
     word_bits: int = _h("bits per word: the prices above are per word; used to report bytes", default=32)
     weights_in: MemoryLevel = _h("where weights are fetched from: dram or sram", default="dram")
     activations_in: MemoryLevel = _h("where layer inputs/outputs are read/written: dram or sram", default="dram")
-    skip_zero_activations: bool = _h("zero-skipping: a MAC with a zero input activation (and its weight fetch) "
-                                     "is skipped", default=True)
-    compress_activations: bool = _h("activations are stored sparsely: only non-zeros are read/written "
-                                    "(no index overhead, as Sponge assumes)", default=True)
+    skip_zero_activations: bool = _h(
+        "zero-skipping: a MAC with a zero input activation (and its weight fetch) is skipped", default=True
+    )
+    compress_activations: bool = _h(
+        "activations are stored sparsely: only non-zeros are read/written (no index overhead, as Sponge assumes)",
+        default=True,
+    )
     skip_zero_weights: bool = _h("also skip zero weights (assumes their zeros spread uniformly)", default=False)
     name: str = _h("label of this hardware in reports", default="45nm fp32 (Horowitz 2014 / Sponge)")
 
@@ -241,7 +242,11 @@ class EnergyReport:
     def down_input_density(self) -> tuple[float, float] | None:
         """(effective, exact-zero) non-zero fraction of the MLP down-projection inputs, pooled over layers;
         None unless the model ran with per-layer thresholds."""
-        ls = [layer for layer in self.layers if layer.op == "mlp_down" and layer.act_in_exact_nonzero is not None and layer.act_in]
+        ls = [
+            layer
+            for layer in self.layers
+            if layer.op == "mlp_down" and layer.act_in_exact_nonzero is not None and layer.act_in
+        ]
         if not self.thresholds or not ls:
             return None
         n = sum(layer.act_in for layer in ls)
@@ -251,12 +256,17 @@ class EnergyReport:
     def table(self, *, per_layer: bool = False) -> str:
         """Fixed-width tables: per operation type, then (optionally) per layer. Energies in µJ."""
         c = self.config
-        per_ex = f" ({self.dense_pj / self.examples / 1e6:.2f} -> {self.zero_skip_pj / self.examples / 1e6:.2f} "\
-                 "µJ per example)" if self.examples else ""
+        per_ex = (
+            f" ({self.dense_pj / self.examples / 1e6:.2f} -> {self.zero_skip_pj / self.examples / 1e6:.2f} "
+            "µJ per example)"
+            if self.examples
+            else ""
+        )
         lines = [
             f"Energy on a zero-skipping accelerator: {c.name}; {c.mac_pj:g} pJ/MAC, DRAM {c.dram_pj:g} pJ/word, "
             f"SRAM {c.sram_pj:g} pJ/word; weights in {c.weights_in}, activations in {c.activations_in}",
-            f"{self.examples} examples" + (f", {self.tokens} tokens" if self.tokens else "")
+            f"{self.examples} examples"
+            + (f", {self.tokens} tokens" if self.tokens else "")
             + (" (incl. padding)" if self.include_padding else ""),
             "",
             f"{'operation':<17} {'MACs dense':>12} {'MACs run':>12} {'input nz %':>10} {'dense µJ':>11} "
@@ -278,16 +288,20 @@ class EnergyReport:
         lines += ["", f"energy ratio (zero-skip / dense): {self.ratio:.4f}{per_ex}"]
         dens = self.down_input_density()
         if dens is not None:
-            lines.append(f"W2 inputs: effective density {100 * dens[0]:.2f} % (|h| > per-layer threshold, priced as "
-                         f"skipped), exact-zero density {100 * dens[1]:.2f} %")
+            lines.append(
+                f"W2 inputs: effective density {100 * dens[0]:.2f} % (|h| > per-layer threshold, priced as "
+                f"skipped), exact-zero density {100 * dens[1]:.2f} %"
+            )
         lines += [f"  {op}: {OP_HELP[op]}" for op in self.by_op()]
         if per_layer:
             w = max([len(layer.name) for layer in self.layers] + [5])
             lines += ["", f"{'layer':<{w}} {'operation':<17} {'input nz %':>10} {'dense µJ':>11} {'0-skip µJ':>11}"]
             for layer in self.layers:
                 nz = f"{100 * layer.input_nonzero_fraction:10.2f}" if layer.observed else f"{'n/a':>10}"
-                lines.append(f"{layer.name:<{w}} {layer.op:<17} {nz} {layer.total(c, zero_skip=False) / 1e6:11.4f} "
-                             f"{layer.total(c, zero_skip=True) / 1e6:11.4f}")
+                lines.append(
+                    f"{layer.name:<{w}} {layer.op:<17} {nz} {layer.total(c, zero_skip=False) / 1e6:11.4f} "
+                    f"{layer.total(c, zero_skip=True) / 1e6:11.4f}"
+                )
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -300,12 +314,20 @@ class EnergyReport:
             "include_padding": self.include_padding,
             "thresholds": dict(self.thresholds) if self.thresholds is not None else None,
             "by_op": self.by_op(),
-            "by_component": {"dense": self.by_component(zero_skip=False),
-                             "zero_skip": self.by_component(zero_skip=True)},
+            "by_component": {
+                "dense": self.by_component(zero_skip=False),
+                "zero_skip": self.by_component(zero_skip=True),
+            },
             "op_help": {op: OP_HELP[op] for op in OPS},
             "config": self.config.to_dict(),
-            "layers": [{**asdict(layer), "dense_pj": layer.total(self.config, zero_skip=False),
-                        "zero_skip_pj": layer.total(self.config, zero_skip=True)} for layer in self.layers],
+            "layers": [
+                {
+                    **asdict(layer),
+                    "dense_pj": layer.total(self.config, zero_skip=False),
+                    "zero_skip_pj": layer.total(self.config, zero_skip=True),
+                }
+                for layer in self.layers
+            ],
         }
 
     @classmethod
@@ -456,8 +478,9 @@ class _Counter:
         for name, m in self.top.named_modules():  # model order, so per-layer tables read top to bottom
             if name in attn:
                 for part in ("QK^T", "AV"):
-                    self.layers[f"{name}.{part}"] = LayerEnergy(name=f"{name}.{part}", op="attention_matmul",
-                                                                kind="matmul", observed=False)
+                    self.layers[f"{name}.{part}"] = LayerEnergy(
+                        name=f"{name}.{part}", op="attention_matmul", kind="matmul", observed=False
+                    )
                 self.handles.append(m.register_forward_pre_hook(self._attn_hook(name, m), with_kwargs=True))
             if name in linears:
                 self.layers[name] = LayerEnergy(name=name, op=self.op_of(name), kind="linear")
@@ -654,5 +677,11 @@ def estimate_energy(
         owner = _owner(layer.name)
         if owner in counter.exact_nonzero:
             layer.act_in_exact_nonzero = counter.exact_nonzero[owner]
-    return EnergyReport(layers=layers, config=cfg, examples=counter.examples, tokens=counter.tokens,
-                        include_padding=include_padding, thresholds=thresholds)
+    return EnergyReport(
+        layers=layers,
+        config=cfg,
+        examples=counter.examples,
+        tokens=counter.tokens,
+        include_padding=include_padding,
+        thresholds=thresholds,
+    )

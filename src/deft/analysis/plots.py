@@ -1,4 +1,5 @@
 """Matplotlib figures (Agg backend: no display needed)."""
+
 from __future__ import annotations
 
 import os

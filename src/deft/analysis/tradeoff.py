@@ -13,6 +13,7 @@ Rules, in one place:
   the better configuration at that cost.
 * Points whose density or metric is NaN / None are ignored.
 """
+
 from __future__ import annotations
 
 import math
@@ -107,5 +108,10 @@ def iso_accuracy(
             "metric_at_matched_density": metric_at_density(pts, matched),
             "points": len(_clean(pts)),
         }
-    return {"reference": reference, "max_drop": max_drop, "matched_kind": matched_kind,
-            "matched_density": matched, "kinds": kinds}
+    return {
+        "reference": reference,
+        "max_drop": max_drop,
+        "matched_kind": matched_kind,
+        "matched_density": matched,
+        "kinds": kinds,
+    }

@@ -1,5 +1,6 @@
 """What deft knows about model architectures: the MLP table (:mod:`deft.arch.specs`) and the small
 ``nn.Module`` helpers every layer above uses (:mod:`deft.arch.nn`)."""
+
 from __future__ import annotations
 
 from .nn import (

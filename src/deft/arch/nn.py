@@ -4,6 +4,7 @@ The transformers model inside its wrappers, its ``model_type``, the linear layer
 transformers' ``Conv1D``), replacing a submodule by name, and running batches in eval mode. transformers is
 imported only when a helper needs it: ``import deft`` stays free of it.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -5,6 +5,7 @@ Names are *canonical*: without the ``base_layer`` components a peft tuner layer 
 the bare model finds its layer again after ``apply_method``. The task head, the LM head (output embeddings)
 and the adapters peft adds are never selected.
 """
+
 from __future__ import annotations
 
 from torch import nn

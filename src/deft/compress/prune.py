@@ -27,6 +27,7 @@ Calibration, as in the reference implementation, is sequential by default: the i
 block ``k`` are collected with blocks ``0..k-1`` already pruned (one calibration pass per block).
 Padding tokens are excluded from the norms via the batch's attention mask.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -55,25 +56,33 @@ class PruneConfig:
 
     sparsity: float = field(
         default=0.5,
-        metadata={"help": "fraction of the weights of each output row to zero, in [0, 1) (unstructured); "
-                          "ignored when nm is set (then it is 1 - N/M)"},
+        metadata={
+            "help": "fraction of the weights of each output row to zero, in [0, 1) (unstructured); "
+            "ignored when nm is set (then it is 1 - N/M)"
+        },
     )
     nm: str | None = field(
         default=None,
-        metadata={"help": "N:M semi-structured sparsity, e.g. '2:4': in every group of M consecutive input "
-                          "weights of a row keep the N highest-scoring ones"},
+        metadata={
+            "help": "N:M semi-structured sparsity, e.g. '2:4': in every group of M consecutive input "
+            "weights of a row keep the N highest-scoring ones"
+        },
     )
     targets: str = field(
         default="blocks",
-        metadata={"help": "which linears: 'blocks' (every Linear/Conv1D inside the transformer layers), 'mlp', "
-                          "'attention', 'mlp+attention', 'all-linear', or a comma list of module names / dotted "
-                          "suffixes; embeddings and the task head are never pruned"},
+        metadata={
+            "help": "which linears: 'blocks' (every Linear/Conv1D inside the transformer layers), 'mlp', "
+            "'attention', 'mlp+attention', 'all-linear', or a comma list of module names / dotted "
+            "suffixes; embeddings and the task head are never pruned"
+        },
     )
     calib_batches: int = field(default=8, metadata={"help": "calibration batches used (at most) for the norms"})
     sequential: bool = field(
         default=True,
-        metadata={"help": "calibrate block k on the outputs of the already-pruned blocks 0..k-1 (reference "
-                          "WANDA); False = one pass on the dense model (faster)"},
+        metadata={
+            "help": "calibrate block k on the outputs of the already-pruned blocks 0..k-1 (reference "
+            "WANDA); False = one pass on the dense model (faster)"
+        },
     )
 
     def __post_init__(self) -> None:
@@ -82,8 +91,9 @@ class PruneConfig:
             raise ConfigError(f"sparsity must be a number in [0, 1), got {s!r}")
         self.nm_pair()  # validates nm
         if not isinstance(self.targets, str) or not [t for t in self.targets.split(",") if t.strip()]:
-            raise ConfigError(f"targets must be one of {', '.join(COMPRESS_TARGET_SHORTHANDS)} or a comma list, "
-                             f"got {self.targets!r}")
+            raise ConfigError(
+                f"targets must be one of {', '.join(COMPRESS_TARGET_SHORTHANDS)} or a comma list, got {self.targets!r}"
+            )
         c = self.calib_batches
         if isinstance(c, bool) or not isinstance(c, int) or c < 1:
             raise ConfigError(f"calib_batches must be an integer >= 1, got {c!r}")
@@ -230,8 +240,11 @@ def wanda_prune(model: nn.Module, batches: Iterable[Mapping[str, Any]], cfg: Pru
             try:
                 for batch in calib:
                     inputs = _model_inputs(batch, device)
-                    batch_masks = [inputs[k] for k in ("attention_mask", "decoder_attention_mask")
-                                   if torch.is_tensor(inputs.get(k))]
+                    batch_masks = [
+                        inputs[k]
+                        for k in ("attention_mask", "decoder_attention_mask")
+                        if torch.is_tensor(inputs.get(k))
+                    ]
                     for c in collectors.values():
                         c.masks = batch_masks
                     model(**inputs)
@@ -241,8 +254,10 @@ def wanda_prune(model: nn.Module, batches: Iterable[Mapping[str, Any]], cfg: Pru
             for n in names:
                 c, module = collectors[n], targets[n]
                 if c.sq is None:
-                    raise ConfigError(f"wanda_prune: layer {n} received no calibration input (is it used by "
-                                     "the forward pass of these batches?)")
+                    raise ConfigError(
+                        f"wanda_prune: layer {n} received no calibration input (is it used by "
+                        "the forward pass of these batches?)"
+                    )
                 first_tokens = first_tokens or c.tokens
                 keep = wanda_mask(wanda_scores(weight_out_in(module), c.sq.sqrt()), cfg)
                 if is_conv1d(module):
@@ -265,8 +280,10 @@ def _resolve(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, n
     layers = linear_layers(model, "all-linear")
     missing = [n for n in masks if n not in layers]
     if missing:
-        raise ConfigError(f"{len(missing)} mask(s) match no layer of this model, e.g. {missing[0]!r}; were they "
-                         "saved on another architecture?")
+        raise ConfigError(
+            f"{len(missing)} mask(s) match no layer of this model, e.g. {missing[0]!r}; were they "
+            "saved on another architecture?"
+        )
     for n, mask in masks.items():
         shape = tuple(_logical_weight_shape(layers[n]))
         if tuple(mask.shape) != shape:
@@ -291,8 +308,9 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Modul
         mask = masks[n].to(module.weight.device)
         if isinstance(module, QuantizedLinear):
             if bool((module.dequantize()[~mask] != 0).any()):
-                raise ConfigError(f"{n} is quantized with non-zero weights at pruned positions: prune before "
-                                 "quantizing")
+                raise ConfigError(
+                    f"{n} is quantized with non-zero weights at pruned positions: prune before quantizing"
+                )
             continue
         module.weight.mul_(mask.to(module.weight.dtype))
     return model
@@ -336,8 +354,11 @@ def keep_pruned(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> MaskKeep
     """
     masks = {n: m.bool() for n, m in masks.items()}
     apply_masks(model, masks)
-    handles = [module.register_forward_pre_hook(_keep_hook(masks[n]))
-               for n, module in _resolve(model, masks).items() if not isinstance(module, QuantizedLinear)]
+    handles = [
+        module.register_forward_pre_hook(_keep_hook(masks[n]))
+        for n, module in _resolve(model, masks).items()
+        if not isinstance(module, QuantizedLinear)
+    ]
     return MaskKeeper(handles, masks)
 
 
@@ -361,7 +382,9 @@ def save_masks(masks: Mapping[str, torch.Tensor], path: str | Path, metadata: Ma
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {n: m.detach().bool().cpu().contiguous() for n, m in masks.items()}
-    save_file(tensors, str(path), metadata={"format": "deft-prune-masks", **{k: str(v) for k, v in (metadata or {}).items()}})
+    save_file(
+        tensors, str(path), metadata={"format": "deft-prune-masks", **{k: str(v) for k, v in (metadata or {}).items()}}
+    )
     return path
 
 

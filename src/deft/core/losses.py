@@ -16,6 +16,7 @@ Two granularities:
   total number of units ``n``. It is a function of the whole (micro-)batch, so it is defined per
   micro-batch under gradient accumulation, as in the paper's code.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -88,8 +89,9 @@ class DensityLoss:
 
     # Called inside the probe's hook: turn a full activation into the few numbers the loss needs, so the
     # activation itself is not kept alive by the probe.
-    def reduce(self, x: torch.Tensor, mask: torch.Tensor | None,
-               threshold: float | None = None) -> tuple[torch.Tensor, int]:
+    def reduce(
+        self, x: torch.Tensor, mask: torch.Tensor | None, threshold: float | None = None
+    ) -> tuple[torch.Tensor, int]:
         # float32: eps=1e-7 underflows in fp16 and x^2 of small bf16 values loses all precision
         x = x.float()
         if self.granularity == "token":

@@ -18,6 +18,7 @@ Hooks only record while the hooked top model's ``forward`` is running. That make
 under non-reentrant gradient checkpointing: the layer recomputation during backward calls the hooks
 again, outside the top-level forward, and is ignored.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -105,8 +106,9 @@ class ActivationProbe:
         per_site = dict(threshold) if isinstance(threshold, Mapping) else None
         for name, v in (per_site or {"threshold": threshold}).items():
             if not _valid_threshold(v):
-                raise ConfigError(f"threshold{'' if per_site is None else f' of {name}'} must be a number >= 0, "
-                                  f"got {v!r}")
+                raise ConfigError(
+                    f"threshold{'' if per_site is None else f' of {name}'} must be a number >= 0, got {v!r}"
+                )
         if point not in ("auto", "activation", "down_input"):
             raise ConfigError(f"point must be 'auto', 'activation' or 'down_input', got {point!r}")
         self.model = model

@@ -4,6 +4,7 @@ With per-layer thresholds (``measure_density(..., thresholds={site: t})``) the d
 *effective* density: the share of MLP down-projection (W2) inputs with ``|h| > t_layer``, i.e. the W2 input
 units a thresholded kernel still has to touch. The exact-zero density of the same pass is kept beside it.
 """
+
 from __future__ import annotations
 
 import math
@@ -79,8 +80,12 @@ class DensityReport:
             for s in probe.sites
         ]
         per_site = getattr(probe, "thresholds", None)
-        return cls(layers=layers, threshold=probe.threshold, include_padding=probe.include_padding,
-                   thresholds=dict(per_site) if per_site else None)
+        return cls(
+            layers=layers,
+            threshold=probe.threshold,
+            include_padding=probe.include_padding,
+            thresholds=dict(per_site) if per_site else None,
+        )
 
     @property
     def union_overall(self) -> float:
@@ -138,8 +143,10 @@ class DensityReport:
         lines.append(f"{'overall':<{w}}  {'':<7}  {100 * self.overall:>9.2f}  {100 * self.union_overall:>8.2f}")
         if exact:
             lines[-1] += f"  {'':>8}  {'':>9}  {100 * self.exact_overall:>9.2f}"
-            lines.append(f"effective density (|h| > per-layer threshold): {100 * self.overall:.2f} %; "
-                         f"exact-zero density: {100 * self.exact_overall:.2f} %")
+            lines.append(
+                f"effective density (|h| > per-layer threshold): {100 * self.overall:.2f} %; "
+                f"exact-zero density: {100 * self.exact_overall:.2f} %"
+            )
         return "\n".join(lines)
 
 
@@ -177,10 +184,20 @@ def measure_density(
         if point not in ("auto", "down_input"):
             raise ConfigError(f"measure_density: per-layer thresholds are counted at point='down_input', got {point!r}")
 
-        return count_thresholded(model, thresholds, lambda: run_batches(model, batches),
-                                 include_padding=include_padding, sites=sites, mask=mask)[1]
+        return count_thresholded(
+            model,
+            thresholds,
+            lambda: run_batches(model, batches),
+            include_padding=include_padding,
+            sites=sites,
+            mask=mask,
+        )[1]
     probe = probe or ActivationProbe(
-        model, sites=sites, point=point, threshold=threshold, include_padding=include_padding  # type: ignore[arg-type]
+        model,
+        sites=sites,
+        point=point,
+        threshold=threshold,
+        include_padding=include_padding,  # type: ignore[arg-type]
     )
     probe.reset()
     attached_here = not probe.attached
@@ -215,8 +232,9 @@ def count_thresholded(
         if mask:
             effective = apply_thresholds(model, th, sites=sites, include_padding=include_padding)
         else:
-            effective = ActivationProbe(model, sites=sites, point="down_input", threshold=th,
-                                        include_padding=include_padding).attach()
+            effective = ActivationProbe(
+                model, sites=sites, point="down_input", threshold=th, include_padding=include_padding
+            ).attach()
         try:
             effective.reset()
             result = run()

@@ -22,6 +22,7 @@ step, so the adapter learns to solve the task with only the kept units:
 A density loss (``alpha > 0``) can be added on top: its surrogate then has its reach at the threshold
 (:meth:`deft.DensityLoss.surrogate`), so it pushes entries below ``t`` rather than toward exact zero.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,8 +67,16 @@ class ThresholdTracker:
     uses the thresholds of the last step unchanged.
     """
 
-    def __init__(self, probe: ActivationProbe, *, target: float, ramp: float = 0.6, schedule: Schedule = "cosine",
-                 momentum: float = 0.9, straight_through: bool = False) -> None:
+    def __init__(
+        self,
+        probe: ActivationProbe,
+        *,
+        target: float,
+        ramp: float = 0.6,
+        schedule: Schedule = "cosine",
+        momentum: float = 0.9,
+        straight_through: bool = False,
+    ) -> None:
         if not 0.0 < target <= 1.0:
             raise ConfigError(f"target_density must be in (0, 1], got {target!r}")
         if not 0.0 <= momentum < 1.0:

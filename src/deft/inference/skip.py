@@ -7,6 +7,7 @@ real memory saving) and their matmuls are not run (a real runtime saving). For a
 *nearly* silent the replacement is an approximation; :func:`choose_skips` picks the blocks to skip on
 validation data under a bounded metric drop.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -101,7 +102,9 @@ def skip_mlp_blocks(
             f"the density report has {len(report.layers)} layers but the model has {len(downs)} MLP blocks: "
             "measure the report on this model"
         )
-    chosen = layers if layers is not None else [i for i, layer in enumerate(report.layers) if layer.density <= threshold]
+    chosen = (
+        layers if layers is not None else [i for i, layer in enumerate(report.layers) if layer.density <= threshold]
+    )
     result = SkipResult()
     for i in chosen:
         down = downs[i]

@@ -4,6 +4,7 @@ lora / qlora / prefix / prompt / ia3 go through peft; bitfit and bottleneck adap
 (peft has neither). In every case the base weights are frozen and a freshly initialised task head
 (classifier / score / qa_outputs) is trained fully.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -141,8 +142,11 @@ def _prompt_learning_config(model: nn.Module, cfg: MethodConfig, task_type: str,
     for ours, theirs, spellings in (
         ("token_dim", "hidden_size", ("hidden_size", "n_embd", "d_model")),
         ("num_layers", "num_hidden_layers", ("num_hidden_layers", "num_layers", "n_layer")),
-        ("num_attention_heads", "num_attention_heads",
-         ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")),
+        (
+            "num_attention_heads",
+            "num_attention_heads",
+            ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"),
+        ),
     ):
         if not any(s in raw for s in spellings) and getattr(text, theirs, None) is not None:
             sizes[ours] = int(getattr(text, theirs))

@@ -3,6 +3,7 @@
 Everything is resolved to *full* module names on the model about to be wrapped, then compressed into one
 regular expression for peft (peft full-matches a string ``target_modules`` against each module name).
 """
+
 from __future__ import annotations
 
 import re

@@ -5,6 +5,7 @@ A checkpoint directory holds ``adapter_model.safetensors`` (only the trainable w
 the method on a fresh base model. For peft methods the directory is also a regular peft checkpoint
 (``adapter_config.json`` is written too), loadable with ``PeftModel.from_pretrained``.
 """
+
 from __future__ import annotations
 
 import json
@@ -148,13 +149,17 @@ def _trained_on(in_dir: Path, record: dict) -> str | None:
 def _mismatch(in_dir: Path, record: dict, base_model: nn.Module, detail: str) -> MethodError:
     """One line naming the adapter folder, the base it was trained on, the model given and what differs."""
     trained = _trained_on(in_dir, record)
-    return MethodError(f"adapter {in_dir} does not fit the model {_base_name(base_model) or 'given'} "
-                       f"({f'it was trained on {trained}' if trained else 'trained on another base model'}): {detail}")
+    return MethodError(
+        f"adapter {in_dir} does not fit the model {_base_name(base_model) or 'given'} "
+        f"({f'it was trained on {trained}' if trained else 'trained on another base model'}): {detail}"
+    )
 
 
 # torch's load_state_dict message, one such clause per differing tensor
-_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) from "
-                            r"checkpoint, the shape in current model is torch\.Size\(\[([^\]]*)\]\)")
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) from "
+    r"checkpoint, the shape in current model is torch\.Size\(\[([^\]]*)\]\)"
+)
 
 
 def load_trainable(base_model: nn.Module, in_dir: str | os.PathLike, *, task_type: str) -> nn.Module:
@@ -185,8 +190,9 @@ def load_trainable(base_model: nn.Module, in_dir: str | os.PathLike, *, task_typ
                 raise
             name, saved, here = sizes[0]
             more = f" (and {len(sizes) - 1} more tensors)" if len(sizes) > 1 else ""
-            raise _mismatch(in_dir, record, base_model,
-                            f"{name} has shape ({saved}) in the adapter, ({here}) in the model{more}") from None
+            raise _mismatch(
+                in_dir, record, base_model, f"{name} has shape ({saved}) in the adapter, ({here}) in the model{more}"
+            ) from None
         # peft loads prompt embeddings into the prompt encoder itself but still reports them as unexpected
         unexpected = [k for k in result.unexpected_keys if k != "prompt_embeddings"]
         # missing_keys lists every frozen base weight too; only the method's own weights matter
@@ -194,20 +200,26 @@ def load_trainable(base_model: nn.Module, in_dir: str | os.PathLike, *, task_typ
         if cfg.method in ("prefix", "prompt") and "prompt_embeddings" not in weights:
             missing.append("prompt_embeddings")
         if unexpected or missing:
-            raise _mismatch(in_dir, record, base_model, f"method={cfg.method!r}: missing {missing[:5]}, "
-                            f"unexpected {unexpected[:5]}")
+            raise _mismatch(
+                in_dir, record, base_model, f"method={cfg.method!r}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         return model
 
     params = dict(model.named_parameters())
     wanted = {n for n, p in params.items() if p.requires_grad}
     missing, unexpected = sorted(wanted - weights.keys()), sorted(weights.keys() - params.keys())
     if missing or unexpected:
-        raise _mismatch(in_dir, record, base_model, f"method={cfg.method!r}: missing {missing[:5]}, "
-                        f"unexpected {unexpected[:5]}")
+        raise _mismatch(
+            in_dir, record, base_model, f"method={cfg.method!r}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     with torch.no_grad():
         for name, tensor in weights.items():
             if params[name].shape != tensor.shape:
-                raise _mismatch(in_dir, record, base_model, f"{name} has shape {tuple(tensor.shape)} in the "
-                                f"adapter, {tuple(params[name].shape)} in the model")
+                raise _mismatch(
+                    in_dir,
+                    record,
+                    base_model,
+                    f"{name} has shape {tuple(tensor.shape)} in the adapter, {tuple(params[name].shape)} in the model",
+                )
             params[name].copy_(tensor)
     return model

@@ -15,6 +15,7 @@ Both return the dense result up to float reassociation (exact mode) or the dense
 magnitude-thresholded input (threshold mode, TEAL-style). Above ``max_density`` active units the dense
 kernel is used instead, because gathering then costs more than it saves.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -44,8 +45,12 @@ FEW_TOKENS = 64
 # unless max_density is given explicitly. The density itself is not checked on CUDA (that needs a sync).
 CUDA_MIN_WEIGHTS = 1 << 24  # 16.8 M weights: a 4096 x 4096 projection and up
 # an integer dtype of the same width, to find non-zero floats by their bits (see SparseDown._per_token)
-_SAME_SIZE_INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
-                  torch.float64: torch.int64}
+_SAME_SIZE_INT = {
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+    torch.float64: torch.int64,
+}
 
 
 @dataclass
@@ -237,9 +242,7 @@ class SparseDown(nn.Module):
             cols = nz - rows * self.in_features
             counts = torch.bincount(rows, minlength=n)
             offsets = counts.cumsum(0) - counts  # start of each token's bag
-        out = F.embedding_bag(
-            cols, self._weight_t(), offsets, mode="sum", per_sample_weights=flat.index_select(0, nz)
-        )
+        out = F.embedding_bag(cols, self._weight_t(), offsets, mode="sum", per_sample_weights=flat.index_select(0, nz))
         if self.track_stats:
             self._count(n, nnz, dense=False)
         return self._add_bias(out)

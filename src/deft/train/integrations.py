@@ -5,6 +5,7 @@ TRL is an optional extra (``pip install 'deft-sparsity[trl]'``); importing this 
 
     class DeftDPO(deft.DensityMixin, trl.DPOTrainer): ...
 """
+
 from __future__ import annotations
 
 import importlib
@@ -19,8 +20,9 @@ def require_trl() -> ModuleType:
     try:
         return importlib.import_module("trl")
     except ImportError as e:
-        raise MissingExtraError(f"this needs TRL, which is not installed ({e}): "
-                                "pip install 'deft-sparsity[trl]'") from e
+        raise MissingExtraError(
+            f"this needs TRL, which is not installed ({e}): pip install 'deft-sparsity[trl]'"
+        ) from e
 
 
 _trl = require_trl()

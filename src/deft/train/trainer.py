@@ -8,6 +8,7 @@ that for every model: a model whose forward accepts ``**kwargs`` is assumed to s
 ``num_items_in_batch`` itself, which e.g. sequence classification heads do not, so GA=2 doubles the
 update. DeftTrainer computes its own normalisation and sets ``loss_is_scaled_for_ga = True``.
 """
+
 from __future__ import annotations
 
 import math
@@ -57,8 +58,10 @@ class DensityConfig:
     adaptive_every: int = field(default=10, metadata={"help": "ADA-DEFT: update the weights every N optimizer steps"})
     target_density: float | None = field(
         default=None,
-        metadata={"help": "train under the sparsity the model is served with: mask |h| <= t_layer at every W2 input, "
-                          "t_layer lowered so this share of units stays active (see deft.core.threshold)"},
+        metadata={
+            "help": "train under the sparsity the model is served with: mask |h| <= t_layer at every W2 input, "
+            "t_layer lowered so this share of units stays active (see deft.core.threshold)"
+        },
     )
     density_ramp: float = field(
         default=0.6, metadata={"help": "target-density mode: share of training over which the density goes 1 -> target"}
@@ -97,8 +100,9 @@ class DensityConfig:
             if not 0.0 <= self.threshold_momentum < 1.0:
                 raise ConfigError(f"threshold_momentum must be in [0, 1), got {self.threshold_momentum!r}")
         if not (self.distill >= 0 and math.isfinite(self.distill)) or not self.distill_temperature > 0:
-            raise ConfigError(f"distill must be >= 0 and distill_temperature > 0, got {self.distill!r}, "
-                              f"{self.distill_temperature!r}")
+            raise ConfigError(
+                f"distill must be >= 0 and distill_temperature > 0, got {self.distill!r}, {self.distill_temperature!r}"
+            )
         self.make_loss()  # validates kind / eps / beta / granularity
 
     def make_loss(self) -> DensityLoss:
@@ -144,8 +148,10 @@ class DensityMixin:
         super().__init__(*args, **kwargs)
         self.density = density or DensityConfig()
         if self.uses_parent_loss and self.density.distill > 0:
-            raise ConfigError(f"DensityConfig.distill needs DeftTrainer's own task loss; "
-                              f"{type(self).__name__} uses its parent's compute_loss: set distill=0")
+            raise ConfigError(
+                f"DensityConfig.distill needs DeftTrainer's own task loss; "
+                f"{type(self).__name__} uses its parent's compute_loss: set distill=0"
+            )
         self.density_loss = self.density.make_loss()
         targeted = self.density.target_density is not None
         self.probe = ActivationProbe(
@@ -162,8 +168,11 @@ class DensityMixin:
         self.thresholds: ThresholdTracker | None = None
         if targeted:
             self.thresholds = ThresholdTracker(
-                self.probe, target=float(self.density.target_density), ramp=self.density.density_ramp,  # type: ignore[arg-type]
-                schedule=self.density.density_schedule, momentum=self.density.threshold_momentum,
+                self.probe,
+                target=float(self.density.target_density),
+                ramp=self.density.density_ramp,  # type: ignore[arg-type]
+                schedule=self.density.density_schedule,
+                momentum=self.density.threshold_momentum,
                 straight_through=self.density.straight_through,
             )
             self.add_callback(_SaveThresholds(self))
@@ -223,7 +232,9 @@ class DensityMixin:
         if self.args.world_size > 1:
             # every process needs the global counts: gather and sum them
             keys = ["task"] + ([f"d:{g}" for g in sorted(totals["density"])] if totals["density"] else [])
-            vals = [totals["task"]] + ([totals["density"][g] for g in sorted(totals["density"])] if totals["density"] else [])
+            vals = [totals["task"]] + (
+                [totals["density"][g] for g in sorted(totals["density"])] if totals["density"] else []
+            )
             t = torch.tensor(vals, dtype=torch.float64, device=device)
             g = self.accelerator.gather(t.unsqueeze(0)).sum(dim=0).tolist()
             totals = {"task": g[0], "density": {k[2:]: v for k, v in zip(keys[1:], g[1:], strict=True)} or None}
@@ -290,8 +301,9 @@ class DensityMixin:
         # pre-multiplied to come out of that division normalised over the step too
         scaled = getattr(self, "loss_is_scaled_for_ga", None)
         if scaled is None:
-            scaled = (bool(getattr(self, "model_accepts_loss_kwargs", False)) and num_items_in_batch is not None) \
-                or getattr(self, "compute_loss_func", None) is not None
+            scaled = (
+                bool(getattr(self, "model_accepts_loss_kwargs", False)) and num_items_in_batch is not None
+            ) or getattr(self, "compute_loss_func", None) is not None
         # logged on the scale of Trainer's own "loss": averaging (ga x a step-normalised share) over the
         # micro-batches gives the step's mean
         self._log_sums["task_loss"] += float(loss.detach()) * (ga if scaled else 1)
@@ -373,7 +385,9 @@ class DensityMixin:
         if self._ada_density is None:
             self._ada_density = [1.0 if math.isnan(d) else d for d in dens]
         else:  # smooth over updates: a single micro-batch is a noisy estimate
-            self._ada_density = [p if math.isnan(d) else 0.7 * p + 0.3 * d for p, d in zip(self._ada_density, dens, strict=True)]
+            self._ada_density = [
+                p if math.isnan(d) else 0.7 * p + 0.3 * d for p, d in zip(self._ada_density, dens, strict=True)
+            ]
         v = [(1.0 - d + 1e-3) ** self.density.adaptive_gamma for d in self._ada_density]
         n, total = len(v), sum(v)
         mix = self.density.adaptive_mix
