@@ -21,7 +21,7 @@ from typing import Any
 
 from .console import cli_session
 from .errors import DeftError
-from .fields import check_choices, field_choices, field_type
+from .fields import check_choices, field_choices, field_default, field_type
 from .recipes.common import read_config
 from .recipes.compare import CompareArgs, compare
 from .recipes.compress import PruneArgs, prune
@@ -85,10 +85,10 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
         tp, is_list = field_type(hints[f.name])
         choices = field_choices(f, tp)
-        if typing.get_origin(tp) is typing.Literal:
-            tp = type(choices[0])  # type: ignore[index]
+        if choices and typing.get_origin(tp) is typing.Literal:
+            tp = type(choices[0])
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = field_default(f)
         help_ = f.metadata.get("help", "") + (f" (default: {default})" if default not in (None, False) else "")
         if f.metadata.get("positional"):  # e.g. `deft report RUN_DIR...`; "*" lets --config name them instead
             parser.add_argument(

@@ -32,6 +32,15 @@ def field_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def field_default(f: dataclasses.Field) -> Any:
+    """The default of a field: its ``default``, or a fresh value of its ``default_factory``."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise TypeError(f"field {f.name!r} has no default")
+
+
 def field_choices(f: dataclasses.Field, tp: Any) -> tuple[Any, ...] | None:
     """The allowed values of a field: its ``choices`` metadata, or the values of a ``Literal`` type."""
     if "choices" in f.metadata:

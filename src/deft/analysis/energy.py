@@ -61,6 +61,7 @@ from ..arch import (
     layer_group,
     linear_types,
     model_device,
+    module_weight,
     to_device,
     unwrap_model,
 )
@@ -365,7 +366,7 @@ def _owner(name: str) -> str:
 def _features(m: nn.Module) -> tuple[int, int]:
     if isinstance(m, nn.Linear):
         return m.in_features, m.out_features
-    w = m.weight  # transformers Conv1D stores (in, out)
+    w = module_weight(m)  # transformers Conv1D stores (in, out)
     return int(w.shape[0]), int(w.shape[1])
 
 
@@ -423,7 +424,7 @@ class _Counter:
         self.config = getattr(self.top, "config", None)
         self.enc_dec = bool(getattr(self.config, "is_encoder_decoder", False))
         self.include_padding = include_padding
-        self.spec = MLP_SPECS.get(getattr(self.config, "model_type", None))
+        self.spec = MLP_SPECS.get(getattr(self.config, "model_type", None) or "")
         self.masks: dict[str, torch.Tensor | None] = {}
         self.depth = 0
         self.examples = 0
@@ -579,7 +580,7 @@ class _Counter:
             rec.act_in_nonzero += nnz
             rec.act_out += n * out_f
             rec.act_out_nonzero += int((y2 != 0).sum())
-            w = module.weight
+            w = module_weight(module)
             rec.weight_nonzero_fraction = float((w != 0).sum()) / w.numel() if w.numel() else 1.0
 
         return hook
@@ -605,8 +606,10 @@ class _Counter:
             if torch.is_tensor(kv):
                 tk = kv.shape[1]
                 enc = self.masks.get("encoder")
-                ok = not self.include_padding and torch.is_tensor(enc) and tuple(enc.shape) == (b, tk)
-                k_len = enc.sum(1) if ok else torch.full((b,), tk)
+                if not self.include_padding and isinstance(enc, torch.Tensor) and tuple(enc.shape) == (b, tk):
+                    k_len = enc.sum(1)
+                else:
+                    k_len = torch.full((b,), tk)
             else:
                 k_len = q_len
                 mask = self._mask(name)

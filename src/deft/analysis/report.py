@@ -429,13 +429,13 @@ def _config_of(s: Setting) -> dict[str, Any]:
 
 def _energy_by_op(s: Setting) -> list[list[str]] | None:
     """Per operation type: input non-zero %, dense and zero-skip µJ per example, ratio (mean over runs)."""
-    runs = [r for r in s.runs if r.energy]
-    if not runs:
+    energies = [r.energy for r in s.runs if r.energy]
+    if not energies:
         return None
     ops: dict[str, list[tuple[float, float, float]]] = {}
-    for r in runs:
-        n = max(1, r.energy.get("examples") or 1)
-        for op, v in r.energy["by_op"].items():
+    for e in energies:
+        n = max(1, e.get("examples") or 1)
+        for op, v in e["by_op"].items():
             nz = v.get("input_nonzero_fraction", float("nan")) if v.get("observed", True) else float("nan")
             ops.setdefault(op, []).append((v["dense_pj"] / n / 1e6, v["zero_skip_pj"] / n / 1e6, nz))
     rows = []
@@ -451,11 +451,11 @@ def _energy_summary(settings: Sequence[Setting]) -> list[list[str]]:
     """One row per setting with energy: W2 input density, per-example energy and the ratio (mean over runs)."""
     rows = []
     for s in settings:
-        runs = [r for r in s.runs if r.energy]
-        if not runs:
+        energies = [r.energy for r in s.runs if r.energy]
+        if not energies:
             continue
-        n = [max(1, r.energy.get("examples") or 1) for r in runs]
-        down = [r.energy["by_op"].get("mlp_down") for r in runs]
+        n = [max(1, e.get("examples") or 1) for e in energies]
+        down = [e["by_op"].get("mlp_down") for e in energies]
         mean = statistics.fmean
         w2 = "–"
         if all(down):
@@ -466,12 +466,12 @@ def _energy_summary(settings: Sequence[Setting]) -> list[list[str]]:
         rows.append(
             [
                 s.label,
-                str(len(runs)),
+                str(len(energies)),
                 f"{100 * mean(d['input_nonzero_fraction'] for d in down):.2f}" if all(down) else "–",
                 w2,
-                f"{mean(r.energy['dense_pj'] / k / 1e6 for r, k in zip(runs, n, strict=True)):.3f}",
-                f"{mean(r.energy['zero_skip_pj'] / k / 1e6 for r, k in zip(runs, n, strict=True)):.3f}",
-                f"{mean(r.energy['ratio'] for r in runs):.3f}",
+                f"{mean(e['dense_pj'] / k / 1e6 for e, k in zip(energies, n, strict=True)):.3f}",
+                f"{mean(e['zero_skip_pj'] / k / 1e6 for e, k in zip(energies, n, strict=True)):.3f}",
+                f"{mean(e['ratio'] for e in energies):.3f}",
             ]
         )
     return rows

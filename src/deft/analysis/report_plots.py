@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import atomic_write
-from .energy import OPS
+from .energy import OPS, EnergyReport
 from .plots import pyplot
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
@@ -160,7 +160,7 @@ def density_curves(
 
 
 def energy_breakdown(
-    reports: Mapping[str, Mapping[str, Any]], stem: str | os.PathLike, *, title: str = ""
+    reports: Mapping[str, EnergyReport | Mapping[str, Any]], stem: str | os.PathLike, *, title: str = ""
 ) -> tuple[Path, Path]:
     """Dense and zero-skip energy per example (µJ) of each labelled run, stacked by operation type.
 

@@ -98,7 +98,8 @@ def iso_accuracy(
     if matched_kind is not None and matched_kind not in curves:
         raise ConfigError(f"matched_kind {matched_kind!r} is not one of the curves: {sorted(curves)}")
     answers = {k: lowest_density_within(pts, reference, max_drop) for k, pts in curves.items()}
-    matched = answers[matched_kind][0] if matched_kind is not None and answers[matched_kind] else None
+    best = answers[matched_kind] if matched_kind is not None else None
+    matched = best[0] if best else None
     kinds = {}
     for k, pts in curves.items():
         a = answers[k]

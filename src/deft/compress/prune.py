@@ -42,7 +42,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..arch import eval_mode, is_conv1d, model_device, to_device, unwrap_model, weight_out_in
+from ..arch import eval_mode, is_conv1d, model_device, module_weight, to_device, unwrap_model, weight_out_in
 from ..errors import ConfigError, MissingFileError
 from .linears import COMPRESS_TARGET_SHORTHANDS, linear_layers
 from .quantize import QuantizedLinear
@@ -263,11 +263,13 @@ def wanda_prune(model: nn.Module, batches: Iterable[Mapping[str, Any]], cfg: Pru
                 if is_conv1d(module):
                     keep = keep.t()
                 keep = keep.contiguous()
-                module.weight.mul_(keep.to(module.weight.dtype))
+                w = module_weight(module)
+                w.mul_(keep.to(w.dtype))
                 masks[n] = keep.cpu()
-    layers = {n: _zero_fraction(targets[n].weight) for n in targets}
-    total = sum(targets[n].weight.numel() for n in targets)
-    overall = sum(layers[n] * targets[n].weight.numel() for n in targets) / total
+    weights = {n: module_weight(m) for n, m in targets.items()}
+    layers = {n: _zero_fraction(w) for n, w in weights.items()}
+    total = sum(w.numel() for w in weights.values())
+    overall = sum(layers[n] * w.numel() for n, w in weights.items()) / total
     return PruneReport(cfg, layers, overall, len(calib), first_tokens, masks)
 
 
@@ -294,7 +296,7 @@ def _resolve(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, n
 def _logical_weight_shape(module: nn.Module) -> tuple[int, ...]:
     if isinstance(module, QuantizedLinear):  # codes are packed / padded: the logical shape is (out, in)
         return (module.out_features, module.in_features)
-    return tuple(module.weight.shape)
+    return tuple(module_weight(module).shape)
 
 
 @torch.no_grad()
@@ -305,14 +307,15 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Modul
     changes the kept weights). Quantized layers are checked instead (their codes are read-only here).
     """
     for n, module in _resolve(model, masks).items():
-        mask = masks[n].to(module.weight.device)
+        w = module_weight(module)
+        mask = masks[n].to(w.device)
         if isinstance(module, QuantizedLinear):
             if bool((module.dequantize()[~mask] != 0).any()):
                 raise ConfigError(
                     f"{n} is quantized with non-zero weights at pruned positions: prune before quantizing"
                 )
             continue
-        module.weight.mul_(mask.to(module.weight.dtype))
+        w.mul_(mask.to(w.dtype))
     return model
 
 
@@ -333,7 +336,7 @@ def _keep_hook(mask: torch.Tensor):
     cache: dict[str, torch.Tensor] = {}
 
     def hook(module: nn.Module, args: tuple) -> None:
-        w = module.weight
+        w = module_weight(module)
         m = cache.get("m")
         if m is None or m.device != w.device or m.dtype != w.dtype:
             m = cache["m"] = mask.to(device=w.device, dtype=w.dtype)
@@ -369,11 +372,12 @@ def merge_lora_pruned(peft_model: nn.Module, masks: Mapping[str, torch.Tensor]) 
     unmerged adapter model by ``(BA * (1 - mask)) x`` (see the module docstring). A quantized base cannot be
     merged into: :func:`deft.compress.quantize.dequantize_model` it first.
     """
-    if not callable(getattr(peft_model, "merge_and_unload", None)):
+    merge_and_unload = getattr(peft_model, "merge_and_unload", None)
+    if not callable(merge_and_unload):
         raise ConfigError("merge_lora_pruned expects a peft model (with merge_and_unload)")
     if any(isinstance(m, QuantizedLinear) for m in peft_model.modules()):
         raise ConfigError("merge_lora_pruned: the base is quantized; dequantize_model() it before merging")
-    merged = peft_model.merge_and_unload()
+    merged = merge_and_unload()
     return apply_masks(merged, masks)
 
 
@@ -410,7 +414,7 @@ def weight_sparsity(model: nn.Module, targets: str = "blocks") -> dict[str, Any]
     zeros = total = 0
     with torch.no_grad():
         for name, module in linear_layers(model, targets).items():
-            w = module.dequantize() if isinstance(module, QuantizedLinear) else module.weight
+            w = module.dequantize() if isinstance(module, QuantizedLinear) else module_weight(module)
             z = int((w == 0).sum())
             layers[name] = z / w.numel()
             zeros += z

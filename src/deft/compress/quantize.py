@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..arch import set_submodule, unwrap_model, weight_out_in
+from ..arch import module_bias, set_submodule, unwrap_model, weight_out_in
 from ..errors import DeftError
 from .linears import linear_layers
 
@@ -153,17 +153,19 @@ class _DequantMatmul(torch.autograd.Function):
     for backward (only the codes are): the memory point of a quantized base. No gradient for ``W``: frozen."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
         ctx.layer = layer
         return F.linear(x, layer.dequantize(x.dtype))
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor):
         return grad @ ctx.layer.dequantize(grad.dtype), None
 
 
 class QuantizedLinear(nn.Linear):
     """A frozen linear layer holding int8 / packed int4 codes + scales (see the module docstring)."""
+
+    scales: torch.Tensor  # a buffer
 
     def __init__(
         self,
@@ -197,14 +199,15 @@ class QuantizedLinear(nn.Linear):
         w = weight_out_in(module)
         out_f, in_f = w.shape
         group = group_size or QuantConfig(bits=bits).group_for(in_f)
-        q = cls(in_f, out_f, module.bias is not None, bits=bits, group_size=group, device=w.device, dtype=w.dtype)
+        bias = module_bias(module)
+        q = cls(in_f, out_f, bias is not None, bits=bits, group_size=group, device=w.device, dtype=w.dtype)
         codes, scales = quantize_weight(w, bits, group)
         with torch.no_grad():
             q.weight.data = codes
             q.scales.copy_(scales)
-            if module.bias is not None:
-                q.bias.copy_(module.bias.detach())
-                q.bias.requires_grad_(module.bias.requires_grad)  # BitFit may train it
+            if bias is not None and q.bias is not None:
+                q.bias.copy_(bias.detach())
+                q.bias.requires_grad_(bias.requires_grad)  # BitFit may train it
         return q
 
     @property

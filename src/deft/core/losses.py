@@ -136,15 +136,15 @@ class DensityLoss:
     def __call__(self, probe: ActivationProbe, *, num_tokens: int | float | None = None) -> torch.Tensor:
         """The density loss of what the probe recorded in the last forward pass."""
         per = self.per_layer(probe, num_tokens=num_tokens)
-        used = [i for i, v in enumerate(per) if v is not None]
-        if not used:
+        seen = [(i, v) for i, v in enumerate(per) if v is not None]
+        used = [i for i, _ in seen]
+        if not seen:
             raise RuntimeError(
                 "the probe recorded no activations with grad: bind this loss with probe.track(loss), "
                 "keep the probe attached and run the model's forward with grad enabled first"
             )
-        device = per[used[0]].device
-        w = self.weight_vector(len(per), device)
-        vals = torch.stack([per[i] * w[i] for i in used])
+        w = self.weight_vector(len(per), seen[0][1].device)
+        vals = torch.stack([v * w[i] for i, v in seen])
         if self.granularity == "token":
             return vals.sum() / len(used)
         n_units = sum(probe.sites[i].units for i in used)

@@ -104,7 +104,8 @@ class ActivationProbe:
         include_padding: bool = False,
     ) -> None:
         per_site = dict(threshold) if isinstance(threshold, Mapping) else None
-        for name, v in (per_site or {"threshold": threshold}).items():
+        checks: Mapping[str, object] = per_site or {"threshold": threshold}
+        for name, v in checks.items():
             if not _valid_threshold(v):
                 raise ConfigError(
                     f"threshold{'' if per_site is None else f' of {name}'} must be a number >= 0, got {v!r}"
@@ -114,7 +115,7 @@ class ActivationProbe:
         self.model = model
         self.top = unwrap_model(model)
         # the scalar threshold (0 when per-site thresholds are given); per-site ones live on the sites
-        self.threshold = 0.0 if per_site is not None else float(threshold)
+        self.threshold = 0.0 if isinstance(threshold, Mapping) else float(threshold)
         self.include_padding = bool(include_padding)
         self.point = point
         self.sites: list[Site] = self._find_sites(list(sites) if sites is not None else None)
@@ -139,7 +140,7 @@ class ActivationProbe:
         if patterns is not None:
             if not patterns:
                 raise ConfigError("sites=[] selects nothing; pass module-name globs or None")
-            capture = "input" if self.point == "down_input" else "output"
+            capture: Literal["output", "input"] = "input" if self.point == "down_input" else "output"
             chosen = [(n, m) for n, m in named if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
             if not chosen:
                 raise ConfigError(
@@ -199,8 +200,8 @@ class ActivationProbe:
             if not _valid_threshold(v):
                 raise ConfigError(f"mask threshold of {name} must be a number >= 0, got {v!r}")
         for s in self.sites:
-            v = thresholds.get(s.name)
-            s.mask_threshold = None if v is None else float(v)
+            t = thresholds.get(s.name)
+            s.mask_threshold = None if t is None else float(t)
         self._straight_through = bool(straight_through)
 
     # ------------------------------------------------------------------ lifecycle
@@ -309,7 +310,8 @@ class ActivationProbe:
         return mask.to(device=x.device).bool().reshape(x.shape[:-1])
 
     def _make_hook(self, site: Site, use_input: bool):
-        def hook(module: nn.Module, *args: Any) -> None:
+        # a forward (pre-)hook: None keeps the module's input / output, anything else replaces it
+        def hook(module: nn.Module, *args: Any) -> Any:
             x = args[0][0] if use_input else args[1]
             if isinstance(x, tuple):
                 x = x[0]

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..arch import run_batches
 from ..errors import ConfigError
-from .probe import ActivationProbe
+from .probe import ActivationProbe, Point
 from .threshold import apply_thresholds, check_thresholds, down_site_names
 
 T = TypeVar("T")
@@ -126,7 +126,8 @@ class DensityReport:
         """A fixed-width table for the terminal (densities in %)."""
         w = max([len(layer.name) for layer in self.layers] + [5])
         lines = [f"{'layer':<{w}}  {'group':<7}  {'density %':>9}  {'union %':>8}  {'tokens':>8}"]
-        exact = self.exact_overall is not None
+        exact_overall = self.exact_overall
+        exact = exact_overall is not None
         if exact:  # thresholded: density is the effective one, the exact-zero one goes beside it
             lines[0] += f"  {'threshold':>9}  {'exact-0 %':>9}"
         for layer in self.layers:
@@ -141,11 +142,11 @@ class DensityReport:
         for g, v in self.groups.items():
             lines.append(f"{'mean (' + g + ')':<{w}}  {'':<7}  {100 * v:>9.2f}")
         lines.append(f"{'overall':<{w}}  {'':<7}  {100 * self.overall:>9.2f}  {100 * self.union_overall:>8.2f}")
-        if exact:
-            lines[-1] += f"  {'':>8}  {'':>9}  {100 * self.exact_overall:>9.2f}"
+        if exact_overall is not None:
+            lines[-1] += f"  {'':>8}  {'':>9}  {100 * exact_overall:>9.2f}"
             lines.append(
                 f"effective density (|h| > per-layer threshold): {100 * self.overall:.2f} %; "
-                f"exact-zero density: {100 * self.exact_overall:.2f} %"
+                f"exact-zero density: {100 * exact_overall:.2f} %"
             )
         return "\n".join(lines)
 
@@ -157,7 +158,7 @@ def measure_density(
     threshold: float | Mapping[str, float] = 0.0,
     include_padding: bool = False,
     sites: Iterable[str] | None = None,
-    point: str = "auto",
+    point: Point = "auto",
     probe: ActivationProbe | None = None,
     thresholds: Mapping[str, float] | None = None,
     mask: bool = True,
@@ -197,7 +198,7 @@ def measure_density(
         sites=sites,
         point=point,
         threshold=threshold,
-        include_padding=include_padding,  # type: ignore[arg-type]
+        include_padding=include_padding,
     )
     probe.reset()
     attached_here = not probe.attached

@@ -117,8 +117,11 @@ class ThresholdTracker:
         th = state.get("thresholds")
         if not isinstance(th, Mapping):
             raise ConfigError("threshold state has no 'thresholds' mapping")
+        density = state.get("density", self.target)
+        if not isinstance(density, (int, float)):
+            raise ConfigError(f"threshold state: 'density' is {density!r}, not a number")
         self.thresholds = {k: float(v) for k, v in th.items()}
-        self.density = float(state.get("density", self.target))  # type: ignore[arg-type]
+        self.density = float(density)
         self.probe.mask_below(self.thresholds, straight_through=self.straight_through)
 
 

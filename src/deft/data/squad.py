@@ -296,5 +296,7 @@ def squad_metrics(predictions: Mapping[str, str], examples: Sequence[QAExample])
     if not examples:
         raise DataError("squad_metrics needs at least one example")
     preds = [{"id": e.id, "prediction_text": predictions.get(e.id, "")} for e in examples]
-    target = [{"id": e.id, "answers": {"text": e.answers, "answer_start": e.answer_starts}} for e in examples]
+    target: list[dict[str, str | dict[str, list[str] | list[int]]]] = [
+        {"id": e.id, "answers": {"text": e.answers, "answer_start": e.answer_starts}} for e in examples
+    ]
     return {k: float(v) for k, v in squad(preds, target).items()}

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..arch import full_match, mlp_spec, model_type, set_submodule, unwrap_model
+from ..arch import full_match, mlp_spec, model_type, module_weight, set_submodule, unwrap_model
 from ..core.report import DensityReport
 from ..errors import ConfigError
 
@@ -51,18 +51,18 @@ class ConstantOutput(nn.Module):
 
 
 def _out_features(module: nn.Module) -> int:
-    if hasattr(module, "out_features"):
-        return int(module.out_features)
-    if hasattr(module, "nf"):  # transformers Conv1D
-        return int(module.nf)
-    if hasattr(module, "base_layer"):
-        return _out_features(module.base_layer)
+    for attr in ("out_features", "nf"):  # nf: transformers Conv1D
+        n = getattr(module, attr, None)
+        if n is not None:
+            return int(n)
+    base = getattr(module, "base_layer", None)
+    if base is not None:
+        return _out_features(base)
     raise TypeError(f"cannot tell the output size of {type(module).__name__}")
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
-    base = getattr(module, "base_layer", module)
-    return base.weight
+    return module_weight(getattr(module, "base_layer", module))
 
 
 def _bias(module: nn.Module) -> torch.Tensor | None:

@@ -12,7 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeGuard
 
 import torch
 from safetensors import SafetensorError
@@ -24,6 +24,9 @@ from ..errors import MissingFileError
 from ..io import atomic_write, atomic_write_files
 from .apply import apply_method
 from .config import MethodConfig, MethodError
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 METHOD_NAME = "deft_method.json"
@@ -66,7 +69,7 @@ def count_parameters(model: nn.Module) -> ParamCount:
     return ParamCount(trainable, total, 100.0 * trainable / total if total else 0.0)
 
 
-def _is_peft(model: nn.Module) -> bool:
+def _is_peft(model: nn.Module) -> TypeGuard[PeftModel]:
     try:
         from peft import PeftModel
     except ImportError:  # pragma: no cover - peft is a dependency
@@ -77,8 +80,9 @@ def _is_peft(model: nn.Module) -> bool:
 def _base_name(model: nn.Module) -> str | None:
     """The folder or hub id the base model was loaded from (transformers keeps it in the config)."""
     config = getattr(model, "config", None)
-    if config is None and hasattr(model, "get_base_model"):
-        config = getattr(model.get_base_model(), "config", None)
+    get_base_model = getattr(model, "get_base_model", None)
+    if config is None and get_base_model is not None:
+        config = getattr(get_base_model(), "config", None)
     return getattr(config, "_name_or_path", None) or None
 
 
@@ -91,7 +95,7 @@ def save_trainable(
     if _is_peft(model):
         # peft knows how to name its own weights (and writes adapter_config.json); save into a scratch dir
         # inside `out` and move each file into place, so every file appears atomically
-        atomic_write_files(out, lambda scratch: model.save_pretrained(scratch, safe_serialization=True))
+        atomic_write_files(out, lambda scratch: model.save_pretrained(str(scratch), safe_serialization=True))
         peft_format = True
     else:
         tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
@@ -183,7 +187,8 @@ def load_trainable(base_model: nn.Module, in_dir: str | os.PathLike, *, task_typ
         from peft import set_peft_model_state_dict
 
         try:
-            result = set_peft_model_state_dict(model, weights)
+            # peft annotates the result as `namedtuple` (the factory); it is torch's _IncompatibleKeys
+            result: Any = set_peft_model_state_dict(model, weights)
         except RuntimeError as e:
             sizes = _SIZE_MISMATCH.findall(str(e))
             if not sizes:

@@ -292,7 +292,7 @@ def format_iso_table(iso: dict[str, Any], metric: str) -> str:
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    rows = {}
+    rows: dict[str, dict[str, Any]] = {}
     for label, rs in runs.items():
         m, ms = mean_std([r["metric"] for r in rs])
         d, ds = mean_std([r["density"]["overall"] for r in rs])

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..fields import help_field as _h
 from ..io import write_json
@@ -134,7 +134,10 @@ def prune(args: PruneArgs) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- train wiring
-def prepare_compressed_model(model: nn.Module, args: Any) -> tuple[nn.Module, dict[str, Any]]:
+_ModelT = TypeVar("_ModelT", bound="nn.Module")
+
+
+def prepare_compressed_model(model: _ModelT, args: Any) -> tuple[_ModelT, dict[str, Any]]:
     """Apply ``args.prune_dir`` (WANDA masks, kept through training) and ``args.quantize`` (8 / 4) to a freshly
     loaded model, before ``apply_method``. Returns the model and a JSON-able summary for results.json.
 

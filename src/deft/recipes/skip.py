@@ -58,10 +58,11 @@ def skip(args: SkipArgs) -> dict[str, Any]:
     density = None
     if thresholds:
         measured = measure_density(model, [drop_labels(b) for b in batches], thresholds=thresholds)
-        density = {"effective": measured.overall, "exact": measured.exact_overall, "thresholds": str(th_file)}
+        exact = measured.exact_overall  # None only when no layer saw a token
+        density = {"effective": measured.overall, "exact": exact, "thresholds": str(th_file)}
         print(
             f"deft: evaluating under {th_file}: effective density {100 * measured.overall:.2f} %, "
-            f"exact-zero density {100 * measured.exact_overall:.2f} %"
+            f"exact-zero density {'n/a' if exact is None else f'{100 * exact:.2f}'} %"
         )
         apply_thresholds(model, thresholds)
     base_metrics, base_time = evaluate_glue(model, batches, cfg["task"])

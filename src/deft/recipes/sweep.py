@@ -28,12 +28,12 @@ import time
 import typing
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ..analysis.report import read_rows
-from ..fields import check_choices, field_type
+from ..fields import check_choices, field_default, field_type
 from ..fields import help_field as _h
 from ..io import write_json, write_text
 from .common import RunError
@@ -175,8 +175,8 @@ def grid(args: SweepArgs) -> list[SweepPoint]:
     """Every point of the grid, in a stable order (methods, alphas, eps, betas, seeds)."""
     base = base_args(args)
     axes = [(GRID_AXES[k], list(getattr(args, k))) for k in GRID_AXES if getattr(args, k) is not None]
-    for key, values in axes:
-        if not values:
+    for key, listed in axes:
+        if not listed:
             raise RunError(f"--{key}s: the list is empty")
     out = Path(args.output)
     points, seen = [], set()
@@ -305,7 +305,7 @@ def train_command(a: TrainArgs) -> str:
     """``a`` as a ``deft train`` command line: model, task, method, alpha, seed and every option off its default."""
     words = ["deft", "train"]
     for f in fields(TrainArgs):
-        v, default = getattr(a, f.name), f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        v, default = getattr(a, f.name), field_default(f)
         flag = "--" + f.name.replace("_", "-")
         if v is None or (v == default and f.name not in ("model", "task", "method", "alpha", "seed")):
             continue

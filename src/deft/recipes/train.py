@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -184,10 +184,10 @@ def density_config(args: TrainArgs):
 def _new_density_config(DensityConfig, args: TrainArgs):  # noqa: N803 - the class, passed in lazily
     return DensityConfig(
         alpha=args.alpha,
-        kind=args.loss,  # type: ignore[arg-type]
+        kind=args.loss,
         eps=args.eps,
         beta=args.beta,
-        granularity=args.granularity,  # type: ignore[arg-type]
+        granularity=args.granularity,
         include_padding=args.include_padding,
         threshold=args.threshold,
         sites=args.sites,
@@ -195,7 +195,7 @@ def _new_density_config(DensityConfig, args: TrainArgs):  # noqa: N803 - the cla
         adaptive=args.adaptive,
         target_density=args.target_density,
         density_ramp=args.density_ramp,
-        density_schedule=args.density_schedule,  # type: ignore[arg-type]
+        density_schedule=args.density_schedule,
         threshold_momentum=args.threshold_momentum,
         straight_through=args.straight_through,
         distill=args.distill,
@@ -319,7 +319,9 @@ def train_with_setup(
 
     main_process = trainer.is_world_process_zero()  # the other processes of a multi-process run write nothing
     if main_process:
-        save_trainable(trainer.model, out / "adapter", method_cfg, task_type=setup.task_type)
+        trained = trainer.model
+        assert trained is not None  # the model given to DeftTrainer
+        save_trainable(trained, out / "adapter", method_cfg, task_type=setup.task_type)
     thresholds = trainer.final_thresholds()
     if thresholds is not None and main_process:
         # part of the model: sparsify(mode="threshold", threshold=<this>) serves it as it was evaluated
@@ -346,8 +348,8 @@ def train_with_setup(
         "trainable_params": params.trainable,
         "total_params": params.total,
         "trainable_percent": params.percent,
-        "train_examples": len(setup.train_dataset),
-        "eval_examples": len(setup.eval_dataset),
+        "train_examples": len(setup.train_dataset) if isinstance(setup.train_dataset, Sized) else None,
+        "eval_examples": len(setup.eval_dataset) if isinstance(setup.eval_dataset, Sized) else None,
         "data": setup.data_label,
         "task_details": setup.details,
         "compression": compression,

@@ -60,7 +60,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from ..errors import DeftError
 from ..fields import help_field as _h
@@ -139,6 +139,8 @@ class Param:
     def suggest(self, trial: Any) -> Any:
         if self.choices is not None:
             return trial.suggest_categorical(self.name, list(self.choices))
+        if self.low is None or self.high is None:
+            raise TuneError(f"{self.name}: a numeric search range needs low and high")
         if self.int:
             return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return trial.suggest_float(self.name, float(self.low), float(self.high), step=self.step, log=self.log)
@@ -163,7 +165,7 @@ def _field_types() -> dict[str, tuple[type, bool]]:
     return out
 
 
-def _is_number(v: Any) -> bool:
+def _is_number(v: Any) -> TypeGuard[int | float]:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -462,7 +464,7 @@ def _prune_callback(trial: Any, key: str, curve: Sequence[Sequence[float]] | Non
             trial.set_user_attr("evals", evals)
             fraction = state.global_step / state.max_steps
             floor = prune_floor(curve, fraction, margin) if margin is not None else None
-            if fraction < 1 and floor is not None and value < floor:
+            if fraction < 1 and floor is not None and margin is not None and value < floor:
                 trial.set_user_attr("steps_run", int(state.global_step))
                 raise optuna.TrialPruned(
                     f"{key} {100 * value:.2f} % at step {state.global_step}/{state.max_steps} "

@@ -186,7 +186,7 @@ def _restore_params(sparse: SparseDown) -> None:
     # the wrapper's Parameters are the ones users may have replaced (load_state_dict(assign=True), .to())
     base = sparse.base_layer
     base.weight = sparse.weight
-    base.bias = sparse.bias
+    base.register_parameter("bias", sparse.bias)  # what `base.bias = ...` does, also for None
 
 
 class _Subsample:

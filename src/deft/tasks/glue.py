@@ -143,7 +143,8 @@ def glue_loader(rows: list, tok: Any, max_length: int, batch_size: int, *, by_le
     from transformers import DataCollatorWithPadding
 
     ds = GlueDataset(rows, tok, max_length)
+    data: torch.utils.data.Dataset = ds
     if by_length and len(ds):
         ids = ds.encodings["input_ids"]
-        ds = torch.utils.data.Subset(ds, sorted(range(len(ds)), key=lambda i: len(ids[i])))
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=DataCollatorWithPadding(tok))
+        data = torch.utils.data.Subset(ds, sorted(range(len(ds)), key=lambda i: len(ids[i])))
+    return torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=DataCollatorWithPadding(tok))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from ..errors import MissingExtraError
 from .trainer import DensityMixin
@@ -25,10 +26,13 @@ def require_trl() -> ModuleType:
         ) from e
 
 
-_trl = require_trl()
+if TYPE_CHECKING:
+    from trl import SFTTrainer as _SFTTrainer
+else:
+    _SFTTrainer = require_trl().SFTTrainer
 
 
-class DeftSFTTrainer(DensityMixin, _trl.SFTTrainer):
+class DeftSFTTrainer(DensityMixin, _SFTTrainer):
     """``trl.SFTTrainer`` + the density loss and metrics; extra keyword ``density`` (:class:`deft.DensityConfig`).
 
     The task loss is SFTTrainer's own (completion-only, packed, DFT, ...), ``alpha * density`` is added on

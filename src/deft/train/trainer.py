@@ -11,10 +11,12 @@ update. DeftTrainer computes its own normalisation and sets ``loss_is_scaled_for
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -119,7 +121,14 @@ def _batch_size(batch: dict[str, Any]) -> int:
     return 1
 
 
-class DensityMixin:
+if TYPE_CHECKING:
+    # to the type checker the mixin is the Trainer it is mixed into (its attributes, super() methods)
+    _TrainerBase = Trainer
+else:
+    _TrainerBase = object
+
+
+class DensityMixin(_TrainerBase):
     """Density loss + density metrics for any ``transformers.Trainer`` subclass.
 
     Put it first among the bases: ``class MySFT(deft.DensityMixin, trl.SFTTrainer)``, then pass the
@@ -153,7 +162,10 @@ class DensityMixin:
                 f"{type(self).__name__} uses its parent's compute_loss: set distill=0"
             )
         self.density_loss = self.density.make_loss()
-        targeted = self.density.target_density is not None
+        target = self.density.target_density
+        targeted = target is not None
+        if self.model is None:  # Trainer sets it from model= or model_init()
+            raise ConfigError(f"{type(self).__name__} needs a model")
         self.probe = ActivationProbe(
             self.model,
             sites=self.density.sites,
@@ -166,11 +178,11 @@ class DensityMixin:
         self.probe.track(self.density_loss if self.density.alpha > 0 else None)
         self.probe.attach()
         self.thresholds: ThresholdTracker | None = None
-        if targeted:
+        if target is not None:
             self.thresholds = ThresholdTracker(
                 self.probe,
-                target=float(self.density.target_density),
-                ramp=self.density.density_ramp,  # type: ignore[arg-type]
+                target=float(target),
+                ramp=self.density.density_ramp,
                 schedule=self.density.density_schedule,
                 momentum=self.density.threshold_momentum,
                 straight_through=self.density.straight_through,
@@ -218,17 +230,17 @@ class DensityMixin:
             out["decoder"] = count("decoder_attention_mask", ("decoder_input_ids", "labels"))
         else:
             out["all"] = count("attention_mask", ("input_ids",))
-        if any(out.get(g) is None for g in groups):
-            return None
-        return {g: int(out[g]) for g in groups}  # type: ignore[arg-type]
+        known = {g: n for g in groups if (n := out.get(g)) is not None}
+        return known if len(known) == len(groups) else None
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         totals: dict[str, Any] = {"task": sum(self._task_items(b) for b in batch_samples), "density": None}
         per_batch = [self._density_tokens(b) for b in batch_samples]
-        if per_batch and all(p is not None for p in per_batch):
-            groups = sorted(per_batch[0])  # type: ignore[arg-type]
-            totals["density"] = {g: sum(p[g] for p in per_batch) for g in groups}  # type: ignore[index]
+        counted = [p for p in per_batch if p is not None]
+        if counted and len(counted) == len(per_batch):
+            groups = sorted(counted[0])
+            totals["density"] = {g: sum(p[g] for p in counted) for g in groups}
         if self.args.world_size > 1:
             # every process needs the global counts: gather and sum them
             keys = ["task"] + ([f"d:{g}" for g in sorted(totals["density"])] if totals["density"] else [])
@@ -289,12 +301,15 @@ class DensityMixin:
         training = model.training and torch.is_grad_enabled()
         if training and self.thresholds is not None:
             self._threshold_step()
-        result = super().compute_loss(  # type: ignore[misc]
+        result = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
         if not training:
             return result
-        loss, outputs = result if return_outputs else (result, None)
+        if return_outputs:
+            loss, outputs = result
+        else:
+            loss, outputs = result, None
         ga = max(1, self.current_gradient_accumulation_steps)
         # Trainer.training_step divides the returned loss by the accumulation steps unless the loss is
         # already normalised over the whole step: the same test it makes, so the density term can be
@@ -420,7 +435,7 @@ class DensityMixin:
         vals = [v / float(totals[s.group]) for v, s in zip(per, self.probe.sites, strict=True) if v is not None]
         weights = self.density_loss.weight_vector(len(per), dens_mean.device)
         used = [i for i, v in enumerate(per) if v is not None]
-        total = sum(w * v for w, v in zip([weights[i] for i in used], vals, strict=True))
+        total = functools.reduce(operator.add, [w * v for w, v in zip([weights[i] for i in used], vals, strict=True)])
         return total / len(used) * ws
 
     # ------------------------------------------------------------------ logging & evaluation
@@ -465,13 +480,15 @@ class DensityMixin:
             self._restore_snapshot(train_counts)
         prefix = kwargs.get("metric_key_prefix", args[3] if len(args) > 3 else "eval")
         self.last_density_report = report
-        output.metrics[f"{prefix}_density"] = report.overall
-        output.metrics[f"{prefix}_union_density"] = report.union_overall
+        metrics = output.metrics
+        assert metrics is not None  # Trainer.evaluation_loop always returns a dict of metrics
+        metrics[f"{prefix}_density"] = report.overall
+        metrics[f"{prefix}_union_density"] = report.union_overall
         for g, v in report.groups.items():
             if g != "all":
-                output.metrics[f"{prefix}_density_{g}"] = v
+                metrics[f"{prefix}_density_{g}"] = v
         for i, layer in enumerate(report.layers):
-            output.metrics[f"{prefix}_density_layer_{i}"] = layer.density
+            metrics[f"{prefix}_density_layer_{i}"] = layer.density
         return output
 
 
