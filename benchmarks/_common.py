@@ -5,6 +5,7 @@ the fastest timing of each: on a shared machine other processes can only ever ad
 means both sides see the same background load. The load average goes into the JSON so a reader can
 judge how noisy the run was.
 """
+
 from __future__ import annotations
 
 import csv
@@ -50,17 +51,30 @@ CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time
 
 def add_timing_options(ap: Any) -> None:
     """--threads, --clock and --out on the argparse parser ``ap``: the options of every CPU timing script."""
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads (default: torch's choice); 1 on a busy shared machine, where every "
-                         "multi-threaded op waits for its other thread to be scheduled")
-    ap.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
-                    help="wall time, or CPU time of this process (with --threads 1: time spent descheduled by "
-                         "other jobs drops out)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's choice); 1 on a busy shared machine, where every "
+        "multi-threaded op waits for its other thread to be scheduled",
+    )
+    ap.add_argument(
+        "--clock",
+        choices=tuple(CLOCKS),
+        default="wall",
+        help="wall time, or CPU time of this process (with --threads 1: time spent descheduled by "
+        "other jobs drops out)",
+    )
     ap.add_argument("--out", default=None, help="write the results as JSON here")
 
 
-def interleaved(fns: Sequence[Callable[[], Any]], rounds: int, *, min_run_time: float | None = None,
-                clock: Callable[[], float] = time.perf_counter) -> list[list[float]]:
+def interleaved(
+    fns: Sequence[Callable[[], Any]],
+    rounds: int,
+    *,
+    min_run_time: float | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[list[float]]:
     """Seconds per call of every function in ``fns``, ``rounds`` timings each, taken in turn (A, B, A, B...).
 
     ``min_run_time=None``: each timing is one call (for calls of ~10 ms and more, where one call is

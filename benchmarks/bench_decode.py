@@ -10,6 +10,7 @@ model's output).
     python benchmarks/bench_decode.py --quick --out decode.json     # 2 densities, 32 tokens
     python benchmarks/bench_decode.py --out decode.json             # 10-60 %, 64 tokens
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,7 @@ def timed_generate(model, inputs, n_tokens: int) -> tuple[float, list[int]]:
     t0 = time.perf_counter()
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False)
-    return time.perf_counter() - t0, out[0, inputs["input_ids"].shape[1]:].tolist()
+    return time.perf_counter() - t0, out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -50,8 +51,10 @@ def main(argv: list[str] | None = None) -> dict:
     model = AutoModelForCausalLM.from_pretrained(path).to(args.device).eval()
     inputs = tok(PROMPT, return_tensors="pt").to(args.device)
     sentences = [e.text_a for e in load_glue("sst2", "dev", source="builtin")[:32]]
-    calib = [dict(tok(sentences[i : i + 8], padding=True, return_tensors="pt").to(args.device))
-             for i in range(0, len(sentences), 8)]
+    calib = [
+        dict(tok(sentences[i : i + 8], padding=True, return_tensors="pt").to(args.device))
+        for i in range(0, len(sentences), 8)
+    ]
 
     timed_generate(model, inputs, 4)  # warm-up
     rows = []
@@ -67,18 +70,31 @@ def main(argv: list[str] | None = None) -> dict:
             t, sparse_tokens = timed_generate(model, inputs, n_tokens)
             sparse_t.append(t)
         unsparsify(model)
-        same = sum(a == b for a, b in zip(dense_tokens, sparse_tokens)) / n_tokens
-        row = {"target_density": d, "dense_tok_s": n_tokens / min(dense_t), "sparse_tok_s": n_tokens / min(sparse_t),
-               "speedup": min(dense_t) / min(sparse_t), "same_tokens_as_dense": same}
+        same = sum(a == b for a, b in zip(dense_tokens, sparse_tokens, strict=True)) / n_tokens
+        row = {
+            "target_density": d,
+            "dense_tok_s": n_tokens / min(dense_t),
+            "sparse_tok_s": n_tokens / min(sparse_t),
+            "speedup": min(dense_t) / min(sparse_t),
+            "same_tokens_as_dense": same,
+        }
         rows.append(row)
-        print(f"density {100 * d:4.0f} %: dense {row['dense_tok_s']:6.1f} tok/s, sparse {row['sparse_tok_s']:6.1f} "
-              f"tok/s, speedup {row['speedup']:.2f}x, same tokens as dense {100 * same:.0f} %", flush=True)
+        print(
+            f"density {100 * d:4.0f} %: dense {row['dense_tok_s']:6.1f} tok/s, sparse {row['sparse_tok_s']:6.1f} "
+            f"tok/s, speedup {row['speedup']:.2f}x, same tokens as dense {100 * same:.0f} %",
+            flush=True,
+        )
 
     result = {
-        "model": "SmolLM2-135M-Instruct (fp32, converted from the packaged GGUF)", "device": args.device,
-        "new_tokens": n_tokens, "rounds": rounds, "rows": rows, "torch": torch.__version__,
+        "model": "SmolLM2-135M-Instruct (fp32, converted from the packaged GGUF)",
+        "device": args.device,
+        "new_tokens": n_tokens,
+        "rounds": rounds,
+        "rows": rows,
+        "torch": torch.__version__,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"{torch.get_num_threads()} torch threads", "load_average": os.getloadavg(),
+        f"{torch.get_num_threads()} torch threads",
+        "load_average": os.getloadavg(),
     }
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -22,6 +22,7 @@ Thresholds are calibrated per projection on the model's own activations (eager d
     python benchmarks/bench_decode_gpu.py --out decode_gpu.json
     python benchmarks/bench_decode_gpu.py --layers 4 --quick     # a small smoke run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,15 +37,25 @@ from torch import nn
 from deft.sparse import SparseDown, sparsify, unsparsify
 
 PROJ_INPUTS = {  # projection -> the modules that read the same input (one threshold each)
-    "attn": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "mlp_in": ("gate_proj", "up_proj"), "down": ("down_proj",),
+    "attn": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "mlp_in": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
 }
 
 
 def build(layers: int, device: str, dtype: torch.dtype) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+    cfg = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    )
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in bf16 directly: no 27 GB fp32 copy first
@@ -94,8 +105,13 @@ def calibrate(model: nn.Module, dec: Decoder, densities: list[float], steps: int
     hooks = []
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in sum(PROJ_INPUTS.values(), ()):
-            hooks.append(mod.register_forward_pre_hook(
-                lambda _m, args, name=name: values.setdefault(name, []).append(args[0].detach().abs().float().flatten())))
+            hooks.append(
+                mod.register_forward_pre_hook(
+                    lambda _m, args, name=name: values.setdefault(name, []).append(
+                        args[0].detach().abs().float().flatten()
+                    )
+                )
+            )
     with torch.no_grad():
         for _ in range(steps):
             dec.step()
@@ -103,7 +119,7 @@ def calibrate(model: nn.Module, dec: Decoder, densities: list[float], steps: int
         h.remove()
     out: dict[float, dict[str, float]] = {}
     for d in densities:
-        out[d] = {n: float(torch.quantile(torch.cat(v)[:1 << 24], 1.0 - d)) for n, v in values.items()}
+        out[d] = {n: float(torch.quantile(torch.cat(v)[: 1 << 24], 1.0 - d)) for n, v in values.items()}
     return out
 
 
@@ -137,10 +153,12 @@ def measured_density(model: nn.Module, dec: Decoder, which: tuple[str, ...]) -> 
     hooks = []
     for name, mod in model.named_modules():
         if isinstance(mod, SparseDown) and name.rsplit(".", 1)[-1] in which:
+
             def hook(m, args):
                 x = args[0]
                 counts[0] += int((x.abs() > m.threshold).sum())
                 counts[1] += x.numel()
+
             hooks.append(mod.register_forward_pre_hook(hook))
     with torch.no_grad():
         dec.step()
@@ -170,13 +188,21 @@ def main(argv: list[str] | None = None) -> dict:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     rows = []
     dense_t = graph_time(dec, args.tokens, rounds)
-    print(f"dense: {1e3 * dense_t:.2f} ms/token, {1 / dense_t:.1f} tok/s, "
-          f"{weight_bytes / dense_t / 1e12:.2f} TB/s of weights", flush=True)
+    print(
+        f"dense: {1e3 * dense_t:.2f} ms/token, {1 / dense_t:.1f} tok/s, "
+        f"{weight_bytes / dense_t / 1e12:.2f} TB/s of weights",
+        flush=True,
+    )
     for d in densities:
         row = {"density": d}
         # W2 only, through the library's own entry point
-        sparsify(model, mode="threshold", threshold={n: thresholds[d][n] for n in down_names},
-                 regime="decode", max_density=1.0)
+        sparsify(
+            model,
+            mode="threshold",
+            threshold={n: thresholds[d][n] for n in down_names},
+            regime="decode",
+            max_density=1.0,
+        )
         row["down_measured_density"] = measured_density(model, dec, ("down_proj",))
         row["down_s"] = graph_time(dec, args.tokens, rounds)
         # every projection (TEAL's setting), through the library as well
@@ -189,15 +215,24 @@ def main(argv: list[str] | None = None) -> dict:
         row["down_speedup"] = dense / row["down_s"]
         row["all_speedup"] = dense / row["all_s"]
         rows.append(row)
-        print(f"density {100 * d:3.0f} %: dense {1 / row['dense_s']:6.1f} tok/s | W2 only {1 / row['down_s']:6.1f} tok/s"
-              f" ({row['down_speedup']:.2f}x) | all projections {1 / row['all_s']:6.1f} tok/s ({row['all_speedup']:.2f}x)"
-              f" | measured density W2 {100 * row['down_measured_density']:.0f} % all "
-              f"{100 * row['all_measured_density']:.0f} %", flush=True)
+        print(
+            f"density {100 * d:3.0f} %: dense {1 / row['dense_s']:6.1f} tok/s | W2 only {1 / row['down_s']:6.1f} tok/s"
+            f" ({row['down_speedup']:.2f}x) | all projections {1 / row['all_s']:6.1f} tok/s ({row['all_speedup']:.2f}x)"
+            f" | measured density W2 {100 * row['down_measured_density']:.0f} % all "
+            f"{100 * row['all_measured_density']:.0f} %",
+            flush=True,
+        )
         torch.cuda.empty_cache()
     result = {
         "model": f"LLaMA-2-7B-shaped LlamaForCausalLM, {args.layers} layers, random weights, {args.dtype}",
-        "context": args.context, "tokens_per_round": args.tokens, "rounds": rounds, "dense_s_first": dense_t,
-        "weight_bytes": weight_bytes, "rows": rows, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "context": args.context,
+        "tokens_per_round": args.tokens,
+        "rounds": rounds,
+        "dense_s_first": dense_t,
+        "weight_bytes": weight_bytes,
+        "rows": rows,
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
         "seconds": round(time.perf_counter() - t0, 1),
     }
     if args.out:

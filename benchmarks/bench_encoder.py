@@ -23,6 +23,7 @@ model's, so 1.0 up to float reassociation).
 
     python benchmarks/bench_encoder.py --quick --out encoder.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,7 +59,9 @@ def trained_encoder(run_dir: str) -> nn.Module:
 
     model, _, res = _load_run_model(Path(run_dir))
     if res["config"]["method"] != "lora":
-        raise SystemExit(f"--run {run_dir}: only LoRA runs can be merged for timing (method {res['config']['method']!r})")
+        raise SystemExit(
+            f"--run {run_dir}: only LoRA runs can be merged for timing (method {res['config']['method']!r})"
+        )
     return model.merge_and_unload().base_model.eval()
 
 
@@ -89,13 +92,23 @@ def densities(model: nn.Module, regime: str) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="2 rounds, 2 calibration batches, sentences cut to 32 tokens, one threshold target, "
-                         "no per-token row for the GELU model (< 90 s on 2 CPU cores)")
-    ap.add_argument("--targets", default=None,
-                    help="threshold variants: target densities, comma separated (default 0.1,0.3; --quick: 0.1)")
-    ap.add_argument("--run", action="append", default=[],
-                    help="a finished `deft train` LoRA run folder on MiniLM to time as well (repeatable)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 rounds, 2 calibration batches, sentences cut to 32 tokens, one threshold target, "
+        "no per-token row for the GELU model (< 90 s on 2 CPU cores)",
+    )
+    ap.add_argument(
+        "--targets",
+        default=None,
+        help="threshold variants: target densities, comma separated (default 0.1,0.3; --quick: 0.1)",
+    )
+    ap.add_argument(
+        "--run",
+        action="append",
+        default=[],
+        help="a finished `deft train` LoRA run folder on MiniLM to time as well (repeatable)",
+    )
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     start = time.perf_counter()
@@ -111,23 +124,29 @@ def main(argv: list[str] | None = None) -> None:
         return dict(tok(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
 
     batch = encode(texts[:BATCH])  # the timed batch
-    calib = [encode(texts[BATCH * (i + 1): BATCH * (i + 2)]) for i in range(calib_batches)]
+    calib = [encode(texts[BATCH * (i + 1) : BATCH * (i + 2)]) for i in range(calib_batches)]
     reference = pooled(gelu, batch)
     relu = relu_fied(gelu)
 
     variants: list[tuple[str, nn.Module, dict[str, Any], torch.Tensor]] = [
-        ("gelu exact", gelu, dict(mode="exact"), reference), ("relu exact", relu, dict(mode="exact"), reference)]
+        ("gelu exact", gelu, dict(mode="exact"), reference),
+        ("relu exact", relu, dict(mode="exact"), reference),
+    ]
     targets = args.targets or ("0.1" if args.quick else "0.1,0.3")
     for target in (float(t) for t in targets.split(",")):
         thresholds = calibrate_thresholds(gelu, calib, target)
         variants.append((f"thr@{target:g}", gelu, dict(mode="threshold", threshold=thresholds), reference))
     for run_dir in args.run:
         enc = trained_encoder(run_dir)
-        variants.append((f"run:{os.path.basename(os.path.normpath(run_dir))}", enc, dict(mode="exact"), pooled(enc, batch)))
+        variants.append(
+            (f"run:{os.path.basename(os.path.normpath(run_dir))}", enc, dict(mode="exact"), pooled(enc, batch))
+        )
 
     results = []
-    print(f"MiniLM-L6 batch {BATCH}, {batch['input_ids'].shape[1]} tokens/sentence (padded), "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"MiniLM-L6 batch {BATCH}, {batch['input_ids'].shape[1]} tokens/sentence (padded), "
+        f"torch threads {torch.get_num_threads()}"
+    )
     for name, base, kw, ref in variants:
         for regime in ("batched", "decode"):
             if args.quick and name == "gelu exact" and regime == "decode":
@@ -139,21 +158,37 @@ def main(argv: list[str] | None = None) -> None:
             cosine = float(torch.cosine_similarity(pooled(sparse, batch), ref, dim=-1).mean())
             dens = densities(sparse, regime)
             t_dense, t_sparse = time_pair(base, sparse, batch, rounds)
-            row = dict(variant=name, path="union" if regime == "batched" else "per-token", **dens,
-                       cosine_vs_gelu=cosine, dense_ms=1e3 * t_dense, sparse_ms=1e3 * t_sparse,
-                       dense_sent_per_s=BATCH / t_dense, sparse_sent_per_s=BATCH / t_sparse,
-                       speedup=t_dense / t_sparse)
+            row = dict(
+                variant=name,
+                path="union" if regime == "batched" else "per-token",
+                **dens,
+                cosine_vs_gelu=cosine,
+                dense_ms=1e3 * t_dense,
+                sparse_ms=1e3 * t_sparse,
+                dense_sent_per_s=BATCH / t_dense,
+                sparse_sent_per_s=BATCH / t_sparse,
+                speedup=t_dense / t_sparse,
+            )
             results.append(row)
             dkey = "union_density" if regime == "batched" else "per_token_density"
-            print(f"{name:>16} {row['path']:>9}: {dkey.replace('_', ' ')} {100 * dens[dkey]:5.1f}%  "
-                  f"dense {row['dense_sent_per_s']:6.1f} sent/s  sparse {row['sparse_sent_per_s']:6.1f} sent/s  "
-                  f"speedup {row['speedup']:.2f}x  cosine {cosine:.4f}", flush=True)
+            print(
+                f"{name:>16} {row['path']:>9}: {dkey.replace('_', ' ')} {100 * dens[dkey]:5.1f}%  "
+                f"dense {row['dense_sent_per_s']:6.1f} sent/s  sparse {row['sparse_sent_per_s']:6.1f} sent/s  "
+                f"speedup {row['speedup']:.2f}x  cosine {cosine:.4f}",
+                flush=True,
+            )
 
     out = {
         "results": results,
-        "config": {"batch": BATCH, "tokens_per_sentence": int(batch["input_ids"].shape[1]), "quick": args.quick,
-                   "rounds": rounds, "max_length": max_length, "calibration_sentences": BATCH * calib_batches,
-                   "seconds": round(time.perf_counter() - start, 1)},
+        "config": {
+            "batch": BATCH,
+            "tokens_per_sentence": int(batch["input_ids"].shape[1]),
+            "quick": args.quick,
+            "rounds": rounds,
+            "max_length": max_length,
+            "calibration_sentences": BATCH * calib_batches,
+            "seconds": round(time.perf_counter() - start, 1),
+        },
         "machine": {**before, "loadavg_1min_after": loadavg()},
     }
     print(f"done in {out['config']['seconds']} s")

@@ -16,6 +16,7 @@ torch.utils.benchmark.Timer; `speedup` = dense time / sparse time (> 1: sparse i
     python benchmarks/bench_mlp.py --quick --out results.json
     python benchmarks/bench_mlp.py --device cuda --out results_cuda.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -113,7 +114,7 @@ def crossover(rows: list[dict[str, Any]]) -> dict[str, Any]:
     rows = sorted(rows, key=lambda r: r["density"])
     wins = [r["density"] for r in rows if r["speedup"] > 1.0]
     estimate = None
-    for a, b in zip(rows, rows[1:]):
+    for a, b in itertools.pairwise(rows):
         if a["speedup"] > 1.0 >= b["speedup"]:
             t = (a["speedup"] - 1.0) / (a["speedup"] - b["speedup"])
             estimate = a["density"] + t * (b["density"] - a["density"])
@@ -151,13 +152,26 @@ def run(device: str, quick: bool, dtype: torch.dtype) -> dict[str, Any]:
                     if device == "cuda" and regime == "decode":
                         # the graph replays the calls in order: the dense and sparse closures see every input
                         it_d, it_s = itertools.cycle(xs).__next__, itertools.cycle(xs).__next__
-                        t_dense, t_sparse = cuda_graph_pair(lambda: lin(it_d()), lambda: sparse(it_s()),
-                                                            n_inputs, 5 if quick else 15)
+                        t_dense, t_sparse = cuda_graph_pair(
+                            lambda lin=lin, it=it_d: lin(it()),
+                            lambda sp=sparse, it=it_s: sp(it()),
+                            n_inputs,
+                            5 if quick else 15,
+                        )
                     else:
-                        t_dense, t_sparse = timeit_pair(lambda: lin(nxt()), lambda: sparse(nxt()), min_run_time,
-                                                        rounds)
-                row = dict(shape=shape, regime=regime, tokens=tokens, density=d, dense_ms=1e3 * t_dense,
-                           sparse_ms=1e3 * t_sparse, speedup=t_dense / t_sparse, target_speedup=0.7 / d)
+                        t_dense, t_sparse = timeit_pair(
+                            lambda lin=lin, it=nxt: lin(it()), lambda sp=sparse, it=nxt: sp(it()), min_run_time, rounds
+                        )
+                row = dict(
+                    shape=shape,
+                    regime=regime,
+                    tokens=tokens,
+                    density=d,
+                    dense_ms=1e3 * t_dense,
+                    sparse_ms=1e3 * t_sparse,
+                    speedup=t_dense / t_sparse,
+                    target_speedup=0.7 / d,
+                )
                 if bandwidth:
                     # bytes the kernels must read: all of W2 (dense) / the active rows of W2^T (sparse), + x, y
                     w_bytes = width * hidden * lin.weight.element_size()
@@ -165,26 +179,39 @@ def run(device: str, quick: bool, dtype: torch.dtype) -> dict[str, Any]:
                     row["dense_bw_frac"] = (w_bytes + io) / t_dense / bandwidth
                     row["sparse_bw_frac"] = (d * w_bytes + io) / t_sparse / bandwidth
                 results.append(row)
-                roof = (f"  of peak bw: dense {100 * row['dense_bw_frac']:3.0f}% sparse {100 * row['sparse_bw_frac']:3.0f}%"
-                        if bandwidth else "")
-                print(f"{shape:>5} {regime:>7} tokens={tokens:<5} density={100 * d:5.1f}%  dense {row['dense_ms']:9.4f} ms"
-                      f"  sparse {row['sparse_ms']:9.4f} ms  speedup {row['speedup']:5.2f}x{roof}", flush=True)
+                roof = (
+                    f"  of peak bw: dense {100 * row['dense_bw_frac']:3.0f}% sparse {100 * row['sparse_bw_frac']:3.0f}%"
+                    if bandwidth
+                    else ""
+                )
+                print(
+                    f"{shape:>5} {regime:>7} tokens={tokens:<5} density={100 * d:5.1f}%"
+                    f"  dense {row['dense_ms']:9.4f} ms"
+                    f"  sparse {row['sparse_ms']:9.4f} ms  speedup {row['speedup']:5.2f}x{roof}",
+                    flush=True,
+                )
     summary = {}
     for shape in SHAPES:
         for regime in ("decode", "batched"):
             c = crossover([r for r in results if r["shape"] == shape and r["regime"] == regime])
             summary[f"{shape}/{regime}"] = c
             est = "never" if c["crossover_density"] is None else f"~{100 * c['crossover_density']:.0f}%"
-            print(f"crossover {shape}/{regime}: sparse wins below {est} density "
-                  f"(won at {[f'{100 * d:g}%' for d in c['sparse_wins_at']]})")
+            print(
+                f"crossover {shape}/{regime}: sparse wins below {est} density "
+                f"(won at {[f'{100 * d:g}%' for d in c['sparse_wins_at']]})"
+            )
     return {"results": results, "crossover": summary, "copy_bandwidth_bytes_per_s": bandwidth}
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
-                    help="default: float32 on cpu, float16 on cuda (the Triton kernel's dtypes)")
+    ap.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default=None,
+        help="default: float32 on cpu, float16 on cuda (the Triton kernel's dtypes)",
+    )
     ap.add_argument("--quick", action="store_true", help="short timings, fewer batched tokens for 7B on CPU")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
@@ -195,9 +222,13 @@ def main(argv: list[str] | None = None) -> None:
     before = machine(args.device)
     out = run(args.device, args.quick, dtype)
     out["machine"] = {**before, "loadavg_1min_after": loadavg()}
-    out["config"] = {"quick": args.quick, "dtype": str(dtype), "densities": DENSITIES,
-                     "shapes": {k: {"in": v[0], "out": v[1]} for k, v in SHAPES.items()},
-                     "seconds": round(time.perf_counter() - start, 1)}
+    out["config"] = {
+        "quick": args.quick,
+        "dtype": str(dtype),
+        "densities": DENSITIES,
+        "shapes": {k: {"in": v[0], "out": v[1]} for k, v in SHAPES.items()},
+        "seconds": round(time.perf_counter() - start, 1),
+    }
     print(f"done in {out['config']['seconds']} s")
     write_json(args.out, out)
 

@@ -31,6 +31,7 @@ dense-thr with ``torch.testing.assert_close`` (W2 outputs and logits) before it 
     python benchmarks/bench_threshold.py --run runs/bench-td05 --threads 1 --clock cpu --out threshold.json
     # ~1 min and ~4-5 min on 2 CPU cores
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,7 @@ from deft.recipes.evaluate import eval_loader as _eval_loader
 from deft.recipes.evaluate import load_run_model as _load_run_model
 from deft.sparse import load_thresholds, sparsify
 
-from _common import CLOCKS, interleaved, loadavg, machine, median, write_json
-from _common import add_timing_options
+from _common import CLOCKS, add_timing_options, interleaved, loadavg, machine, median, write_json
 
 BATCH = 32
 PATHS = ("dense", "dense-thr", "union", "gather", "csr")
@@ -90,8 +90,9 @@ class CsrDown(nn.Module):
         crow = torch.zeros(kept.shape[0] + 1, dtype=torch.long)
         torch.cumsum(torch.bincount(rows, minlength=kept.shape[0]), 0, out=crow[1:])
         # built valid by construction: skip torch's invariant checks (they cost a pass over the indices)
-        csr = torch.sparse_csr_tensor(crow, nz - rows * self.in_features, flat.index_select(0, nz), kept.shape,
-                                      check_invariants=False)
+        csr = torch.sparse_csr_tensor(
+            crow, nz - rows * self.in_features, flat.index_select(0, nz), kept.shape, check_invariants=False
+        )
         out = torch.addmm(self.bias, csr, self.wt)
         return out.reshape(*lead, self.out_features)
 
@@ -108,9 +109,12 @@ def swap_down(model: nn.Module, thresholds: dict[str, float], make) -> nn.Module
 def capture_inputs(model: nn.Module, thresholds: dict[str, float], batch: dict) -> dict[str, torch.Tensor]:
     """The raw W2 input of every thresholded layer for ``batch`` (2-D: tokens incl. padding x units)."""
     got: dict[str, torch.Tensor] = {}
-    hooks = [model.get_submodule(n).register_forward_pre_hook(
-        lambda _m, a, n=n: got.__setitem__(n, a[0].detach().reshape(-1, a[0].shape[-1]).clone()))
-        for n in thresholds]
+    hooks = [
+        model.get_submodule(n).register_forward_pre_hook(
+            lambda _m, a, n=n: got.__setitem__(n, a[0].detach().reshape(-1, a[0].shape[-1]).clone())
+        )
+        for n in thresholds
+    ]
     with torch.inference_mode():
         model(**batch)
     for h in hooks:
@@ -125,16 +129,22 @@ def w2_modules(model: nn.Module, variants: dict[str, nn.Module], name: str) -> d
 
 def densities(h: torch.Tensor, t: float, valid: torch.Tensor) -> dict[str, float]:
     active = h.abs() > t
-    return {"per_token": float(active[valid].float().mean()), "per_token_incl_padding": float(active.float().mean()),
-            "union": float(active.any(0).float().mean())}
+    return {
+        "per_token": float(active[valid].float().mean()),
+        "per_token_incl_padding": float(active.float().mean()),
+        "union": float(active.any(0).float().mean()),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run", required=True,
-                    help="the run folder of a finished MiniLM + LoRA `deft train --target-density 0.05` run (with "
-                         "results.json and adapter/thresholds.json), e.g. `deft train --model minilm --task sst2 "
-                         "--method lora --alpha 0 --target-density 0.05 --output runs/bench-td05`")
+    ap.add_argument(
+        "--run",
+        required=True,
+        help="the run folder of a finished MiniLM + LoRA `deft train --target-density 0.05` run (with "
+        "results.json and adapter/thresholds.json), e.g. `deft train --model minilm --task sst2 "
+        "--method lora --alpha 0 --target-density 0.05 --output runs/bench-td05`",
+    )
     ap.add_argument("--quick", action="store_true", help="2 batches, 3 rounds (default 4 batches, 7 rounds)")
     add_timing_options(ap)
     args = ap.parse_args(argv)
@@ -150,8 +160,9 @@ def main(argv: list[str] | None = None) -> None:
     peft, tok, res = _load_run_model(run_dir)
     model = peft.merge_and_unload().eval()  # as served: SparseDown needs a plain nn.Linear W2
     thresholds = load_thresholds(run_dir, model)
-    batches = [{k: v for k, v in b.items() if k != "labels"}
-               for b in _eval_loader(res["config"], tok, None, BATCH)[:n_batches]]
+    batches = [
+        {k: v for k, v in b.items() if k != "labels"} for b in _eval_loader(res["config"], tok, None, BATCH)[:n_batches]
+    ]
 
     variants: dict[str, nn.Module] = {
         "dense": model,
@@ -184,18 +195,21 @@ def main(argv: list[str] | None = None) -> None:
                     torch.testing.assert_close(mods[p](h), ref, rtol=1e-4, atol=1e-4)
                 times = interleaved([lambda m=mods[p], h=h: m(h) for p in PATHS], w2_rounds, clock=clock)
             row = {"batch": bi, "site": name, "threshold": thresholds[name], **densities(h, thresholds[name], valid)}
-            for p, ts in zip(PATHS, times):
+            for p, ts in zip(PATHS, times, strict=True):
                 row[f"{p}_ms"] = 1e3 * min(ts)
                 w2_best[p] += min(ts)
             layers.append(row)
         with torch.inference_mode():
             times = interleaved([lambda m=variants[p], b=batch: m(**b) for p in PATHS], rounds, clock=clock)
         ref_times = times[PATHS.index("dense-thr")]
-        for p, ts in zip(PATHS, times):
+        for p, ts in zip(PATHS, times, strict=True):
             whole_best[p] += min(ts)
-            whole_ratios[p] += [r / t for r, t in zip(ref_times, ts)]
-        print(f"batch {bi}: {tokens[-1]['valid']} of {tokens[-1]['padded']} tokens real, whole model "
-              + ", ".join(f"{p} {1e3 * min(ts):.0f} ms" for p, ts in zip(PATHS, times)), flush=True)
+            whole_ratios[p] += [r / t for r, t in zip(ref_times, ts, strict=True)]
+        print(
+            f"batch {bi}: {tokens[-1]['valid']} of {tokens[-1]['padded']} tokens real, whole model "
+            + ", ".join(f"{p} {1e3 * min(ts):.0f} ms" for p, ts in zip(PATHS, times, strict=True)),
+            flush=True,
+        )
 
     n_layers = len(layers)
     summary = {
@@ -204,31 +218,57 @@ def main(argv: list[str] | None = None) -> None:
         "union_density": sum(r["union"] for r in layers) / n_layers,
         "paths": {},
     }
-    print(f"\nMiniLM-L6 + LoRA at {100 * summary['per_token_density']:.1f} % per-token density of the W2 input "
-          f"(real tokens; {100 * summary['per_token_density_incl_padding']:.1f} % with padding; union "
-          f"{100 * summary['union_density']:.1f} %), batch {BATCH}, {n_batches} batches, torch threads "
-          f"{torch.get_num_threads()}, {args.clock} clock, load {before['loadavg_1min']}")
-    print(f"{'path':>10} {'W2 ms/batch':>12} {'W2 speedup':>11} {'model ms/batch':>15} {'model speedup':>14} "
-          f"{'(paired median)':>16}")
+    print(
+        f"\nMiniLM-L6 + LoRA at {100 * summary['per_token_density']:.1f} % per-token density of the W2 input "
+        f"(real tokens; {100 * summary['per_token_density_incl_padding']:.1f} % with padding; union "
+        f"{100 * summary['union_density']:.1f} %), batch {BATCH}, {n_batches} batches, torch threads "
+        f"{torch.get_num_threads()}, {args.clock} clock, load {before['loadavg_1min']}"
+    )
+    print(
+        f"{'path':>10} {'W2 ms/batch':>12} {'W2 speedup':>11} {'model ms/batch':>15} {'model speedup':>14} "
+        f"{'(paired median)':>16}"
+    )
     for p in PATHS:
-        s = {"w2_ms_per_batch": 1e3 * w2_best[p] / n_batches, "w2_speedup": w2_best["dense-thr"] / w2_best[p],
-             "model_ms_per_batch": 1e3 * whole_best[p] / n_batches,
-             "model_speedup": whole_best["dense-thr"] / whole_best[p],
-             "model_speedup_paired_median": median(whole_ratios[p])}
+        s = {
+            "w2_ms_per_batch": 1e3 * w2_best[p] / n_batches,
+            "w2_speedup": w2_best["dense-thr"] / w2_best[p],
+            "model_ms_per_batch": 1e3 * whole_best[p] / n_batches,
+            "model_speedup": whole_best["dense-thr"] / whole_best[p],
+            "model_speedup_paired_median": median(whole_ratios[p]),
+        }
         summary["paths"][p] = s
-        print(f"{p:>10} {s['w2_ms_per_batch']:12.1f} {s['w2_speedup']:10.2f}x {s['model_ms_per_batch']:15.1f} "
-              f"{s['model_speedup']:13.2f}x {s['model_speedup_paired_median']:15.2f}x")
+        print(
+            f"{p:>10} {s['w2_ms_per_batch']:12.1f} {s['w2_speedup']:10.2f}x {s['model_ms_per_batch']:15.1f} "
+            f"{s['model_speedup']:13.2f}x {s['model_speedup_paired_median']:15.2f}x"
+        )
     # the W2-only ceiling: the whole-model speedup if the six W2 calls cost nothing at all
     ref = summary["paths"]["dense-thr"]
-    summary["model_speedup_ceiling_w2_free"] = ref["model_ms_per_batch"] / (ref["model_ms_per_batch"] - ref["w2_ms_per_batch"])
-    print(f"W2 share of the dense-thr forward: {100 * ref['w2_ms_per_batch'] / ref['model_ms_per_batch']:.0f} % "
-          f"(whole-model ceiling with W2 free: {summary['model_speedup_ceiling_w2_free']:.2f}x)")
+    summary["model_speedup_ceiling_w2_free"] = ref["model_ms_per_batch"] / (
+        ref["model_ms_per_batch"] - ref["w2_ms_per_batch"]
+    )
+    print(
+        f"W2 share of the dense-thr forward: {100 * ref['w2_ms_per_batch'] / ref['model_ms_per_batch']:.0f} % "
+        f"(whole-model ceiling with W2 free: {summary['model_speedup_ceiling_w2_free']:.2f}x)"
+    )
 
-    out = {"summary": summary, "layers": layers,
-           "config": {"run": str(run_dir), "batch": BATCH, "batches": n_batches, "tokens": tokens, "rounds": rounds,
-                      "w2_rounds": w2_rounds, "clock": args.clock, "quick": args.quick, "thresholds": thresholds,
-                      "run_accuracy": res.get("metric"), "seconds": round(time.perf_counter() - start, 1)},
-           "machine": {**before, "loadavg_1min_after": loadavg(), "mkl": torch.backends.mkl.is_available()}}
+    out = {
+        "summary": summary,
+        "layers": layers,
+        "config": {
+            "run": str(run_dir),
+            "batch": BATCH,
+            "batches": n_batches,
+            "tokens": tokens,
+            "rounds": rounds,
+            "w2_rounds": w2_rounds,
+            "clock": args.clock,
+            "quick": args.quick,
+            "thresholds": thresholds,
+            "run_accuracy": res.get("metric"),
+            "seconds": round(time.perf_counter() - start, 1),
+        },
+        "machine": {**before, "loadavg_1min_after": loadavg(), "mkl": torch.backends.mkl.is_available()},
+    }
     print(f"done in {out['config']['seconds']} s")
     write_json(args.out, out)
 

@@ -21,6 +21,7 @@ per-layer quantile at the target density (at density 1, early in the ramp, there
     python benchmarks/bench_train_step.py --threads 1 --clock cpu --out train_step.json           # ~3-4 min
     python benchmarks/bench_train_step.py --threads 1 --profile   # + where target mode's time goes
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,7 @@ from deft.recipes.train import method_config as _method_config
 from deft.tasks import setup_task
 from deft.train.trainer import DeftTrainer, DensityConfig
 
-from _common import CLOCKS, interleaved, loadavg, machine, median, write_json
-from _common import add_timing_options
+from _common import CLOCKS, add_timing_options, interleaved, loadavg, machine, median, write_json
 
 TARGET = 0.05
 SIDES: dict[str, DensityConfig | None] = {
@@ -55,9 +55,20 @@ MAX_STEPS = 1000  # the schedules' horizon; the timed steps start at 70 %, past 
 
 
 def make_trainer(model: torch.nn.Module, density: DensityConfig | None, out_dir: str, lr: float) -> Trainer:
-    targs = TrainingArguments(output_dir=out_dir, learning_rate=lr, per_device_train_batch_size=8, max_steps=MAX_STEPS,
-                              warmup_steps=0.06, lr_scheduler_type="linear", report_to=[], use_cpu=True,
-                              remove_unused_columns=False, disable_tqdm=True, save_strategy="no", seed=0)
+    targs = TrainingArguments(
+        output_dir=out_dir,
+        learning_rate=lr,
+        per_device_train_batch_size=8,
+        max_steps=MAX_STEPS,
+        warmup_steps=0.06,
+        lr_scheduler_type="linear",
+        report_to=[],
+        use_cpu=True,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        save_strategy="no",
+        seed=0,
+    )
     tr = DeftTrainer(model, targs, density=density) if density is not None else Trainer(model, targs)
     tr.create_optimizer_and_scheduler(num_training_steps=MAX_STEPS)
     tr.state.max_steps = MAX_STEPS
@@ -109,9 +120,14 @@ def profile(tr: Trainer, batches: list[dict[str, torch.Tensor]], steps: int) -> 
         for i in range(min(steps, 6)):
             one_step(tr, batches[i % len(batches)])
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
-    return {"steps": steps, "step_ms": 1e3 * total / steps, "quantile_ms_per_step": 1e3 * watch.seconds / steps,
-            "quantile_calls_per_step": watch.calls / steps, "quantile_share": watch.seconds / total,
-            "top_ops": table}
+    return {
+        "steps": steps,
+        "step_ms": 1e3 * total / steps,
+        "quantile_ms_per_step": 1e3 * watch.seconds / steps,
+        "quantile_calls_per_step": watch.calls / steps,
+        "quantile_share": watch.seconds / total,
+        "top_ops": table,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -153,40 +169,66 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(repeats):
         for b, batch in enumerate(batches):
             took = interleaved([lambda tr=tr, b=batch: one_step(tr, b) for tr in trainers.values()], 1, clock=clock)
-            for n, t in zip(trainers, took):
+            for n, t in zip(trainers, took, strict=True):
                 times[n][b] += t
 
-    print(f"MiniLM-L6 + LoRA (r=8, mlp+attention), batch 8 of the SST-2 sample ({min(lengths)}-{max(lengths)} "
-          f"tokens padded, {sum(tokens) / len(tokens):.0f} real tokens/batch), torch threads {torch.get_num_threads()}, "
-          f"{args.clock} clock, load {before['loadavg_1min']}")
+    print(
+        f"MiniLM-L6 + LoRA (r=8, mlp+attention), batch 8 of the SST-2 sample ({min(lengths)}-{max(lengths)} "
+        f"tokens padded, {sum(tokens) / len(tokens):.0f} real tokens/batch), torch threads {torch.get_num_threads()}, "
+        f"{args.clock} clock, load {before['loadavg_1min']}"
+    )
     peft_best = sum(min(ts) for ts in times["PEFT"])
     results = []
     for n in names:
         best = sum(min(ts) for ts in times[n])
         # per-round ratio to PEFT on the same batch in the same round, a second estimate robust to drift
-        ratios = [t / p for tb, pb in zip(times[n], times["PEFT"]) for t, p in zip(tb, pb)]
-        row = dict(side=n, config=None if SIDES[n] is None else {k: v for k, v in vars(SIDES[n]).items()
-                                                                   if k in ("alpha", "target_density")},
-                   best_step_ms=1e3 * best / n_batches, median_step_ms=1e3 * median([t for tb in times[n] for t in tb]),
-                   ratio_vs_peft=best / peft_best, median_round_ratio_vs_peft=median(ratios))
+        ratios = [t / p for tb, pb in zip(times[n], times["PEFT"], strict=True) for t, p in zip(tb, pb, strict=True)]
+        row = dict(
+            side=n,
+            config=None
+            if SIDES[n] is None
+            else {k: v for k, v in vars(SIDES[n]).items() if k in ("alpha", "target_density")},
+            best_step_ms=1e3 * best / n_batches,
+            median_step_ms=1e3 * median([t for tb in times[n] for t in tb]),
+            ratio_vs_peft=best / peft_best,
+            median_round_ratio_vs_peft=median(ratios),
+        )
         results.append(row)
-        print(f"{n:>12}: best {row['best_step_ms']:7.1f} ms/step  median {row['median_step_ms']:7.1f} ms/step  "
-              f"ratio vs PEFT {row['ratio_vs_peft']:.3f}x (median of per-round ratios "
-              f"{row['median_round_ratio_vs_peft']:.3f}x)", flush=True)
+        print(
+            f"{n:>12}: best {row['best_step_ms']:7.1f} ms/step  median {row['median_step_ms']:7.1f} ms/step  "
+            f"ratio vs PEFT {row['ratio_vs_peft']:.3f}x (median of per-round ratios "
+            f"{row['median_round_ratio_vs_peft']:.3f}x)",
+            flush=True,
+        )
 
     prof = None
     if args.profile and "target" in trainers:
         prof = profile(trainers["target"], batches, 2 * n_batches)
-        print(f"target mode: {prof['step_ms']:.1f} ms/step, of which deft.core.probe._batch_quantile "
-              f"{prof['quantile_ms_per_step']:.1f} ms ({100 * prof['quantile_share']:.1f} %, "
-              f"{prof['quantile_calls_per_step']:.0f} calls/step)\n{prof['top_ops']}")
+        print(
+            f"target mode: {prof['step_ms']:.1f} ms/step, of which deft.core.probe._batch_quantile "
+            f"{prof['quantile_ms_per_step']:.1f} ms ({100 * prof['quantile_share']:.1f} %, "
+            f"{prof['quantile_calls_per_step']:.0f} calls/step)\n{prof['top_ops']}"
+        )
     tmp.cleanup()
-    out = {"results": results, "profile_target": prof,
-           "config": {"quick": args.quick, "batches": n_batches, "repeats": repeats, "warmup_steps": warmup,
-                      "batch_size": 8, "max_length": 128, "padded_lengths": lengths, "real_tokens": tokens,
-                      "target_density": TARGET, "clock": args.clock, "seconds": round(time.perf_counter() - start, 1),
-                      "probe_quantile_sample": getattr(deft.core.probe, "_QUANTILE_SAMPLE", None)},
-           "machine": {**before, "loadavg_1min_after": loadavg()}}
+    out = {
+        "results": results,
+        "profile_target": prof,
+        "config": {
+            "quick": args.quick,
+            "batches": n_batches,
+            "repeats": repeats,
+            "warmup_steps": warmup,
+            "batch_size": 8,
+            "max_length": 128,
+            "padded_lengths": lengths,
+            "real_tokens": tokens,
+            "target_density": TARGET,
+            "clock": args.clock,
+            "seconds": round(time.perf_counter() - start, 1),
+            "probe_quantile_sample": getattr(deft.core.probe, "_QUANTILE_SAMPLE", None),
+        },
+        "machine": {**before, "loadavg_1min_after": loadavg()},
+    }
     print(f"done in {out['config']['seconds']} s")
     write_json(args.out, out)
 

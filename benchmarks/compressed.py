@@ -12,6 +12,7 @@ transformer blocks; int8 rounds the smallest weights of each row to 0 too).
 Writes OUTPUT/compressed.json and OUTPUT/compressed.md; finished runs are reused (pass --overwrite to redo).
 Each run is ``deft train`` with ``--prune-dir`` / ``--quantize 8`` and the recipe defaults otherwise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,11 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deft.core.report import density_change
+from deft.io import write_json, write_text
 from deft.recipes import train as run
 from deft.recipes.common import versions
 from deft.recipes.compress import REPORT_NAME, PruneArgs, prune
-from deft.io import write_json, write_text
-from deft.core.report import density_change
 
 # name -> (prune options or None, quantize bits or None)
 COMPRESSIONS: dict[str, tuple[dict[str, Any] | None, int | None]] = {
@@ -39,24 +40,48 @@ COMPRESSIONS: dict[str, tuple[dict[str, Any] | None, int | None]] = {
 def prune_dir_for(name: str, opts: dict[str, Any], args: argparse.Namespace) -> str:
     out = Path(args.output) / f"prune-{name.replace(':', '-')}"
     if not (out / REPORT_NAME).exists() or args.overwrite:
-        prune(PruneArgs(model=args.model, task="sst2", data_dir=args.data_dir, data_source=args.data_source,
-                        calib_batches=args.calib_batches, output=str(out), save_model=False, overwrite=True,
-                        **opts))
+        prune(
+            PruneArgs(
+                model=args.model,
+                task="sst2",
+                data_dir=args.data_dir,
+                data_source=args.data_source,
+                calib_batches=args.calib_batches,
+                output=str(out),
+                save_model=False,
+                overwrite=True,
+                **opts,
+            )
+        )
     return str(out)
 
 
-def one_run(name: str, alpha: float, args: argparse.Namespace, prune_dir: str | None,
-            quantize: int | None) -> dict[str, Any]:
+def one_run(
+    name: str, alpha: float, args: argparse.Namespace, prune_dir: str | None, quantize: int | None
+) -> dict[str, Any]:
     run_dir = Path(args.output) / f"{name.replace(':', '-')}-{'deft' if alpha > 0 else 'peft'}"
     row_file = run_dir / "compression.json"
     if (run_dir / "results.json").exists() and row_file.exists() and not args.overwrite:
         print(f"reusing {run_dir}")
         return json.loads(row_file.read_text())
     train_args = run.TrainArgs(
-        model=args.model, task="sst2", method="lora", alpha=alpha, epochs=args.epochs, seed=args.seed,
-        data_dir=args.data_dir, data_source=args.data_source, max_train_samples=args.max_train_samples,
-        max_eval_samples=args.max_eval_samples, output=str(run_dir), overwrite=True, quiet=True,
-        logging_steps=args.logging_steps, prune_dir=prune_dir, quantize=quantize, quant_backend="deft",
+        model=args.model,
+        task="sst2",
+        method="lora",
+        alpha=alpha,
+        epochs=args.epochs,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        data_source=args.data_source,
+        max_train_samples=args.max_train_samples,
+        max_eval_samples=args.max_eval_samples,
+        output=str(run_dir),
+        overwrite=True,
+        quiet=True,
+        logging_steps=args.logging_steps,
+        prune_dir=prune_dir,
+        quantize=quantize,
+        quant_backend="deft",
     )
     print(f"training {name} alpha={alpha:g} -> {run_dir}")
     t0 = time.time()
@@ -65,11 +90,19 @@ def one_run(name: str, alpha: float, args: argparse.Namespace, prune_dir: str | 
     if "weight_sparsity" not in info:  # dense base: prepare_compressed_model reports nothing
         info["weight_sparsity"] = {"overall": 0.0}
     row = {
-        "compression": name, "alpha": alpha, "run": "DEFT" if alpha > 0 else "PEFT",
-        "main_metric": res["main_metric"], "metric": res["metric"], "density": res["density"]["overall"],
-        "weight_sparsity": info["weight_sparsity"]["overall"], "quant": info.get("quant"),
-        "prune": info.get("prune"), "train_examples": res["train_examples"], "eval_examples": res["eval_examples"],
-        "wall_s": round(time.time() - t0, 1), "dir": str(run_dir),
+        "compression": name,
+        "alpha": alpha,
+        "run": "DEFT" if alpha > 0 else "PEFT",
+        "main_metric": res["main_metric"],
+        "metric": res["metric"],
+        "density": res["density"]["overall"],
+        "weight_sparsity": info["weight_sparsity"]["overall"],
+        "quant": info.get("quant"),
+        "prune": info.get("prune"),
+        "train_examples": res["train_examples"],
+        "eval_examples": res["eval_examples"],
+        "wall_s": round(time.time() - t0, 1),
+        "dir": str(run_dir),
     }
     write_json(row_file, row)
     return row
@@ -78,18 +111,26 @@ def one_run(name: str, alpha: float, args: argparse.Namespace, prune_dir: str | 
 def table(rows: list[dict[str, Any]], header: str) -> str:
     by = {(r["compression"], r["run"]): r for r in rows}
     metric = rows[0]["main_metric"] if rows else "metric"
-    lines = [header, "",
-             f"| base | run | alpha | {metric} (%) | activation density (%) | density change (%) | "
-             "weight sparsity (%) | base weight bytes |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        header,
+        "",
+        f"| base | run | alpha | {metric} (%) | activation density (%) | density change (%) | "
+        "weight sparsity (%) | base weight bytes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         peft = by.get((r["compression"], "PEFT"))
-        change = (density_change(peft["density"], r["density"]) if r["run"] == "DEFT" and peft and peft["density"] > 0
-                  else float("nan"))
+        change = (
+            density_change(peft["density"], r["density"])
+            if r["run"] == "DEFT" and peft and peft["density"] > 0
+            else float("nan")
+        )
         size = f"{r['quant']['bytes_after']:,} (int{r['quant']['config']['bits']})" if r.get("quant") else "float32"
-        lines.append(f"| {r['compression']} | {r['run']} | {r['alpha']:g} | {100 * r['metric']:.2f} | "
-                     f"{100 * r['density']:.2f} | {'' if math.isnan(change) else f'{change:.2f}'} | "
-                     f"{100 * r['weight_sparsity']:.2f} | {size} |")
+        lines.append(
+            f"| {r['compression']} | {r['run']} | {r['alpha']:g} | {100 * r['metric']:.2f} | "
+            f"{100 * r['density']:.2f} | {'' if math.isnan(change) else f'{change:.2f}'} | "
+            f"{100 * r['weight_sparsity']:.2f} | {size} |"
+        )
     return "\n".join(lines)
 
 
@@ -127,9 +168,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         prune_dir = prune_dir_for(name, prune_opts, args) if prune_opts else None
         for alpha in (0.0, args.alpha):
             rows.append(one_run(name, alpha, args, prune_dir, bits))
-    header = (f"{args.model} / sst2 / LoRA; data: {args.data_source}, train {rows[0]['train_examples']} rows, "
-              f"eval {rows[0]['eval_examples']} rows, {args.epochs:g} epoch(s), seed {args.seed}"
-              + (" (--quick)" if args.quick else ""))
+    header = (
+        f"{args.model} / sst2 / LoRA; data: {args.data_source}, train {rows[0]['train_examples']} rows, "
+        f"eval {rows[0]['eval_examples']} rows, {args.epochs:g} epoch(s), seed {args.seed}"
+        + (" (--quick)" if args.quick else "")
+    )
     md = table(rows, header)
     out = Path(args.output)
     summary = {"args": vars(args), "rows": rows, "wall_s": round(time.time() - t0, 1), "versions": versions()}

@@ -16,6 +16,7 @@ Each built-in SST-2 row becomes ``"Review: <sentence>\\nSentiment:"`` -> ``" pos
 
 Writes ``OUTPUT/results.json``. Needs the ``trl`` extra (``pip install 'deft-sparsity[trl]'``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,12 +27,12 @@ from typing import Any
 import torch
 
 import deft
-from deft.data import load_glue
-from deft.train.integrations import require_trl
-from deft.io import write_json
 from deft.core.report import count_thresholded
+from deft.data import load_glue
+from deft.io import write_json
 from deft.models import resolve
 from deft.sparse import calibrate_thresholds
+from deft.train.integrations import require_trl
 from deft.train.trainer import DensityConfig
 
 LABELS = (" negative", " positive")  # SST-2 label 0, 1
@@ -85,12 +86,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--train-rows", type=int, default=3000, help="rows of the built-in SST-2 train sample")
     p.add_argument("--eval-rows", type=int, default=872, help="rows of the SST-2 dev set (872 = all)")
     p.add_argument("--calib-rows", type=int, default=64, help="training rows the thresholds are calibrated on")
-    p.add_argument("--densities", type=float, nargs="*", default=[0.5, 0.3, 0.1],
-                   help="target densities of the calibrated thresholds")
+    p.add_argument(
+        "--densities",
+        type=float,
+        nargs="*",
+        default=[0.5, 0.3, 0.1],
+        help="target densities of the calibrated thresholds",
+    )
     p.add_argument("--bf16", action="store_true", help="bf16 autocast in training (GPU)")
-    p.add_argument("--target-density", type=float, default=None,
-                   help="train under per-layer thresholds at this density (deft.DensityConfig.target_density); "
-                        "the model is then evaluated as trained, masked, and --densities is not used")
+    p.add_argument(
+        "--target-density",
+        type=float,
+        default=None,
+        help="train under per-layer thresholds at this density (deft.DensityConfig.target_density); "
+        "the model is then evaluated as trained, masked, and --densities is not used",
+    )
     args = p.parse_args(argv)
     trl = require_trl()
     from datasets import Dataset
@@ -112,16 +122,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ds = Dataset.from_list([{"prompt": prompt(e.text_a), "completion": LABELS[int(e.label)]} for e in train])
 
     sft = trl.SFTConfig(
-        output_dir=str(args.output), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=min(10, args.steps // 10), seed=args.seed,
-        logging_steps=max(1, args.steps // 20), save_strategy="no", report_to=[], bf16=args.bf16,
-        gradient_checkpointing=False, max_length=256,
+        output_dir=str(args.output),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_scheduler_type="linear",
+        warmup_steps=min(10, args.steps // 10),
+        seed=args.seed,
+        logging_steps=max(1, args.steps // 20),
+        save_strategy="no",
+        report_to=[],
+        bf16=args.bf16,
+        gradient_checkpointing=False,
+        max_length=256,
     )
-    lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, task_type="CAUSAL_LM",
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    trainer = deft.DeftSFTTrainer(model=model, args=sft, train_dataset=ds, processing_class=tok, peft_config=lora,
-                                  density=DensityConfig(alpha=args.alpha, eps=args.eps,
-                                                                        target_density=args.target_density))
+    lora = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=2 * args.lora_r,
+        task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    trainer = deft.DeftSFTTrainer(
+        model=model,
+        args=sft,
+        train_dataset=ds,
+        processing_class=tok,
+        peft_config=lora,
+        density=DensityConfig(alpha=args.alpha, eps=args.eps, target_density=args.target_density),
+    )
     t0 = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t0
@@ -136,12 +164,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # probe is still attached, so this counts what survives its thresholds: the effective density
     exact = deft.measure_density(model, evals)
     thresholded = []
-    for target in ([] if args.target_density else args.densities):
+    for target in [] if args.target_density else args.densities:
         th = calibrate_thresholds(model, calib, target)
         acc, report = count_thresholded(model, th, lambda: score(model, evals, gold, label_ids))
-        thresholded.append({"target_density": target, "accuracy": acc, "effective_density": report.overall,
-                            "exact_density": report.exact_overall, "thresholds": th,
-                            "layers": [layer.density for layer in report.layers]})
+        thresholded.append(
+            {
+                "target_density": target,
+                "accuracy": acc,
+                "effective_density": report.overall,
+                "exact_density": report.exact_overall,
+                "thresholds": th,
+                "layers": [layer.density for layer in report.layers],
+            }
+        )
 
     import peft
     import transformers
@@ -154,14 +189,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "thresholded": thresholded,
         "trained_thresholds": trainer.final_thresholds(),
         "seconds": time.perf_counter() - start,
-        "versions": {"deft": deft.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                     "trl": trl.__version__, "peft": peft.__version__, "python": platform.python_version()},
+        "versions": {
+            "deft": deft.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "trl": trl.__version__,
+            "peft": peft.__version__,
+            "python": platform.python_version(),
+        },
         "device": str(device),
     }
     out = write_json(f"{args.output}/results.json", results)
-    print(f"accuracy {accuracy:.2%}  exact-zero density {exact.overall:.2%}  " + "  ".join(
-        f"effective@{r['target_density']:g}: {r['effective_density']:.2%} (acc {r['accuracy']:.2%})"
-        for r in thresholded) + f"\nwrote {out} ({results['seconds']:.0f} s)")
+    print(
+        f"accuracy {accuracy:.2%}  exact-zero density {exact.overall:.2%}  "
+        + "  ".join(
+            f"effective@{r['target_density']:g}: {r['effective_density']:.2%} (acc {r['accuracy']:.2%})"
+            for r in thresholded
+        )
+        + f"\nwrote {out} ({results['seconds']:.0f} s)"
+    )
     return results
 
 

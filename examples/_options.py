@@ -1,4 +1,5 @@
 """The command-line options both examples take; each script adds its own and does its own training."""
+
 from __future__ import annotations
 
 import argparse

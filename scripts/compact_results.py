@@ -9,6 +9,7 @@ Run it on new results before committing them (it is idempotent); the full files 
 
     python scripts/compact_results.py docs/results
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,9 @@ def compact(path: Path) -> bool:
     """Rewrite ``path`` compacted; True if it changed."""
     data = json.loads(path.read_text(encoding="utf-8"))
     if path.name == "results.json" and "log_history" in data:
-        data["log_history"] = [{k: h[k] for k in KEEP_LOG} for h in data["log_history"]
-                               if all(k in h for k in KEEP_LOG)]
+        data["log_history"] = [
+            {k: h[k] for k in KEEP_LOG} for h in data["log_history"] if all(k in h for k in KEEP_LOG)
+        ]
     elif path.name == "energy.json":
         data.get("energy", data).pop("layers", None)
     text = json.dumps(data, indent=2) + "\n"  # deft's own layout (deft.io.write_json)

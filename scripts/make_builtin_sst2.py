@@ -6,6 +6,7 @@ Rows are copied byte for byte, header included, so the sample parses exactly lik
 
     python scripts/make_builtin_sst2.py [GLUE_DIR]   # default GLUE_DIR: ../shared/data/glue (beside the checkout)
 """
+
 from __future__ import annotations
 
 import random

@@ -4,6 +4,7 @@ Tests on real data sets (the full GLUE TSVs, SQuAD v1.1) read them from ``DEFT_T
 ``glue/TASK/{train,dev}.tsv`` (the GLUE download script's layout) and ``squad/dev-v1.1.json``. It
 defaults to ``../shared/data`` beside the checkout; a test whose file is absent is skipped, saying so.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,10 @@ def need_test_data(path: str | Path) -> Path:
     """``TEST_DATA / path`` (an absolute ``path`` is taken as is), or skip the test saying how to enable it."""
     full = TEST_DATA / path
     if not full.exists():
-        pytest.skip(f"{full} not present: set DEFT_TEST_DATA=/path/to/data (GLUE TSVs in glue/TASK/{{train,dev}}.tsv, "
-                    "SQuAD in squad/dev-v1.1.json) to run this test")
+        pytest.skip(
+            f"{full} not present: set DEFT_TEST_DATA=/path/to/data (GLUE TSVs in glue/TASK/{{train,dev}}.tsv, "
+            "SQuAD in squad/dev-v1.1.json) to run this test"
+        )
     return full
 
 
@@ -50,8 +53,15 @@ def _save_tiny_bert(d: Path, **overrides) -> Path:
 
     tok = AutoTokenizer.from_pretrained(minilm_path())
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128, **overrides)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        **overrides,
+    )
     AutoModel.from_config(cfg).save_pretrained(d)
     tok.save_pretrained(d)
     return d

@@ -1,4 +1,5 @@
 """Relufication: swapping the MLP activation by name, and training/measuring a relufied model."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,12 @@ from deft.inference.activations import swap_activation
 from deft.testing import tiny_config
 
 CASES = [  # model type, expected number of swapped modules (tiny configs have 2 layers)
-    ("bert", 2), ("gpt2", 2), ("llama", 2), ("opt", 2), ("t5", 4), ("vit", 2),
+    ("bert", 2),
+    ("gpt2", 2),
+    ("llama", 2),
+    ("opt", 2),
+    ("t5", 4),
+    ("vit", 2),
 ]
 
 
@@ -63,16 +69,56 @@ def _without_acts(model):
 
 def test_train_relufied_with_tanh_then_measure(tiny_model_dir, glue_dir, tmp_path):
     out = tmp_path / "relu"
-    flags = ["train", "--model", str(tiny_model_dir), "--task", "sst2", "--data-dir", str(glue_dir), "--output", str(out),
-             "--epochs", "1", "--batch-size", "16", "--max-length", "32", "--quiet", "--activation", "relu",
-             "--loss", "tanh", "--alpha", "1"]
+    flags = [
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--task",
+        "sst2",
+        "--data-dir",
+        str(glue_dir),
+        "--output",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "32",
+        "--quiet",
+        "--activation",
+        "relu",
+        "--loss",
+        "tanh",
+        "--alpha",
+        "1",
+    ]
     assert cli.main(flags) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["activation"] == "relu"
     assert res["density"]["overall"] < 0.8  # ReLU: exact zeros, unlike the GELU tiny model (~100 %)
     # the adapter is measured on the relufied model: the run's own density comes back
-    assert cli.main(["measure", "--model", str(tiny_model_dir), "--task", "sst2", "--data-dir", str(glue_dir),
-                     "--adapter", str(out / "adapter"), "--activation", "relu", "--max-length", "32",
-                     "--output", str(tmp_path / "m")]) == 0
+    assert (
+        cli.main(
+            [
+                "measure",
+                "--model",
+                str(tiny_model_dir),
+                "--task",
+                "sst2",
+                "--data-dir",
+                str(glue_dir),
+                "--adapter",
+                str(out / "adapter"),
+                "--activation",
+                "relu",
+                "--max-length",
+                "32",
+                "--output",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 0
+    )
     measured = json.loads((tmp_path / "m" / "density.json").read_text())["density"]
     assert measured["overall"] == pytest.approx(res["density"]["overall"], abs=1e-9)

@@ -1,4 +1,5 @@
 """ADA-DEFT: adaptive layer weights and MLP block skipping."""
+
 from __future__ import annotations
 
 import pytest
@@ -42,14 +43,17 @@ def test_silent_block_is_detected_skipped_and_output_unchanged(model_type):
     batch = _inputs(model_type)
     report = deft.measure_density(model, [batch])
     assert report.layers[0].density == 0.0
-    assert all(l.density > 0 for l in report.layers[1:])
+    assert all(layer.density > 0 for layer in report.layers[1:])
     with torch.no_grad():
         ref = model(**batch).last_hidden_state
     n_before = sum(p.numel() for p in model.parameters())
 
     model, info = skip_mlp_blocks(model, report, threshold=0.0)
-    expected_down = {"bert": "encoder.layer.0.output.dense", "llama": "layers.0.mlp.down_proj",
-                     "t5": "encoder.block.0.layer.1.DenseReluDense.wo"}[model_type]
+    expected_down = {
+        "bert": "encoder.layer.0.output.dense",
+        "llama": "layers.0.mlp.down_proj",
+        "t5": "encoder.block.0.layer.1.DenseReluDense.wo",
+    }[model_type]
     assert info.skipped == [expected_down]
     downs = [m for m in model.modules() if isinstance(m, ConstantOutput)]
     assert len(downs) == 1 and any(isinstance(m, ZeroWidth) for m in model.modules())
@@ -84,7 +88,7 @@ def test_choose_skips_respects_max_drop():
 
 
 def test_adaptive_weights_push_the_sparsest_layer(tmp_path):
-    from deft.train.trainer import DensityConfig, DeftTrainer
+    from deft.train.trainer import DeftTrainer, DensityConfig
 
     model = AutoModel.from_config(tiny_config("bert"))
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)

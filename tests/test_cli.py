@@ -1,25 +1,40 @@
 """The command line end to end on a tiny BERT with the real MiniLM tokenizer and real SST-2 rows."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
-from conftest import sst2_folder
 
 from deft import cli
 from deft.recipes.common import RunError
 from deft.recipes.train import train
 
-
-
-
-
-
+from conftest import sst2_folder
 
 
 def _train_flags(model_dir, glue, out, *extra):
-    return ["train", "--model", str(model_dir), "--task", "sst2", "--data-dir", str(glue), "--output", str(out),
-            "--epochs", "1", "--batch-size", "16", "--lr", "1e-2", "--eps", "1e-3", "--quiet", *extra]
+    return [
+        "train",
+        "--model",
+        str(model_dir),
+        "--task",
+        "sst2",
+        "--data-dir",
+        str(glue),
+        "--output",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--lr",
+        "1e-2",
+        "--eps",
+        "1e-3",
+        "--quiet",
+        *extra,
+    ]
 
 
 def test_train_writes_results_plot_and_adapter(tiny_model_dir, glue_dir, tmp_path, capsys):
@@ -37,8 +52,24 @@ def test_train_writes_results_plot_and_adapter(tiny_model_dir, glue_dir, tmp_pat
     assert "accuracy" in capsys.readouterr().out
 
     # measure the trained adapter: same dev set, same density as the run reported
-    assert cli.main(["measure", "--model", str(tiny_model_dir), "--task", "sst2", "--data-dir", str(glue_dir),
-                     "--adapter", str(out / "adapter"), "--output", str(tmp_path / "m")]) == 0
+    assert (
+        cli.main(
+            [
+                "measure",
+                "--model",
+                str(tiny_model_dir),
+                "--task",
+                "sst2",
+                "--data-dir",
+                str(glue_dir),
+                "--adapter",
+                str(out / "adapter"),
+                "--output",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 0
+    )
     measured = json.loads((tmp_path / "m" / "density.json").read_text())["density"]
     assert measured["overall"] == pytest.approx(res["density"]["overall"], abs=1e-9)
 

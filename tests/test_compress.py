@@ -1,4 +1,5 @@
 """WANDA pruning, weight quantization and DEFT training on top of them (tiny random models)."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,6 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, TrainingArguments
 
-from deft.methods import MethodConfig, apply_method
-from deft.recipes.compress import REPORT_NAME, PruneArgs, prepare_compressed_model, prune
-from deft.core.report import measure_density
 from deft.compress.linears import linear_layers
 from deft.compress.prune import (
     MASKS_NAME,
@@ -33,8 +31,11 @@ from deft.compress.quantize import (
     dequantize_model,
     quantize_model,
 )
+from deft.core.report import measure_density
+from deft.methods import MethodConfig, apply_method
+from deft.recipes.compress import REPORT_NAME, PruneArgs, prepare_compressed_model, prune
 from deft.testing import tiny_config
-from deft.train.trainer import DensityConfig, DeftTrainer
+from deft.train.trainer import DeftTrainer, DensityConfig
 from test_trainer import pad_features
 
 
@@ -62,8 +63,10 @@ def batches(n: int = 3, batch: int = 4, seed: int = 0, length: int = 12):
 
 def toy_dataset(n: int = 16, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(3, 100, (int(L),), generator=g).tolist(), "labels": i % 2}
-            for i, L in enumerate(torch.randint(3, 14, (n,), generator=g))]
+    return [
+        {"input_ids": torch.randint(3, 100, (int(L),), generator=g).tolist(), "labels": i % 2}
+        for i, L in enumerate(torch.randint(3, 14, (n,), generator=g))
+    ]
 
 
 collate = pad_features  # the toy-dataset collator shared with test_trainer
@@ -71,12 +74,22 @@ collate = pad_features  # the toy-dataset collator shared with test_trainer
 
 def train_steps(model, tmp_path, steps: int = 3, alpha: float = 1.0) -> DeftTrainer:
     args = TrainingArguments(
-        output_dir=str(tmp_path / "trainer"), max_steps=steps, per_device_train_batch_size=4, learning_rate=5e-2,
-        lr_scheduler_type="constant", report_to=[], save_strategy="no", logging_steps=1,
-        remove_unused_columns=False, use_cpu=True, seed=0, disable_tqdm=True,
+        output_dir=str(tmp_path / "trainer"),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        learning_rate=5e-2,
+        lr_scheduler_type="constant",
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        remove_unused_columns=False,
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
     )
-    trainer = DeftTrainer(model, args, density=DensityConfig(alpha=alpha, eps=1e-3), train_dataset=toy_dataset(),
-                          data_collator=collate)
+    trainer = DeftTrainer(
+        model, args, density=DensityConfig(alpha=alpha, eps=1e-3), train_dataset=toy_dataset(), data_collator=collate
+    )
     trainer.train()
     return trainer
 
@@ -170,7 +183,7 @@ def test_wanda_conv1d_matches_explicit_scores():
         for b in calib:
             dense(**b)
     h.remove()
-    sq = sum((x[b["attention_mask"].bool()] ** 2).sum(0) for x, b in zip(captured, calib))
+    sq = sum((x[b["attention_mask"].bool()] ** 2).sum(0) for x, b in zip(captured, calib, strict=True))
     scores = fc.weight.detach().abs().t() * sq.sqrt()[None, :]  # (out, in)
     k = int(scores.shape[1] * 0.5)
     drop = scores.argsort(dim=1)[:, :k]
@@ -232,8 +245,12 @@ def test_plain_merge_is_repruned_by_keep_pruned():
 
     model = tiny("bert")
     masks = wanda_prune(model, batches(), PruneConfig(sparsity=0.5)).masks
-    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["intermediate.dense", "output.dense"],
-                                                  init_lora_weights=False, task_type="SEQ_CLS"))
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            r=2, target_modules=["intermediate.dense", "output.dense"], init_lora_weights=False, task_type="SEQ_CLS"
+        ),
+    )
     keeper = keep_pruned(peft_model, masks)
     merged = peft_model.merge_and_unload()
     down = "bert.encoder.layer.0.output.dense"
@@ -253,8 +270,10 @@ def test_save_load_masks_and_mismatch(tmp_path):
     assert loaded.keys() == masks.keys() and all(torch.equal(loaded[k], masks[k]) for k in masks)
     fresh = tiny("bert")
     apply_masks(fresh, loaded)  # masks on the original weights == the pruned model
-    assert all(torch.equal(a.weight, b.weight) for a, b in zip(linear_layers(fresh).values(),
-                                                                linear_layers(model).values()))
+    assert all(
+        torch.equal(a.weight, b.weight)
+        for a, b in zip(linear_layers(fresh).values(), linear_layers(model).values(), strict=True)
+    )
     with pytest.raises(ValueError, match="match no layer"):
         apply_masks(tiny("gpt2"), loaded)
     assert path.exists()
@@ -309,7 +328,9 @@ def test_lora_and_density_train_on_quantized_base(bits, tmp_path):
     lora_after = lora_weights(peft_model)
     assert any(not torch.equal(lora_before[k], lora_after[k]) for k in lora_before)
     for n, m in linear_layers(peft_model).items():
-        assert m.weight.dtype == torch.int8 and torch.equal(m.weight, codes[n][0]) and torch.equal(m.scales, codes[n][1])
+        assert (
+            m.weight.dtype == torch.int8 and torch.equal(m.weight, codes[n][0]) and torch.equal(m.scales, codes[n][1])
+        )
     trainer.probe.detach()
     report = measure_density(peft_model, batches(2))
     assert 0.0 < report.overall <= 1.0 and len(report.layers) == 2
@@ -345,20 +366,34 @@ def test_peft_merge_into_quantized_base_fails_loudly():
 
 
 # ---------------------------------------------------------------------------------------------- options
-@pytest.mark.parametrize("kwargs,option", [
-    (dict(sparsity=1.5), "sparsity"), (dict(sparsity=-0.1), "sparsity"), (dict(sparsity=True), "sparsity"),
-    (dict(nm="3:2"), "nm"), (dict(nm="2-4"), "nm"), (dict(nm="0:4"), "nm"), (dict(calib_batches=0), "calib_batches"),
-    (dict(targets=""), "targets"),
-])
+@pytest.mark.parametrize(
+    "kwargs,option",
+    [
+        (dict(sparsity=1.5), "sparsity"),
+        (dict(sparsity=-0.1), "sparsity"),
+        (dict(sparsity=True), "sparsity"),
+        (dict(nm="3:2"), "nm"),
+        (dict(nm="2-4"), "nm"),
+        (dict(nm="0:4"), "nm"),
+        (dict(calib_batches=0), "calib_batches"),
+        (dict(targets=""), "targets"),
+    ],
+)
 def test_bad_prune_options(kwargs, option):
     with pytest.raises(ValueError, match=option):
         PruneConfig(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs,option", [
-    (dict(bits=3), "bits"), (dict(bits=True), "bits"), (dict(group_size=0), "group_size"),
-    (dict(bits=4, group_size=33), "group_size"), (dict(backend="gpu"), "backend"),
-])
+@pytest.mark.parametrize(
+    "kwargs,option",
+    [
+        (dict(bits=3), "bits"),
+        (dict(bits=True), "bits"),
+        (dict(group_size=0), "group_size"),
+        (dict(bits=4, group_size=33), "group_size"),
+        (dict(backend="gpu"), "backend"),
+    ],
+)
 def test_bad_quant_options(kwargs, option):
     with pytest.raises(ValueError, match=option):
         QuantConfig(**kwargs)
@@ -386,14 +421,21 @@ def test_bnb_backend_needs_cuda():
 # ---------------------------------------------------------------------------------------------- CLI glue
 
 
-
 def test_prune_command_and_train_wiring(tiny_model_dir, tmp_path):
     from deft.recipes.common import RunError
     from deft.tasks import load_model_and_tokenizer
 
     out = tmp_path / "prune"
-    args = PruneArgs(model=str(tiny_model_dir), task="sst2", data_source="builtin", sparsity=0.5, calib_batches=2,
-                     calib_batch_size=8, max_length=32, output=str(out))
+    args = PruneArgs(
+        model=str(tiny_model_dir),
+        task="sst2",
+        data_source="builtin",
+        sparsity=0.5,
+        calib_batches=2,
+        calib_batch_size=8,
+        max_length=32,
+        output=str(out),
+    )
     result = prune(args)
     assert (out / MASKS_NAME).exists() and (out / "model.safetensors").exists()
     saved = json.loads((out / REPORT_NAME).read_text())
@@ -406,7 +448,7 @@ def test_prune_command_and_train_wiring(tiny_model_dir, tmp_path):
     original, _ = load_model_and_tokenizer(str(tiny_model_dir), "sst2")
     original, info = prepare_compressed_model(original, SimpleNamespace(prune_dir=str(out)))
     assert info["prune"]["layers"] == 12 and info["weight_sparsity"]["overall"] == pytest.approx(0.5)
-    for (n, a), b in zip(linear_layers(pruned).items(), linear_layers(original).values()):
+    for (n, a), b in zip(linear_layers(pruned).items(), linear_layers(original).values(), strict=True):
         assert torch.equal(a.weight, b.weight), n
 
     quantized, info = prepare_compressed_model(pruned, SimpleNamespace(quantize=8, quant_backend="deft"))

@@ -1,8 +1,10 @@
 """deft.data: GLUE / SQuAD / image-folder loading and the task metrics.
 
-Real-file tests read DEFT_TEST_DATA (see conftest.py; row counts from the official GLUE files) and skip a file that is absent.
+Real-file tests read DEFT_TEST_DATA (see conftest.py; row counts from the official GLUE files) and skip a file
+that is absent.
 Every metric is checked against a value worked out by hand here, not by the library under test.
 """
+
 from __future__ import annotations
 
 import importlib.resources
@@ -15,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TEST_DATA, need_test_data
 
 from deft.data import (
     GLUE_TASKS,
@@ -37,6 +38,8 @@ from deft.data import (
     squad_metrics,
     vit_image_processor,
 )
+
+from conftest import TEST_DATA, need_test_data
 
 GLUE = TEST_DATA / "glue"
 SQUAD_DEV = TEST_DATA / "squad" / "dev-v1.1.json"
@@ -130,7 +133,9 @@ def test_qqp_and_mnli_formats(tmp_path):
     )
     qqp = load_glue("qqp", "dev", data_dir=tmp_path)
     assert [(e.text_a, e.text_b, e.label) for e in qqp] == [
-        ('How do I "learn" Python?', "How to learn Python?", 1), ("Why?", "How?", 0)]
+        ('How do I "learn" Python?', "How to learn Python?", 1),
+        ("Why?", "How?", 0),
+    ]
     (tmp_path / "MNLI").mkdir()
     header = "index\tpromptID\tpairID\tgenre\tsentence1\tsentence2\tlabel1\tgold_label\n"
     (tmp_path / "MNLI" / "dev_matched.tsv").write_text(
@@ -150,11 +155,21 @@ MALFORMED = [
     ("rte", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\ta\tb\tmaybe\n", 3, "unknown label"),
     ("cola", "src\t1\t\tFine.\nsrc\t1\t\tFine.\nsrc\tx\t\tBad label.\n", 3, "unknown label 'x'"),
     ("cola", "src\t1\t\tFine.\nsrc\t1\tToo few.\n", 2, "expected 4"),
-    ("stsb", "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
-             "0\tg\tf\ty\t0\tn\tn\tA.\tB.\t4.5\n"
-             "1\tg\tf\ty\t1\tn\tn\tA.\tB.\tfour\n", 3, "not a finite number"),
-    ("stsb", "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
-             "0\tg\tf\ty\t0\tn\tn\tA.\tB.\tnan\n", 2, "not a finite number"),
+    (
+        "stsb",
+        "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+        "0\tg\tf\ty\t0\tn\tn\tA.\tB.\t4.5\n"
+        "1\tg\tf\ty\t1\tn\tn\tA.\tB.\tfour\n",
+        3,
+        "not a finite number",
+    ),
+    (
+        "stsb",
+        "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+        "0\tg\tf\ty\t0\tn\tn\tA.\tB.\tnan\n",
+        2,
+        "not a finite number",
+    ),
     ("sst2", "text\tlabel\nfine\t1\n", 1, "header lacks column"),
     ("sst2", "", 1, "empty file"),
     ("sst2", "sentence\tlabel\n", 2, "no data rows after the header line"),  # would fail later as num_samples=0
@@ -205,6 +220,7 @@ def test_glue_option_errors(tmp_path, monkeypatch):
 
 # ---- GLUE: built-in SST-2 sample -----------------------------------------------------------------
 
+
 def test_builtin_sst2_sample():
     train, dev = load_glue("sst2", "train"), load_glue("sst2", "dev", source="builtin")
     assert (len(train), len(dev)) == (3000, 872)
@@ -218,6 +234,7 @@ def test_builtin_sst2_sample():
 
 
 # ---- GLUE: metrics against hand-computed values ----------------------------------------------------
+
 
 def test_accuracy_from_logits_and_ids():
     refs = [1, 0, 0, 1]
@@ -252,7 +269,7 @@ def test_matthews_cola():
 def test_pearson_spearman_stsb():
     x, y = [1.0, 2.0, 4.0], [1.0, 3.0, 2.0]
     mx, my = sum(x) / 3, sum(y) / 3
-    cov = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    cov = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True))
     pearson = cov / math.sqrt(sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y))
     assert pearson == pytest.approx(3 / math.sqrt(84))
     spearman = 0.5  # ranks (1, 2, 3) vs (1, 3, 2): Pearson of the ranks = 1 / 2
@@ -266,6 +283,7 @@ def test_metric_length_mismatch():
 
 
 # ---- GLUE: tokenized dataset -----------------------------------------------------------------------
+
 
 def test_glue_dataset_pairs_and_regression(tokenizer):
     from transformers import DataCollatorWithPadding
@@ -287,6 +305,7 @@ def test_glue_dataset_pairs_and_regression(tokenizer):
 
 # ---- SQuAD ------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def squad_dev():
     return load_squad(_need(SQUAD_DEV))
@@ -299,7 +318,7 @@ def test_load_squad(squad_dev):
     assert first.title == "Super_Bowl_50" and first.answers[0] == "Denver Broncos"
     for e in squad_dev[:500]:
         for text, start in zip(e.answers, e.answer_starts, strict=True):
-            assert e.context[start: start + len(text)] == text
+            assert e.context[start : start + len(text)] == text
 
 
 def test_split_squad_by_article(squad_dev):
@@ -354,8 +373,8 @@ def test_extractive_train_labels_decode_to_answer(squad_dev, tokenizer):
         # The span is the smallest run of tokens covering the answer ...
         assert offsets[s][0] <= a_start < offsets[s][1] and offsets[e][0] < a_end <= offsets[e][1]
         # ... which is the answer itself unless the answer ends inside a token ("gold" in "golden").
-        if ex.context[offsets[s][0]: offsets[e][1]] == ex.answers[0]:
-            decoded = tokenizer.decode(feat["input_ids"][s: e + 1])
+        if ex.context[offsets[s][0] : offsets[e][1]] == ex.answers[0]:
+            decoded = tokenizer.decode(feat["input_ids"][s : e + 1])
             expected = tokenizer.decode(tokenizer(ex.answers[0], add_special_tokens=False)["input_ids"])
             assert decoded == expected
             exact += 1
@@ -402,7 +421,7 @@ def test_postprocess_best_window_wins():
 def test_generative_pairs():
     ex = QAExample("q", "Who?", "Ann met Bob.", ["Ann", "Ann met"], [0, 0])
     assert generative_pairs([ex]) == [("question: Who? context: Ann met Bob.", "Ann")]
-    (source, target), = generative_pairs([ex], style="chat")
+    ((source, target),) = generative_pairs([ex], style="chat")
     assert "Who?" in source and "Ann met Bob." in source and target == "Ann"
     with pytest.raises(DataError, match="style='gpt'"):
         generative_pairs([ex], style="gpt")
@@ -412,8 +431,14 @@ def test_squad_metrics_hand_computed():
     # Two paragraphs, one question each.
     examples = [
         QAExample("p1", "What sat?", "Look: a cat sat there.", ["a cat sat"], [6], title="A"),
-        QAExample("p2", "What tower?", "We saw the Eiffel Tower in Paris.",
-                  ["Eiffel Tower", "the Eiffel Tower in Paris"], [11, 7], title="B"),
+        QAExample(
+            "p2",
+            "What tower?",
+            "We saw the Eiffel Tower in Paris.",
+            ["Eiffel Tower", "the Eiffel Tower in Paris"],
+            [11, 7],
+            title="B",
+        ),
     ]
     predictions = {"p1": "the cat", "p2": "The Eiffel Tower."}
     # p1: normalisation drops articles -> pred ["cat"], gold ["cat", "sat"]: 1 token in common.
@@ -431,6 +456,7 @@ def test_squad_metrics_hand_computed():
 
 
 # ---- images ------------------------------------------------------------------------------------------
+
 
 def test_synthetic_image_folder(tmp_path):
     root = make_synthetic_images(tmp_path / "imgs", n_per_class=4, classes=("red", "green", "blue"), size=16)

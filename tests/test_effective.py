@@ -3,6 +3,7 @@
 Checks against independent expectations: outputs against the down-projection computed by hand on a
 zeroed input, densities against counts done by hand, iso-accuracy against curves worked out on paper.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,6 +15,8 @@ import torch.nn.functional as F
 from transformers import AutoModel
 
 import deft
+from deft.analysis.tradeoff import iso_accuracy, lowest_density_within, metric_at_density
+from deft.core.threshold import save_thresholds
 from deft.errors import DeftError
 from deft.sparse import (
     apply_thresholds,
@@ -25,8 +28,6 @@ from deft.sparse import (
     unsparsify,
 )
 from deft.testing import tiny_config
-from deft.core.threshold import save_thresholds
-from deft.analysis.tradeoff import iso_accuracy, lowest_density_within, metric_at_density
 
 DOWN = ["encoder.layer.0.output.dense", "encoder.layer.1.output.dense"]
 
@@ -42,7 +43,7 @@ def _batches(n: int = 3, seed: int = 1, batch: int = 4, seq: int = 9):
     for _ in range(n):
         ids = torch.randint(3, 100, (batch, seq), generator=g)
         mask = torch.ones_like(ids)
-        mask[0, seq - 3:] = 0  # padding must not be counted
+        mask[0, seq - 3 :] = 0  # padding must not be counted
         out.append({"input_ids": ids, "attention_mask": mask})
     return out
 
@@ -74,7 +75,7 @@ def test_thresholded_forward_equals_zeroing_by_hand():
     hand_exact = {n: 0 for n in DOWN}
     for name in DOWN:
         w, b = model.get_submodule(name).weight, model.get_submodule(name).bias
-        for (h, out), batch in zip(seen[name], batches):
+        for (h, out), batch in zip(seen[name], batches, strict=True):
             # what W2 must compute: its input with every |h| <= t set to 0, then the plain affine map
             zeroed = torch.where(h.abs() > th[name], h, torch.zeros_like(h))
             torch.testing.assert_close(out, F.linear(zeroed, w, b))
@@ -82,12 +83,12 @@ def test_thresholded_forward_equals_zeroing_by_hand():
             hand_active += int((h.abs() > th[name])[valid].sum())
             hand_exact[name] += int((h != 0)[valid].sum())
             hand_total += int(valid.sum()) * h.shape[-1]
-    assert not all(torch.allclose(a, b) for a, b in zip(dense, masked))  # the thresholds do change outputs
+    assert not all(torch.allclose(a, b) for a, b in zip(dense, masked, strict=True))  # the thresholds do change outputs
 
     # sparsify's thresholded kernel computes the same model
     sparsify(model, mode="threshold", threshold=th, max_density=1.0)
     with torch.no_grad():
-        for b, ref in zip(batches, masked):
+        for b, ref in zip(batches, masked, strict=True):
             torch.testing.assert_close(model(**b).last_hidden_state, ref, atol=1e-5, rtol=1e-5)
     unsparsify(model)
 
@@ -96,7 +97,7 @@ def test_thresholded_forward_equals_zeroing_by_hand():
     per_layer = hand_total // 2
     assert report.thresholds == th
     assert report.overall == pytest.approx(hand_active / hand_total)  # both layers have the same entry count
-    assert [l.exact_density for l in report.layers] == pytest.approx([hand_exact[n] / per_layer for n in DOWN])
+    assert [layer.exact_density for layer in report.layers] == pytest.approx([hand_exact[n] / per_layer for n in DOWN])
     assert report.exact_overall == pytest.approx(sum(hand_exact.values()) / hand_total)
     assert report.overall < report.exact_overall < 1.0  # ReLU: some exact zeros, thresholds remove more
     same = deft.measure_density(model, batches, threshold=th)  # a mapping as threshold= means the same
@@ -116,7 +117,7 @@ def test_density_report_round_trips_and_reads_old_results():
     assert back.overall == report.overall and back.exact_overall == pytest.approx(report.exact_overall)
     # a results.json written before thresholds existed: no "thresholds", no "exact_density"
     old = {k: v for k, v in d.items() if k not in ("thresholds", "exact_overall")}
-    old["layers"] = [{k: v for k, v in l.items() if k != "exact_density"} for l in d["layers"]]
+    old["layers"] = [{k: v for k, v in layer.items() if k != "exact_density"} for layer in d["layers"]]
     legacy = deft.DensityReport.from_dict(old)
     assert legacy.thresholds is None and legacy.exact_overall is None and legacy.overall == report.overall
 
@@ -138,8 +139,9 @@ def _lora_classifier(model_dir):
 
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
-    model = apply_method(base, MethodConfig(method="lora", target_modules="mlp"), task_type="SEQ_CLS",
-                         warn_frozen_pooler=False)
+    model = apply_method(
+        base, MethodConfig(method="lora", target_modules="mlp"), task_type="SEQ_CLS", warn_frozen_pooler=False
+    )
     with torch.no_grad():  # a trained adapter: LoRA B is zero at init, which would hide a naming slip
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -180,12 +182,14 @@ def test_thresholds_round_trip_through_the_adapter_folder(tiny_model_dir, tmp_pa
 @pytest.mark.parametrize(
     "content, needle",
     [
-        ('{"bert.encoder.layer.0.output.dense": 0.1, "bert.encoder.layer.7.output.dense": 0.2}',
-         "bert.encoder.layer.7.output.dense"),
+        (
+            '{"bert.encoder.layer.0.output.dense": 0.1, "bert.encoder.layer.7.output.dense": 0.2}',
+            "bert.encoder.layer.7.output.dense",
+        ),
         ('{"bert.encoder.layer.0.output.dense": NaN}', "bert.encoder.layer.0.output.dense"),
         ('{"bert.encoder.layer.1.output.dense": -0.5}', "bert.encoder.layer.1.output.dense"),
         ('{"bert.encoder.layer.1.output.dense": "0.5"}', "bert.encoder.layer.1.output.dense"),
-        ('[0.1, 0.2]', "mapping"),
+        ("[0.1, 0.2]", "mapping"),
         ('{"bert.encoder.layer.0.output', "JSON"),
     ],
 )
@@ -261,8 +265,9 @@ def test_iso_accuracy_of_several_kinds():
     assert k["PEFT + thresholds"]["metric_at_matched_density"] == pytest.approx(0.875)
     assert k["broken"] == {"density": None, "metric": None, "metric_at_matched_density": None, "points": 1}
     # the baseline never gets within max_drop: nothing to match
-    none = iso_accuracy({"PEFT + thresholds": [(0.2, 0.5)], "DEFT": [(0.3, 0.88)]}, 0.88, 0.005,
-                        matched_kind="PEFT + thresholds")
+    none = iso_accuracy(
+        {"PEFT + thresholds": [(0.2, 0.5)], "DEFT": [(0.3, 0.88)]}, 0.88, 0.005, matched_kind="PEFT + thresholds"
+    )
     assert none["matched_density"] is None and none["kinds"]["DEFT"]["metric_at_matched_density"] is None
     assert none["kinds"]["DEFT"]["density"] == 0.3
 
@@ -284,15 +289,15 @@ def test_energy_prices_thresholded_entries_as_skipped():
     report = estimate_energy(model, batches, thresholds=th)
     assert report.thresholds == th
     for name in DOWN:
-        (rec,) = [l for l in report.layers if l.name == name]
+        (rec,) = [layer for layer in report.layers if layer.name == name]
         valid = [b["attention_mask"].bool() for b in batches]
-        active = sum(int((h.abs() > th[name])[v].sum()) for (h, _), v in zip(seen[name], valid))
-        exact = sum(int((h != 0)[v].sum()) for (h, _), v in zip(seen[name], valid))
+        active = sum(int((h.abs() > th[name])[v].sum()) for (h, _), v in zip(seen[name], valid, strict=True))
+        exact = sum(int((h != 0)[v].sum()) for (h, _), v in zip(seen[name], valid, strict=True))
         assert rec.op == "mlp_down" and rec.threshold == th[name]
         assert rec.act_in_nonzero == active and rec.act_in_exact_nonzero == exact
         assert rec.macs_nonzero == active * rec.out_features
-    (l0,) = [l for l in plain.layers if l.name == DOWN[0]]
-    (t0,) = [l for l in report.layers if l.name == DOWN[0]]
+    (l0,) = [layer for layer in plain.layers if layer.name == DOWN[0]]
+    (t0,) = [layer for layer in report.layers if layer.name == DOWN[0]]
     assert l0.act_in_nonzero == t0.act_in_exact_nonzero  # layer 0 sees the same raw input either way
     assert report.zero_skip_pj < plain.zero_skip_pj and report.dense_pj == pytest.approx(plain.dense_pj)
     eff, ex = report.down_input_density()
@@ -309,7 +314,7 @@ def _sample(split: str, n: int) -> list[str]:
     from importlib.resources import files
 
     lines = (files("deft.data") / "builtin" / f"sst2_{split}.tsv").read_text(encoding="utf-8").splitlines()
-    return lines[1: n + 1]
+    return lines[1 : n + 1]
 
 
 def _write_glue(root, train: list[str] | None, dev: list[str]):
@@ -340,7 +345,7 @@ class _CalibrationSpy:
             batches = list(batches)
             self.calls += 1
             for b in batches:
-                for ids, m in zip(b["input_ids"], b["attention_mask"]):
+                for ids, m in zip(b["input_ids"], b["attention_mask"], strict=True):
                     self.rows.append(ids[m.bool()].tolist())
             return real(model, batches, *a, **kw)
 
@@ -348,8 +353,26 @@ class _CalibrationSpy:
 
 
 def _flags(model_dir, glue, out, *extra):
-    return ["--model", str(model_dir), "--task", "sst2", "--data-dir", str(glue), "--output", str(out),
-            "--epochs", "1", "--batch-size", "16", "--lr", "1e-2", "--eps", "1e-3", "--quiet", *extra]
+    return [
+        "--model",
+        str(model_dir),
+        "--task",
+        "sst2",
+        "--data-dir",
+        str(glue),
+        "--output",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--lr",
+        "1e-2",
+        "--eps",
+        "1e-3",
+        "--quiet",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -366,8 +389,20 @@ def compared(tiny_model_dir, tmp_path_factory):
     from contextlib import redirect_stdout
 
     buf = io.StringIO()
-    flags = ["compare", *_flags(tiny_model_dir, glue, out), "--alpha", "5", "--seeds", "0",
-             "--baseline-densities", "1.0", "0.5", "0.2", "--calib-samples", "40"]
+    flags = [
+        "compare",
+        *_flags(tiny_model_dir, glue, out),
+        "--alpha",
+        "5",
+        "--seeds",
+        "0",
+        "--baseline-densities",
+        "1.0",
+        "0.5",
+        "0.2",
+        "--calib-samples",
+        "40",
+    ]
     try:
         with redirect_stdout(buf):
             rc = cli.main(flags)
@@ -411,8 +446,10 @@ def test_compare_writes_the_baseline_curves_and_iso_accuracy(compared):
     # iso-accuracy, checked against its definition on the curves compare.json holds
     ref = summary["rows"]["PEFT"]["metric_mean"]
     assert iso["reference"] == ref and iso["max_drop_points"] == 0.5
-    pts = {"PEFT": [(summary["rows"]["PEFT"]["density_mean"], ref)],
-           "DEFT": [(summary["rows"]["DEFT"]["density_mean"], summary["rows"]["DEFT"]["metric_mean"])]}
+    pts = {
+        "PEFT": [(summary["rows"]["PEFT"]["density_mean"], ref)],
+        "DEFT": [(summary["rows"]["DEFT"]["density_mean"], summary["rows"]["DEFT"]["metric_mean"])],
+    }
     for kind, c in curves.items():
         pts[kind] = [(p["density_mean"], p["metric_mean"]) for p in c["points"]]
     assert set(iso["kinds"]) == set(pts)
@@ -446,9 +483,12 @@ def test_rerun_reuses_the_curves_unless_asked_otherwise(compared, monkeypatch, c
     # other targets: computed again
     assert cli.main([*compared["flags"], "--baseline-densities", "0.5"]) == 0
     assert spy.calls == 2
-    assert [p["target_density"] for p in
-            json.loads((compared["out"] / "compare.json").read_text())["threshold_curves"]["PEFT + thresholds"]["points"]
-            ] == [0.5]
+    assert [
+        p["target_density"]
+        for p in json.loads((compared["out"] / "compare.json").read_text())["threshold_curves"]["PEFT + thresholds"][
+            "points"
+        ]
+    ] == [0.5]
 
 
 def test_non_glue_tasks_get_no_curve(capsys):
@@ -478,8 +518,13 @@ def thresholded_run(compared, tmp_path_factory):
     merged = model.merge_and_unload()
     th = calibrate_thresholds(merged, [drop_labels(b) for b in labelled_batches(train, tok, res["config"], 16)], 0.3)
     save_thresholds(run / "adapter", th)
-    return {"run": run, "thresholds": th, "glue": compared["glue"], "results": res,
-            "dev": labelled_batches(dev, tok, res["config"], 64)}
+    return {
+        "run": run,
+        "thresholds": th,
+        "glue": compared["glue"],
+        "results": res,
+        "dev": labelled_batches(dev, tok, res["config"], 64),
+    }
 
 
 def test_measure_energy_and_skip_use_the_adapter_thresholds(thresholded_run, tiny_model_dir, tmp_path):
@@ -487,7 +532,16 @@ def test_measure_energy_and_skip_use_the_adapter_thresholds(thresholded_run, tin
     from deft.recipes.evaluate import evaluate_glue, load_run_model
 
     run, th, glue = thresholded_run["run"], thresholded_run["thresholds"], thresholded_run["glue"]
-    common = ["--model", str(tiny_model_dir), "--task", "sst2", "--data-dir", str(glue), "--adapter", str(run / "adapter")]
+    common = [
+        "--model",
+        str(tiny_model_dir),
+        "--task",
+        "sst2",
+        "--data-dir",
+        str(glue),
+        "--adapter",
+        str(run / "adapter"),
+    ]
 
     assert cli.main(["measure", *common, "--output", str(tmp_path / "m")]) == 0
     eff = json.loads((tmp_path / "m" / "density.json").read_text())["density"]
@@ -504,11 +558,12 @@ def test_measure_energy_and_skip_use_the_adapter_thresholds(thresholded_run, tin
     assert cli.main(["energy", *common, "--output", str(tmp_path / "e")]) == 0
     energy = json.loads((tmp_path / "e" / "energy.json").read_text())["energy"]
     assert energy["thresholds"] == th
-    downs = [l for l in energy["layers"] if l["op"] == "mlp_down"]
-    assert [l["threshold"] for l in downs] == [th[n] for n in sorted(th)]
+    downs = [layer for layer in energy["layers"] if layer["op"] == "mlp_down"]
+    assert [layer["threshold"] for layer in downs] == [th[n] for n in sorted(th)]
     # the merged model priced here and the unmerged one measured above count the same active inputs
-    assert [l["act_in_nonzero"] / l["act_in"] for l in downs] == pytest.approx(
-        [l["density"] for l in eff["layers"]], abs=1e-3)
+    assert [layer["act_in_nonzero"] / layer["act_in"] for layer in downs] == pytest.approx(
+        [layer["density"] for layer in eff["layers"]], abs=1e-3
+    )
     assert cli.main(["energy", *common, "--no-use-thresholds", "--output", str(tmp_path / "e0")]) == 0
     energy0 = json.loads((tmp_path / "e0" / "energy.json").read_text())["energy"]
     assert energy["zero_skip_pj"] < energy0["zero_skip_pj"]
@@ -532,10 +587,24 @@ def test_bad_thresholds_file_fails_the_command_with_one_line(thresholded_run, ti
     shutil.copytree(thresholded_run["run"] / "adapter", adapter)
     (adapter / "thresholds.json").write_text('{"bert.encoder.layer.0.output.dense": -1}')
     capsys.readouterr()
-    assert cli.main(["measure", "--model", str(tiny_model_dir), "--task", "sst2", "--data-dir",
-                     str(thresholded_run["glue"]), "--adapter", str(adapter)]) == 2
+    assert (
+        cli.main(
+            [
+                "measure",
+                "--model",
+                str(tiny_model_dir),
+                "--task",
+                "sst2",
+                "--data-dir",
+                str(thresholded_run["glue"]),
+                "--adapter",
+                str(adapter),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
-    (line,) = [l for l in err.splitlines() if l.startswith("deft measure: error:")]  # (loading bars aside)
+    (line,) = [s for s in err.splitlines() if s.startswith("deft measure: error:")]  # (loading bars aside)
     assert "bert.encoder.layer.0.output.dense" in line and "thresholds.json" in line and "Traceback" not in err
 
 
@@ -566,11 +635,21 @@ def test_measure_of_a_target_density_run_gives_back_its_effective_density(compar
     from deft import cli
 
     run = tmp_path / "run"
-    assert cli.main(["train", *_flags(tiny_model_dir, compared["glue"], run), "--alpha", "0",
-                     "--target-density", "0.3"]) == 0
+    assert (
+        cli.main(["train", *_flags(tiny_model_dir, compared["glue"], run), "--alpha", "0", "--target-density", "0.3"])
+        == 0
+    )
     res = json.loads((run / "results.json").read_text())
-    common = ["--model", str(tiny_model_dir), "--task", "sst2", "--data-dir", str(compared["glue"]),
-              "--adapter", str(run / "adapter")]
+    common = [
+        "--model",
+        str(tiny_model_dir),
+        "--task",
+        "sst2",
+        "--data-dir",
+        str(compared["glue"]),
+        "--adapter",
+        str(run / "adapter"),
+    ]
     assert cli.main(["measure", *common, "--output", str(tmp_path / "m")]) == 0
     measured = json.loads((tmp_path / "m" / "density.json").read_text())["density"]
     assert measured["thresholds"] == load_thresholds(run)

@@ -1,6 +1,8 @@
 """Energy model: hand-computed prices, monotonicity in sparsity, labelled ops on real model types."""
+
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -40,8 +42,14 @@ def test_weight_fetch_uses_the_union_over_tokens():
     # two tokens: inputs 0 and 2 are non-zero in at least one token, so W columns 0 and 2 are fetched once
     x = torch.tensor([[1.0, 0.0, 2.0, 0.0], [0.0, 0.0, 3.0, 0.0]])
     r = estimate_energy(_ones_linear(), [x])
-    (l,) = r.layers
-    assert (l.macs, l.macs_nonzero, l.weight_words_needed, l.act_in_nonzero, l.act_out_nonzero) == (24, 9, 6, 3, 6)
+    (layer,) = r.layers
+    assert (layer.macs, layer.macs_nonzero, layer.weight_words_needed, layer.act_in_nonzero, layer.act_out_nonzero) == (
+        24,
+        9,
+        6,
+        3,
+        6,
+    )
     assert r.zero_skip_pj == pytest.approx(9 * 3.7 + 6 * 1950 + (3 + 6) * 1950)
     assert r.dense_pj == pytest.approx(24 * 3.7 + 12 * 1950 + (8 + 6) * 1950)
 
@@ -79,7 +87,7 @@ def test_sparser_activations_never_cost_more():
     zeros = [1 - r.layers[1].input_nonzero_fraction for r in reports]
     assert zeros == sorted(zeros) and zeros[-1] > zeros[0]  # more zeros at the W2 input as the input shrinks
     skip = [r.zero_skip_pj for r in reports]
-    assert all(a >= b for a, b in zip(skip, skip[1:])) and skip[-1] < skip[0]
+    assert all(a >= b for a, b in itertools.pairwise(skip)) and skip[-1] < skip[0]
     assert len({round(r.dense_pj, 6) for r in reports}) == 1  # a dense accelerator does not care
 
     # zeroing more input entries of any layer never raises the cost either
@@ -96,8 +104,15 @@ def test_sparser_activations_never_cost_more():
 
 def _bert_relu():
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                     max_position_embeddings=64, hidden_act="relu")
+    cfg = BertConfig(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_act="relu",
+    )
     return AutoModel.from_config(cfg).eval()
 
 
@@ -115,9 +130,9 @@ def test_tiny_bert_end_to_end_matches_probe_and_hand_counts():
 
     # W2 input = the MLP activation: same exact counts as the density probe
     dens = deft.measure_density(model, [batch])
-    downs = [l for l in r.layers if l.op == "mlp_down"]
-    assert [l.act_in_nonzero for l in downs] == [l.nonzero for l in dens.layers]
-    assert [l.act_in for l in downs] == [l.entries for l in dens.layers]
+    downs = [layer for layer in r.layers if layer.op == "mlp_down"]
+    assert [layer.act_in_nonzero for layer in downs] == [layer.nonzero for layer in dens.layers]
+    assert [layer.act_in for layer in downs] == [layer.entries for layer in dens.layers]
     assert ops["mlp_down"]["input_nonzero_fraction"] < 0.9  # ReLU: real zeros
     assert ops["mlp_up"]["input_nonzero_fraction"] == 1.0
 
@@ -144,7 +159,7 @@ def test_lora_and_conv1d_are_labelled_by_the_layer_they_belong_to():
     model = get_peft_model(_bert_relu(), LoraConfig(r=2, target_modules=["dense"]))
     ids = torch.randint(3, 100, (2, 5))
     r = estimate_energy(model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])
-    ops = {l.name: l.op for l in r.layers}
+    ops = {layer.name: layer.op for layer in r.layers}
     assert ops["encoder.layer.0.output.dense.base_layer"] == "mlp_down"
     assert ops["encoder.layer.0.output.dense.lora_A.default"] == "mlp_down"  # sees the same sparse input
     assert ops["encoder.layer.0.intermediate.dense.lora_B.default"] == "mlp_up"
@@ -153,10 +168,10 @@ def test_lora_and_conv1d_are_labelled_by_the_layer_they_belong_to():
     torch.manual_seed(0)
     gpt2 = AutoModel.from_config(tiny_config("gpt2")).eval()
     r = estimate_energy(gpt2, [{"input_ids": torch.randint(3, 100, (1, 6))}])
-    ops = {l.name: l.op for l in r.layers}
+    ops = {layer.name: layer.op for layer in r.layers}
     assert ops["h.0.mlp.c_proj"] == "mlp_down" and ops["h.0.attn.c_proj"] == "attention_proj"
     assert ops["h.0.attn.c_attn"] == "attention_proj" and ops["h.0.attn.QK^T"] == "attention_matmul"
-    qk = next(l for l in r.layers if l.name == "h.0.attn.QK^T")
+    qk = next(layer for layer in r.layers if layer.name == "h.0.attn.QK^T")
     assert qk.macs == 6 * 6 * 32  # c_attn's width / 3 = heads * head_dim = 32
 
 
@@ -179,7 +194,7 @@ def test_virtual_tokens_are_priced(method, pairs):
 
 
 def test_energy_layer_defaults_roundtrip():
-    l = LayerEnergy(name="x", op="other", macs=10, macs_nonzero=5, act_in=4, act_in_nonzero=2)
-    d = EnergyReport([l]).to_dict()
+    layer = LayerEnergy(name="x", op="other", macs=10, macs_nonzero=5, act_in=4, act_in_nonzero=2)
+    d = EnergyReport([layer]).to_dict()
     assert d["layers"][0]["dense_pj"] == pytest.approx(10 * 3.7 + 4 * 1950)
-    assert EnergyReport.from_dict(d).layers[0] == l
+    assert EnergyReport.from_dict(d).layers[0] == layer

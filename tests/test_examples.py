@@ -1,4 +1,5 @@
 """The scripts in examples/ run as their docstrings say (a few steps, exit code 0, real output)."""
+
 from __future__ import annotations
 
 import re
@@ -14,7 +15,10 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
 def test_plain_loop_example_runs():
     r = subprocess.run(
         [sys.executable, str(EXAMPLES / "plain_loop.py"), "--steps", "2", "--batch-size", "8", "--dev-rows", "32"],
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(re.findall(r"^step +\d+ +task [\d.]+ +alpha x density [\d.]+$", r.stdout, flags=re.MULTILINE)) == 2
@@ -27,11 +31,15 @@ def test_plain_loop_example_runs():
 def test_deft_trainer_example_runs():
     r = subprocess.run(
         [sys.executable, str(EXAMPLES / "deft_trainer.py"), "--steps", "2", "--batch-size", "8", "--dev-rows", "32"],
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    steps = re.findall(r"^step +(\d+) +task loss [\d.]+ +density loss [\d.]+ +train density ([\d.]+)%$", r.stdout,
-                       flags=re.MULTILINE)
+    steps = re.findall(
+        r"^step +(\d+) +task loss [\d.]+ +density loss [\d.]+ +train density ([\d.]+)%$", r.stdout, flags=re.MULTILINE
+    )
     assert [s for s, _ in steps] == ["1", "2"]
     acc, dens = re.search(r"dev accuracy ([\d.]+)% on 32 rows, dev density ([\d.]+)% after 2 steps", r.stdout).groups()
     # 32 rows: accuracy is a multiple of 1/32; GELU leaves almost every MLP entry non-zero

@@ -1,4 +1,5 @@
 """DensityMixin on TRL's SFTTrainer, and the plain-loop helper deft.density(), against losses computed by hand."""
+
 from __future__ import annotations
 
 import sys
@@ -12,8 +13,10 @@ import deft
 from deft.core.losses import smooth_l0
 from deft.train.trainer import DeftTrainer, DensityConfig, DensityMixin
 
-WORDS = ("<pad> <eos> <unk> review : a gripping funny film dull boring sentiment positive negative great bad plot "
-         "and acting the was long but kind of sweet").split()
+WORDS = (
+    "<pad> <eos> <unk> review : a gripping funny film dull boring sentiment positive negative great bad plot "
+    "and acting the was long but kind of sweet"
+).split()
 ROWS = [  # very different lengths, so micro-batches hold very different token counts
     ("review : a gripping funny film sentiment :", " positive"),
     ("review : dull sentiment :", " negative"),
@@ -36,13 +39,29 @@ def tiny_tokenizer():
 
 def tiny_lora_llama(seed=0):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
-                      bos_token_id=1, eos_token_id=1)
+    cfg = LlamaConfig(
+        vocab_size=len(WORDS),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=1,
+    )
     model = LlamaForCausalLM(cfg)
     # init_lora_weights=False: B is not zero, so both LoRA factors get a gradient in the first step
-    return get_peft_model(model, LoraConfig(r=2, target_modules=["gate_proj", "up_proj", "down_proj", "q_proj"],
-                                            init_lora_weights=False, task_type="CAUSAL_LM"))
+    return get_peft_model(
+        model,
+        LoraConfig(
+            r=2,
+            target_modules=["gate_proj", "up_proj", "down_proj", "q_proj"],
+            init_lora_weights=False,
+            task_type="CAUSAL_LM",
+        ),
+    )
 
 
 def trainable(model):
@@ -51,9 +70,22 @@ def trainable(model):
 
 def sgd_kwargs(output_dir, per_device, ga):
     """One plain SGD step at lr 1 without clipping: the parameter change is exactly -gradient."""
-    return dict(output_dir=str(output_dir), per_device_train_batch_size=per_device, gradient_accumulation_steps=ga,
-                max_steps=1, learning_rate=1.0, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0,
-                max_grad_norm=0.0, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, seed=0)
+    return dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=ga,
+        max_steps=1,
+        learning_rate=1.0,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        seed=0,
+    )
 
 
 def by_hand(model, batch, alpha):
@@ -74,8 +106,9 @@ def by_hand(model, batch, alpha):
         for h in hooks:
             h.remove()
     labels = batch["labels"][:, 1:]
-    task = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                             labels.reshape(-1), ignore_index=-100)
+    task = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100
+    )
     dens = torch.stack([smooth_l0(h.float(), EPS)[mask].mean() for h in w2_inputs]).mean()
     (task + alpha * dens).backward()
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, float(dens.detach())
@@ -91,11 +124,21 @@ def sft_step(tmp_path, *, per_device, ga, alpha, name="", accepts_loss_kwargs=No
 
     model = tiny_lora_llama()
     before = trainable(model)
-    args = trl.SFTConfig(bf16=False, gradient_checkpointing=False, **sgd_kwargs(
-        tmp_path / f"sft{name}-b{per_device}-ga{ga}-a{alpha}", per_device, ga), **cfg)
+    args = trl.SFTConfig(
+        bf16=False,
+        gradient_checkpointing=False,
+        **sgd_kwargs(tmp_path / f"sft{name}-b{per_device}-ga{ga}-a{alpha}", per_device, ga),
+        **cfg,
+    )
     ds = Dataset.from_list([{"prompt": p, "completion": c} for p, c in ROWS])
-    trainer = MySFT(model=model, args=args, train_dataset=ds, processing_class=tiny_tokenizer(),
-                    density=DensityConfig(alpha=alpha, eps=EPS), compute_loss_func=compute_loss_func)
+    trainer = MySFT(
+        model=model,
+        args=args,
+        train_dataset=ds,
+        processing_class=tiny_tokenizer(),
+        density=DensityConfig(alpha=alpha, eps=EPS),
+        compute_loss_func=compute_loss_func,
+    )
     if accepts_loss_kwargs is not None:
         trainer.model_accepts_loss_kwargs = accepts_loss_kwargs
     trainer.train()
@@ -106,8 +149,9 @@ def sft_step(tmp_path, *, per_device, ga, alpha, name="", accepts_loss_kwargs=No
 def token_mean_ce(outputs, labels, num_items_in_batch=None):
     """A user's compute_loss_func: next-token cross entropy over the labelled tokens of the step."""
     logits, labels = outputs.logits[:, :-1].float(), labels[:, 1:]
-    total = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                              ignore_index=-100, reduction="sum")
+    total = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
     return total / (num_items_in_batch if num_items_in_batch is not None else labels.ne(-100).sum())
 
 
@@ -116,8 +160,9 @@ def test_sft_step_equals_task_plus_alpha_density_by_hand(tmp_path, loss_func):
     # with a compute_loss_func TRL runs a second, no-grad forward for its metrics after the loss forward:
     # the density term must still be the loss forward's
     alpha = 3.0
-    delta, trainer = sft_step(tmp_path, per_device=4, ga=1, alpha=alpha, compute_loss_func=loss_func,
-                              name=str(loss_func is None))
+    delta, trainer = sft_step(
+        tmp_path, per_device=4, ga=1, alpha=alpha, compute_loss_func=loss_func, name=str(loss_func is None)
+    )
     # TRL's own tokenisation and completion-only labels, our own loss
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(ROWS))])
     assert (batch["labels"] == -100).sum() > batch["attention_mask"].eq(0).sum()  # prompts are masked out
@@ -140,8 +185,14 @@ def test_sft_same_step_for_ga1_and_ga2(tmp_path, accepts_loss_kwargs):
     steps = {}
     for per_device, ga in [(4, 1), (2, 2)]:
         for alpha in (0.0, 3.0):
-            steps[ga, alpha], _ = sft_step(tmp_path, per_device=per_device, ga=ga, alpha=alpha,
-                                           name=str(accepts_loss_kwargs), accepts_loss_kwargs=accepts_loss_kwargs)
+            steps[ga, alpha], _ = sft_step(
+                tmp_path,
+                per_device=per_device,
+                ga=ga,
+                alpha=alpha,
+                name=str(accepts_loss_kwargs),
+                accepts_loss_kwargs=accepts_loss_kwargs,
+            )
     dens = {ga: {n: steps[ga, 3.0][n] - steps[ga, 0.0][n] for n in steps[ga, 0.0]} for ga in (1, 2)}
     assert max(float(v.abs().max()) for v in dens[1].values()) > 1e-3
     for n in dens[1]:
@@ -154,8 +205,7 @@ def test_sft_padding_free_counts_the_same_tokens_as_padded(tmp_path):
     # padding-free batches carry no attention_mask: every position of the one packed row is a real token,
     # so the step (task and density) is the padded step
     padded, _ = sft_step(tmp_path, per_device=4, ga=1, alpha=3.0, name="pad")
-    packed, trainer = sft_step(tmp_path, per_device=4, ga=1, alpha=3.0, name="free", padding_free=True,
-                              max_length=None)
+    packed, trainer = sft_step(tmp_path, per_device=4, ga=1, alpha=3.0, name="free", padding_free=True, max_length=None)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(ROWS))])
     assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
     for n in padded:
@@ -167,8 +217,11 @@ def test_mixin_rejects_distill_on_a_parent_loss(tmp_path):
         pass
 
     with pytest.raises(deft.ConfigError, match="distill"):
-        Plain(tiny_lora_llama(), TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
-              density=DensityConfig(distill=1.0))
+        Plain(
+            tiny_lora_llama(),
+            TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
+            density=DensityConfig(distill=1.0),
+        )
 
 
 def test_deft_sft_trainer_without_trl_names_the_extra(monkeypatch):
@@ -197,9 +250,13 @@ def test_plain_loop_gradient_equals_deft_trainer(tmp_path):
     rows = [{k: v[i] for k, v in batch.items()} for i in range(len(ROWS))]
     model = tiny_lora_llama()
     before = trainable(model)
-    DeftTrainer(model, TrainingArguments(remove_unused_columns=False, **sgd_kwargs(tmp_path, len(rows), 1)),
-                density=DensityConfig(alpha=alpha, eps=EPS), train_dataset=rows,
-                data_collator=lambda f: {k: torch.stack([x[k] for x in f]) for k in f[0]}).train()
+    DeftTrainer(
+        model,
+        TrainingArguments(remove_unused_columns=False, **sgd_kwargs(tmp_path, len(rows), 1)),
+        density=DensityConfig(alpha=alpha, eps=EPS),
+        train_dataset=rows,
+        data_collator=lambda f: {k: torch.stack([x[k] for x in f]) for k in f[0]},
+    ).train()
     step = {n: p.detach() - before[n] for n, p in model.named_parameters() if p.requires_grad}
 
     model = tiny_lora_llama()
@@ -283,8 +340,26 @@ def test_trl_sft_benchmark_smoke(tmp_path):
     spec = importlib.util.spec_from_file_location("trl_sft_bench", script)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.main(["--model", str(model_dir), "--steps", "1", "--batch-size", "4", "--train-rows", "8",
-                "--eval-rows", "8", "--calib-rows", "8", "--densities", "0.5", "--output", str(tmp_path / "run")])
+    bench.main(
+        [
+            "--model",
+            str(model_dir),
+            "--steps",
+            "1",
+            "--batch-size",
+            "4",
+            "--train-rows",
+            "8",
+            "--eval-rows",
+            "8",
+            "--calib-rows",
+            "8",
+            "--densities",
+            "0.5",
+            "--output",
+            str(tmp_path / "run"),
+        ]
+    )
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["eval"]["rows"] == 8 and 0 <= res["eval"]["accuracy"] <= 1
     # SwiGLU: silu(g) * u is essentially never exactly zero, so the exact-zero density says ~100 %...

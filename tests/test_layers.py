@@ -5,6 +5,7 @@ imports inside functions alike (only imports under ``if TYPE_CHECKING:`` are ski
 The layers are the one table :data:`LAYERS` below. To add a module, give it (or its package) a rank
 there; to let a module use a higher one, move the shared piece down instead.
 """
+
 from __future__ import annotations
 
 import ast
@@ -65,7 +66,8 @@ def module_name(path: Path, root: Path = SRC) -> tuple[str, bool]:
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _import_nodes(tree: ast.AST) -> Iterable[ast.Import | ast.ImportFrom]:
@@ -112,8 +114,9 @@ def import_graph(root: Path = SRC) -> dict[str, list[tuple[str, int, str]]]:
     graph: dict[str, list[tuple[str, int, str]]] = {}
     for f, (name, is_pkg) in names.items():
         rel = str(f.relative_to(root.parent)) if root.parent in f.parents else str(f)
-        graph[name] = [(rel, line, target) for line, target in imports_of(f.read_text(encoding="utf-8"), name,
-                                                                          is_pkg, modules)]
+        graph[name] = [
+            (rel, line, target) for line, target in imports_of(f.read_text(encoding="utf-8"), name, is_pkg, modules)
+        ]
     return graph
 
 
@@ -139,11 +142,14 @@ def upward_imports(graph: Mapping[str, list[tuple[str, int, str]]], layers: Mapp
             if here is None or there is None or target == module:
                 continue
             if target == FACADE and module != FACADE:
-                problems.append(f"{file}:{line}: {module} imports the deft facade; import the module that defines "
-                                "the name instead")
+                problems.append(
+                    f"{file}:{line}: {module} imports the deft facade; import the module that defines the name instead"
+                )
             elif layers[there] > layers[here]:
-                problems.append(f"{file}:{line}: {module} (layer {here}, rank {layers[here]}) imports {target} "
-                                f"(layer {there}, rank {layers[there]}), a higher layer")
+                problems.append(
+                    f"{file}:{line}: {module} (layer {here}, rank {layers[here]}) imports {target} "
+                    f"(layer {there}, rank {layers[there]}), a higher layer"
+                )
     return problems
 
 
@@ -205,8 +211,15 @@ def _path_through(component: list[str], edges: Mapping[str, list[str]]) -> list[
 
 
 def format_cycles(found: list[tuple[list[str], list[str]]]) -> list[str]:
-    return [" -> ".join(path) + (f" (one cycle of {len(group)} modules importing each other: {', '.join(group)})"
-                                 if len(group) > len(path) - 1 else "") for path, group in found]
+    return [
+        " -> ".join(path)
+        + (
+            f" (one cycle of {len(group)} modules importing each other: {', '.join(group)})"
+            if len(group) > len(path) - 1
+            else ""
+        )
+        for path, group in found
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- tests
@@ -228,19 +241,34 @@ def test_no_import_from_a_lower_layer_into_a_higher_one():
 def test_the_library_never_imports_recipes_or_the_cli():
     # statically, every import (the layer rule above implies it; this names the rule)...
     graph = import_graph()
-    bad = [f"{file}:{line}: {module} imports {target}" for module, edges in graph.items()
-           if LAYERS[layer_of(module)] <= LIBRARY_MAX for file, line, target in edges
-           if layer_of(target) in ("deft.recipes", "deft.cli", "deft.__main__")]
+    bad = [
+        f"{file}:{line}: {module} imports {target}"
+        for module, edges in graph.items()
+        if LAYERS[layer_of(module)] <= LIBRARY_MAX
+        for file, line, target in edges
+        if layer_of(target) in ("deft.recipes", "deft.cli", "deft.__main__")
+    ]
     assert not bad, "\n".join(bad)
     # ... and at run time: `import deft` and every library module load neither (nor, for `import deft`, transformers)
-    library = sorted(m for m in graph if LAYERS[layer_of(m)] <= LIBRARY_MAX
-                     and m not in ("deft.sparse.triton_gemv", "deft.train.integrations"))  # need CUDA / TRL
-    code = ("import importlib, sys\nimport deft\nassert 'transformers' not in sys.modules, 'import deft loads transformers'\n"
-            f"for m in {library!r}:\n    importlib.import_module(m)\n"
-            "loaded = sorted(m for m in sys.modules if m.startswith(('deft.recipes', 'deft.cli')))\n"
-            "assert not loaded, loaded\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(SRC)})
+    library = sorted(
+        m
+        for m in graph
+        if LAYERS[layer_of(m)] <= LIBRARY_MAX and m not in ("deft.sparse.triton_gemv", "deft.train.integrations")
+    )  # need CUDA / TRL
+    code = (
+        "import importlib, sys\nimport deft\n"
+        "assert 'transformers' not in sys.modules, 'import deft loads transformers'\n"
+        f"for m in {library!r}:\n    importlib.import_module(m)\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith(('deft.recipes', 'deft.cli')))\n"
+        "assert not loaded, loaded\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -251,8 +279,10 @@ def test_the_checks_find_a_cycle_and_an_upward_import(tmp_path):
         "deft/__init__.py": "",
         "deft/core/__init__.py": "from .thing import thing\n",
         # an upward import hidden in a function, and one under TYPE_CHECKING that must not count
-        "deft/core/thing.py": ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..cli import main\n"
-                               "def thing():\n    from ..recipes import a\n    return a\n"),
+        "deft/core/thing.py": (
+            "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..cli import main\n"
+            "def thing():\n    from ..recipes import a\n    return a\n"
+        ),
         # a cycle: recipes.a -> recipes.b -> recipes.a (relative and absolute forms)
         "deft/recipes/__init__.py": "",
         "deft/recipes/a.py": "from . import b\n",
@@ -266,7 +296,12 @@ def test_the_checks_find_a_cycle_and_an_upward_import(tmp_path):
     assert graph["deft.core.thing"] == [("src/deft/core/thing.py", 5, "deft.recipes.a")]
     assert format_cycles(cycles(graph)) == ["deft.recipes.a -> deft.recipes.b -> deft.recipes.a"]
     problems = upward_imports(graph)
-    assert any(p.startswith("src/deft/core/thing.py:5: deft.core.thing (layer deft.core, rank 2) imports "
-                            "deft.recipes.a (layer deft.recipes, rank 7)") for p in problems), problems
+    assert any(
+        p.startswith(
+            "src/deft/core/thing.py:5: deft.core.thing (layer deft.core, rank 2) imports "
+            "deft.recipes.a (layer deft.recipes, rank 7)"
+        )
+        for p in problems
+    ), problems
     assert any(p.startswith("src/deft/recipes/b.py:2: deft.recipes.b imports the deft facade") for p in problems)
     assert len(problems) == 2, problems  # the TYPE_CHECKING import is not one

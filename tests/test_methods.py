@@ -1,4 +1,5 @@
 """deft.methods on tiny random-init models: one training step per method x family, counts, adapters, I/O."""
+
 from __future__ import annotations
 
 import copy
@@ -185,8 +186,10 @@ def test_one_step(family, task, method):
 
 
 @pytest.mark.parametrize("adapter_type", ["pfeiffer", "houlsby"])
-@pytest.mark.parametrize("family,task", [("bert", "SEQ_CLS"), ("llama", "CAUSAL_LM"), ("t5", "SEQ_2_SEQ_LM"),
-                                         ("vit", "IMAGE_CLS"), ("gpt2", "CAUSAL_LM")])
+@pytest.mark.parametrize(
+    "family,task",
+    [("bert", "SEQ_CLS"), ("llama", "CAUSAL_LM"), ("t5", "SEQ_2_SEQ_LM"), ("vit", "IMAGE_CLS"), ("gpt2", "CAUSAL_LM")],
+)
 def test_adapter_starts_as_base_and_keeps_names(family, task, adapter_type):
     base = build(family, task).eval()
     model = apply_method(copy.deepcopy(base), MethodConfig(method="adapter", adapter_type=adapter_type), task_type=task)
@@ -213,15 +216,16 @@ def test_adapter_starts_as_base_and_keeps_names(family, task, adapter_type):
         out_base, out_adapted = base(**inputs).logits, model(**inputs).logits
     assert torch.equal(out_base, out_adapted)  # zero-initialised `up`: exactly the base model
     assert len(seen["base"]) == len(seen["adapted"]) > 0
-    assert all(torch.equal(a, b) for a, b in zip(seen["base"], seen["adapted"]))
+    assert all(torch.equal(a, b) for a, b in zip(seen["base"], seen["adapted"], strict=True))
 
 
 def test_bottleneck_adapter_sizes():
     adapter = BottleneckAdapter(32, 2, "gelu")
     assert adapter.down.out_features == 2 and adapter.up.out_features == 32
     assert torch.count_nonzero(adapter(torch.randn(3, 32))) == 0
-    model = apply_method(build("bert", "SEQ_CLS"), MethodConfig(method="adapter", adapter_reduction_factor=64),
-                         task_type="SEQ_CLS")
+    model = apply_method(
+        build("bert", "SEQ_CLS"), MethodConfig(method="adapter", adapter_reduction_factor=64), task_type="SEQ_CLS"
+    )
     wrapped = [m for m in model.modules() if isinstance(m, AdapterWrapper)]
     assert wrapped and all(w.adapter.down.out_features == 1 for w in wrapped)  # 32 // 64 -> at least 1
     assert wrapped[0].weight is wrapped[0].base_layer.weight  # model code reading `.weight` still works
@@ -238,8 +242,17 @@ def test_lora_default_targets_bert_mlp_and_attention_not_head():
     model = apply_method(build("bert", "SEQ_CLS"), MethodConfig(method="lora"), task_type="SEQ_CLS")
     targets = _lora_modules(model)
     layer = "bert.encoder.layer.0."
-    assert {layer + s for s in ("attention.self.query", "attention.self.key", "attention.self.value",
-                                "attention.output.dense", "intermediate.dense", "output.dense")} <= targets
+    assert {
+        layer + s
+        for s in (
+            "attention.self.query",
+            "attention.self.key",
+            "attention.self.value",
+            "attention.output.dense",
+            "intermediate.dense",
+            "output.dense",
+        )
+    } <= targets
     assert len(targets) == 12
     assert not any("classifier" in t or "pooler" in t for t in targets)
     # the saved config stays short: one regex with generalised layer indices

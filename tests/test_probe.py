@@ -1,4 +1,5 @@
 """Probe, density metric and density losses against independent expectations."""
+
 from __future__ import annotations
 
 import json
@@ -81,7 +82,7 @@ def test_every_family_one_site_per_mlp_and_exact_counts(model_type, threshold):
     batch = _batch(model_type, cfg)
     report = deft.measure_density(model, [batch], threshold=threshold)
     expected = _independent_density(model, model_type, cfg, batch, threshold)
-    assert [l.name for l in report.layers] == list(expected)
+    assert [layer.name for layer in report.layers] == list(expected)
     for layer in report.layers:
         assert 0.0 <= layer.density <= 1.0
         assert layer.density == pytest.approx(expected[layer.name], abs=1e-12), layer.name
@@ -109,7 +110,7 @@ def test_extra_padding_does_not_change_density(model_type):
     r1 = deft.measure_density(model, [b1], threshold=0.05)
     r2 = deft.measure_density(model, [b2], threshold=0.05)
     assert r1.overall == pytest.approx(r2.overall, abs=1e-6)
-    assert [l.tokens for l in r1.layers] == [l.tokens for l in r2.layers]
+    assert [layer.tokens for layer in r1.layers] == [layer.tokens for layer in r2.layers]
     # counting the padding (the research code's behaviour) sees more tokens and other numbers
     r3 = deft.measure_density(model, [b2], threshold=0.05, include_padding=True)
     assert r3.layers[0].tokens == 2 * 12
@@ -193,8 +194,13 @@ def test_loss_partials_are_reduced_not_full_activations():
 
 @pytest.mark.parametrize(
     "kwargs, word",
-    [({"eps": 0}, "eps"), ({"eps": -1e-7}, "eps"), ({"beta": 0}, "beta"), ({"kind": "l1"}, "kind"),
-     ({"granularity": "sentence"}, "granularity")],
+    [
+        ({"eps": 0}, "eps"),
+        ({"eps": -1e-7}, "eps"),
+        ({"beta": 0}, "beta"),
+        ({"kind": "l1"}, "kind"),
+        ({"granularity": "sentence"}, "granularity"),
+    ],
 )
 def test_loss_validation(kwargs, word):
     with pytest.raises(ValueError, match=word):
@@ -259,7 +265,7 @@ def test_gradient_checkpointing_same_loss_and_grad(granularity):
     (v0, g0, t0), (v1, g1, t1) = results
     assert v0 == pytest.approx(v1, rel=1e-6)
     assert t0 == t1  # recomputation in backward was not counted twice
-    for a, b in zip(g0, g1):
+    for a, b in zip(g0, g1, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
@@ -288,9 +294,9 @@ def test_density_change_formula():
 
 
 def test_real_minilm_offline():
-    from deft.models import minilm_path
-
     from transformers import AutoTokenizer
+
+    from deft.models import minilm_path
 
     path = minilm_path()
     tok = AutoTokenizer.from_pretrained(path)
@@ -311,8 +317,10 @@ def test_prefix_tuning_classification_is_recorded():
 
     torch.manual_seed(0)
     cfg = tiny_config("bert", num_labels=2)
-    model = get_peft_model(AutoModelForSequenceClassification.from_config(cfg),
-                           PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3))
+    model = get_peft_model(
+        AutoModelForSequenceClassification.from_config(cfg),
+        PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3),
+    )
     batch = _batch("bert", cfg)
     report = deft.measure_density(model, [batch], threshold=0.05)
     assert report.layers[0].tokens == 11  # the 3 virtual tokens have no MLP activations; padding excluded

@@ -1,4 +1,5 @@
 """The README's measuring example runs as written (on the packaged MiniLM) and prints a real table."""
+
 import re
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """Sweeps, the energy command, the CSV log callback and the HTML/Markdown report, on tiny real runs."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,26 +14,29 @@ import pytest
 import torch
 
 from deft import cli
-from deft.train.callbacks import DensityCSVCallback
+from deft.analysis.report import build_report
+from deft.analysis.report_plots import pareto_front
 from deft.recipes import train as train_recipe
 from deft.recipes.common import RunError
 from deft.recipes.compare import CompareArgs, compare
 from deft.recipes.measure import EnergyArgs, energy
 from deft.recipes.report import ReportArgs, report
-from deft.analysis.report import build_report
-from deft.analysis.report_plots import pareto_front
 from deft.recipes.sweep import SweepArgs, base_args, grid, point_name, read_rows, sweep
-
-
-
-
-
-
+from deft.train.callbacks import DensityCSVCallback
 
 
 def _base(model_dir, glue) -> dict:
-    return dict(model=str(model_dir), task="sst2", data_dir=str(glue), epochs=1.0, batch_size=16, lr=1e-2,
-                loss="tanh", logging_steps=1, quiet=True)
+    return dict(
+        model=str(model_dir),
+        task="sst2",
+        data_dir=str(glue),
+        epochs=1.0,
+        batch_size=16,
+        lr=1e-2,
+        loss="tanh",
+        logging_steps=1,
+        quiet=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,19 +46,28 @@ def runs(tiny_relu_model_dir, glue_dir, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 32-wide model gains nothing from threads, and loses a lot on a busy machine
     try:
-        sargs = SweepArgs(base=_base(tiny_relu_model_dir, glue_dir), alphas=[0.0, 5.0], seeds=[0, 1],
-                          output=str(root / "sweep"))
+        sargs = SweepArgs(
+            base=_base(tiny_relu_model_dir, glue_dir), alphas=[0.0, 5.0], seeds=[0, 1], output=str(root / "sweep")
+        )
         rows = sweep(sargs)
         # a compare folder made of copies of two sweep points: compare reuses finished runs, so nothing trains,
         # and the report must not count the copies twice
         for src, dst in (("a0-s0", "peft-seed0"), ("a5-s0", "deft-seed0")):
             shutil.copytree(root / "sweep" / src, root / "cmp" / dst)
-        cargs = CompareArgs(**{**_base(tiny_relu_model_dir, glue_dir), "alpha": 5.0, "seeds": [0],
-                               "output": str(root / "cmp")})
+        cargs = CompareArgs(
+            **{**_base(tiny_relu_model_dir, glue_dir), "alpha": 5.0, "seeds": [0], "output": str(root / "cmp")}
+        )
         compare(cargs)
         for point in ("a0-s0", "a5-s0"):
-            energy(EnergyArgs(model=str(tiny_relu_model_dir), task="sst2", data_dir=str(glue_dir),
-                              adapter=str(root / "sweep" / point / "adapter"), output=str(root / "sweep" / point)))
+            energy(
+                EnergyArgs(
+                    model=str(tiny_relu_model_dir),
+                    task="sst2",
+                    data_dir=str(glue_dir),
+                    adapter=str(root / "sweep" / point / "adapter"),
+                    output=str(root / "sweep" / point),
+                )
+            )
     finally:
         torch.set_num_threads(threads)
     return {"root": root, "sweep": root / "sweep", "cmp": root / "cmp", "rows": rows, "sweep_args": sargs}
@@ -81,7 +94,7 @@ def test_sweep_rows_csv_and_resume(runs, monkeypatch, capsys):
 
     # a finished point whose row was lost (crash between results.json and the append) gets its row back
     lines = (out / "sweep.jsonl").read_text().splitlines()
-    (out / "sweep.jsonl").write_text("\n".join(lines[:3]) + "\n{\"point\": \"a5-s1\", \"den")  # torn last line
+    (out / "sweep.jsonl").write_text("\n".join(lines[:3]) + '\n{"point": "a5-s1", "den')  # torn last line
     assert len(read_rows(out / "sweep.jsonl")) == 3
     assert [r["point"] for r in sweep(runs["sweep_args"])] == ["a0-s0", "a0-s1", "a5-s0", "a5-s1"]
     assert "adding its row" in capsys.readouterr().out
@@ -90,15 +103,27 @@ def test_sweep_rows_csv_and_resume(runs, monkeypatch, capsys):
 def test_sweep_grid_names_and_options(tmp_path):
     cfg = tmp_path / "base.yaml"
     cfg.write_text("model: minilm\ntask: rte\nepochs: 1\n")
-    args = SweepArgs(base=str(cfg), set=["lr=3e-4", "target_modules=mlp", "max_train_samples=none"],
-                     methods=["lora", "ia3"], alphas=[0.0, 1e-3], eps=[1e-7, 1e-3], seeds=[0],
-                     output=str(tmp_path / "s"))
+    args = SweepArgs(
+        base=str(cfg),
+        set=["lr=3e-4", "target_modules=mlp", "max_train_samples=none"],
+        methods=["lora", "ia3"],
+        alphas=[0.0, 1e-3],
+        eps=[1e-7, 1e-3],
+        seeds=[0],
+        output=str(tmp_path / "s"),
+    )
     b = base_args(args)
     assert (b.task, b.epochs, b.lr, b.target_modules, b.max_train_samples) == ("rte", 1.0, 3e-4, "mlp", None)
     points = grid(args)
     # alpha = 0 ignores eps: one baseline per method and seed, not one per eps
-    assert [p.name for p in points] == ["lora-a0-s0", "lora-a0.001-eps1e-07-s0", "lora-a0.001-eps0.001-s0",
-                                        "ia3-a0-s0", "ia3-a0.001-eps1e-07-s0", "ia3-a0.001-eps0.001-s0"]
+    assert [p.name for p in points] == [
+        "lora-a0-s0",
+        "lora-a0.001-eps1e-07-s0",
+        "lora-a0.001-eps0.001-s0",
+        "ia3-a0-s0",
+        "ia3-a0.001-eps1e-07-s0",
+        "ia3-a0.001-eps0.001-s0",
+    ]
     p = points[5]
     assert (p.args.method, p.args.alpha, p.args.eps) == ("ia3", 1e-3, 1e-3) and p.args.resume
     assert p.args.output == str(tmp_path / "s" / "ia3-a0.001-eps0.001-s0")
@@ -121,8 +146,8 @@ def test_energy_json_next_to_run(runs):
     assert "DEFT" in e["op_help"]["mlp_down"]
     # the merged LoRA model sees the same W2 inputs as the trained run measured
     res = json.loads((runs["sweep"] / "a5-s0" / "results.json").read_text())
-    downs = [l for l in e["layers"] if l["op"] == "mlp_down"]
-    assert [l["act_in_nonzero"] for l in downs] == [l["nonzero"] for l in res["density"]["layers"]]
+    downs = [layer for layer in e["layers"] if layer["op"] == "mlp_down"]
+    assert [layer["act_in_nonzero"] for layer in downs] == [layer["nonzero"] for layer in res["density"]["layers"]]
     assert (runs["sweep"] / "a5-s0" / "energy_breakdown.png").stat().st_size > 1000
     assert (runs["sweep"] / "a5-s0" / "energy_breakdown.svg").exists()
 
@@ -144,13 +169,14 @@ def test_report_tables_images_and_configs(runs):
     for needle in ("accuracy (%)", "density (%)", "Density Change %", "energy ratio", "baseline", " ± "):
         assert needle in page and needle in md
     table = md.split("## Results")[1].split("## Figures")[0]
-    body = [l for l in table.splitlines() if l.startswith("| ") and "setting" not in l]
+    body = [line for line in table.splitlines() if line.startswith("| ") and "setting" not in line]
     assert len(body) == 2  # alpha 0 and alpha 5, two seeds each (the compare copies are not counted again)
-    deft_row = next(l for l in body if "α=5" in l)
+    deft_row = next(line for line in body if "α=5" in line)
     assert re.search(r"\| 2 \|", deft_row) and "Not counted" in md
     cells = [c.strip() for c in deft_row.strip("|").split("|")]
-    sweep_runs = [json.loads((runs["sweep"] / p / "results.json").read_text()) for p in ("a0-s0", "a0-s1", "a5-s0",
-                                                                                         "a5-s1")]
+    sweep_runs = [
+        json.loads((runs["sweep"] / p / "results.json").read_text()) for p in ("a0-s0", "a0-s1", "a5-s0", "a5-s1")
+    ]
     d_peft = sum(r["density"]["overall"] for r in sweep_runs[:2]) / 2
     d_deft = sum(r["density"]["overall"] for r in sweep_runs[2:]) / 2
     assert float(cells[4]) == pytest.approx((d_peft - d_deft) / d_peft * 100, abs=0.01)
@@ -161,7 +187,7 @@ def test_report_tables_images_and_configs(runs):
     # the energy section: one row per setting, W2 (mlp_down) called out
     energy = md.split("## Energy on a zero-skipping accelerator")[1].split("## Configurations")[0]
     assert "W2 input non-zero %" in energy and "mlp_down" in energy and "DEFT" in energy
-    w2 = next(l for l in energy.splitlines() if l.startswith("| DEFT"))
+    w2 = next(line for line in energy.splitlines() if line.startswith("| DEFT"))
     assert float(w2.split("|")[3]) == pytest.approx(100 * e5["by_op"]["mlp_down"]["input_nonzero_fraction"], abs=0.01)
 
     # figures exist as PNG and SVG, and the Markdown links them
@@ -196,8 +222,12 @@ def test_csv_callback_grows_header_and_resumes(tmp_path):
     state, control = TrainerState(), TrainerControl()
     cb = DensityCSVCallback(path)
     cb.on_train_begin(targs, state, control)
-    for step, logs in ((1, {"loss": 0.7, "train_density": 0.5}), (2, {"loss": 0.6, "train_density": 0.4}),
-                       (2, {"eval_accuracy": 0.8, "eval_density_layer_0": 0.3}), (3, {"loss": 0.5})):
+    for step, logs in (
+        (1, {"loss": 0.7, "train_density": 0.5}),
+        (2, {"loss": 0.6, "train_density": 0.4}),
+        (2, {"eval_accuracy": 0.8, "eval_density_layer_0": 0.3}),
+        (3, {"loss": 0.5}),
+    ):
         state.global_step = step
         cb.on_log(targs, state, control, logs=logs)
     rows = list(csv.DictReader(path.open()))
@@ -237,8 +267,10 @@ def test_group_settings_matches_baselines_by_activation_and_ignores_loss_options
 
     def fake(name, metric, density, **cfg):
         base = {"model": "m", "task": "sst2", "method": "lora", "alpha": 0.0, "loss": "l0", "eps": 1e-7, "seed": 0}
-        return Run(tmp_path / name, {"config": {**base, **cfg}, "metric": metric,
-                                     "density": {"overall": density}, "trainable_percent": 1.0})
+        return Run(
+            tmp_path / name,
+            {"config": {**base, **cfg}, "metric": metric, "density": {"overall": density}, "trainable_percent": 1.0},
+        )
 
     runs = [
         fake("gelu-peft", 0.80, 1.0),  # written before --activation existed: no such key

@@ -1,4 +1,5 @@
 """Zero-skipping MLP inference (deft.sparse) against the dense model and hand computations."""
+
 from __future__ import annotations
 
 import pytest
@@ -119,7 +120,7 @@ def test_gated_mlp_skips_up_rows_prefill_and_cached_decode(model_type):
     sparsify(model, max_density=1.0, track_stats=True)
     mlps = [m for m in model.modules() if isinstance(m, SparseGatedMLP)]
     assert len(mlps) == 2 and all(isinstance(m.down_proj, SparseDown) for m in mlps)
-    for got, want in zip(run(), ref):
+    for got, want in zip(run(), ref, strict=True):
         torch.testing.assert_close(got, want, **TOL)
     assert all(s.units_skipped > 0 for s in sparse_stats(model).values())
 
@@ -153,10 +154,12 @@ def test_threshold_mode_zeroes_exactly_the_small_units(regime, layout):
         base.weight.data, base.bias.data = w.t().contiguous(), b.clone()
     h = torch.tensor([[0.05, -0.5, 0.2, -0.1], [0.3, 0.01, -0.1, 0.0]])
     # threshold 0.1: |h| <= 0.1 is dropped; token 0 keeps units 1, 2; token 1 keeps unit 0 only
-    expected = torch.stack([
-        w[:, 1] * -0.5 + w[:, 2] * 0.2 + b,
-        w[:, 0] * 0.3 + b,
-    ])
+    expected = torch.stack(
+        [
+            w[:, 1] * -0.5 + w[:, 2] * 0.2 + b,
+            w[:, 0] * 0.3 + b,
+        ]
+    )
     sparse = SparseDown(base, threshold=0.1, regime=regime, max_density=1.0)
     torch.testing.assert_close(sparse(h), expected)
     torch.testing.assert_close(sparse(h[:1]), expected[:1])  # one token: the decode gather in auto too
@@ -197,7 +200,7 @@ def test_calibrate_thresholds_reaches_target_density(model_type, target):
         assert t > 0
         for batches, tol in ((calib, 0.001), (held_out, 0.02)):
             report = deft.measure_density(model, batches, point="down_input", threshold=t)
-            (layer,) = [l for l in report.layers if l.name == name]
+            (layer,) = [rec for rec in report.layers if rec.name == name]
             assert abs(layer.density - target) <= tol, (name, batches is calib, layer.density)
 
 
@@ -228,7 +231,7 @@ def test_probe_still_finds_the_down_input_of_a_sparsified_model():
     probe = deft.ActivationProbe(model, point="down_input")
     assert all(isinstance(s.module, SparseDown) for s in probe.sites)
     sparse = deft.measure_density(model, [batch], point="down_input", threshold=0.05)
-    assert [l.density for l in sparse.layers] == [l.density for l in dense.layers]
+    assert [layer.density for layer in sparse.layers] == [layer.density for layer in dense.layers]
 
 
 def test_transposed_weight_cache_follows_in_place_updates():
@@ -285,9 +288,11 @@ def test_all_projections_thresholds_reach_target_on_every_input(target):
     counts = {n: [0, 0] for n in thresholds}
     hooks = []
     for n in thresholds:
+
         def fn(_m, args, n=n):
             counts[n][0] += int((args[0].abs() > thresholds[n]).sum())
             counts[n][1] += args[0].numel()
+
         hooks.append(model.get_submodule(n).register_forward_pre_hook(fn))
     with torch.no_grad():
         for b in batches:
@@ -297,8 +302,12 @@ def test_all_projections_thresholds_reach_target_on_every_input(target):
     for n, (above, total) in counts.items():
         assert above / total == pytest.approx(target, abs=0.02), n
     # the thresholded model equals zeroing those inputs by hand
-    zeroing = [model.get_submodule(n).register_forward_pre_hook(
-        lambda _m, args, t=thresholds[n]: (args[0] * (args[0].abs() > t),)) for n in thresholds]
+    zeroing = [
+        model.get_submodule(n).register_forward_pre_hook(
+            lambda _m, args, t=thresholds[n]: (args[0] * (args[0].abs() > t),)
+        )
+        for n in thresholds
+    ]
     want = _hidden(model, batches[0])
     for h in zeroing:
         h.remove()

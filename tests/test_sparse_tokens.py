@@ -5,6 +5,7 @@ batch, so it is served with ``sparsify(mode="threshold", regime="decode")``: eve
 rows of its own units with ``|h| > t``. These tests pin that this path equals the dense model on the
 thresholded input, for every float dtype, with gradients, and on a padded batch of a real model family.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -67,7 +68,7 @@ def test_per_token_threshold_path_keeps_the_dense_gradients():
     grads_sparse = [h_sparse.grad, lin.weight.grad.clone(), lin.bias.grad.clone()]
     lin.zero_grad()
     (_thresholded_dense(lin, h_dense, t) * g).sum().backward()
-    for a, b in zip(grads_sparse, [h_dense.grad, lin.weight.grad, lin.bias.grad]):
+    for a, b in zip(grads_sparse, [h_dense.grad, lin.weight.grad, lin.bias.grad], strict=True):
         torch.testing.assert_close(a, b)
     assert not h_sparse.grad[h.abs() <= t].any()  # a dropped unit gets no gradient, as in the dense mask
 

@@ -1,5 +1,6 @@
 """Suite files (benchmarks/suites/*.yaml) run by ``deft sweep``: every option checked before anything trains,
 failed jobs counted and named, finished jobs skipped on a rerun. Jobs train the tiny BERT in subprocesses."""
+
 from __future__ import annotations
 
 import json
@@ -7,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import one_error_line, sst2_folder
 
 from deft import cli
 from deft.recipes.sweep import SweepArgs, _validate, suite_points
+
+from conftest import one_error_line, sst2_folder
 
 SUITES = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "suites").glob("*.yaml"))
 
@@ -31,8 +33,12 @@ def test_every_shipped_suite_parses_and_validates(tmp_path):
         names += [p.name for p in points]
     assert len(names) == len(set(names)) == 194  # the jobs behind docs/RESULTS.md's multi-seed tables
     # all files at once, with a group selection: the dry run lists the jobs as deft train command lines
-    assert cli.main(["sweep", *map(str, SUITES), "--groups", "sst2-lora", "*-lora-cpu", "--dry-run",
-                     "--output", str(tmp_path)]) == 0
+    assert (
+        cli.main(
+            ["sweep", *map(str, SUITES), "--groups", "sst2-lora", "*-lora-cpu", "--dry-run", "--output", str(tmp_path)]
+        )
+        == 0
+    )
     assert not any(tmp_path.iterdir())
     # --set overrides the files in every job; the PEFT jobs stay at alpha 0
     points = suite_points(SweepArgs(suites=[str(SUITES[0])], set=["data_dir=/data/glue", "alpha=7"]))
@@ -41,13 +47,16 @@ def test_every_shipped_suite_parses_and_validates(tmp_path):
     assert {p.args.alpha for p in points if "/deft-" in p.name} == {7.0}
 
 
-@pytest.mark.parametrize("group, needle", [
-    ({"lrr": 0.1}, "option 'lrr' (did you mean lr?)"),
-    ({"lr": "fast"}, "option lr: expected a float, got 'fast'"),
-    ({"loss": "l1"}, "loss (--loss) 'l1' is not one of l0, tanh"),
-    ({"alpha": -1}, "alpha must be a finite number >= 0"),
-    ({"seed": 3}, "option seed is set by the suite"),
-])
+@pytest.mark.parametrize(
+    "group, needle",
+    [
+        ({"lrr": 0.1}, "option 'lrr' (did you mean lr?)"),
+        ({"lr": "fast"}, "option lr: expected a float, got 'fast'"),
+        ({"loss": "l1"}, "loss (--loss) 'l1' is not one of l0, tanh"),
+        ({"alpha": -1}, "alpha must be a finite number >= 0"),
+        ({"seed": 3}, "option seed is set by the suite"),
+    ],
+)
 def test_a_bad_option_fails_before_anything_trains(group, needle, tmp_path, capsys):
     path = _suite(tmp_path / "s.yaml", {"good": {}, "bad": group}, model="/never/loaded", seeds=[0, 1])
     assert cli.main(["sweep", str(path), "--output", str(tmp_path / "out")]) == 2
@@ -71,12 +80,22 @@ def test_bad_suite_layout_and_group_selection(tmp_path, capsys):
     assert "--base and the grid lists" in one_error_line(capsys, "sweep")
 
 
-def test_failed_job_is_counted_the_others_finish_and_a_rerun_skips_them(tiny_relu_model_dir, glue_dir, tmp_path,
-                                                                         capsys):
+def test_failed_job_is_counted_the_others_finish_and_a_rerun_skips_them(
+    tiny_relu_model_dir, glue_dir, tmp_path, capsys
+):
     broken = sst2_folder(tmp_path / "broken-glue", "sentence\tlabel\ngood film\t1\nbad film\tmaybe\n")
-    path = _suite(tmp_path / "s.yaml", {"ok": {}, "broken": {"data_dir": str(broken), "runs": ["deft"]}},
-                  model=str(tiny_relu_model_dir), data_dir=str(glue_dir), epochs=1, batch_size=16, lr=1e-2,
-                  loss="tanh", alpha=5, seeds=[0])
+    path = _suite(
+        tmp_path / "s.yaml",
+        {"ok": {}, "broken": {"data_dir": str(broken), "runs": ["deft"]}},
+        model=str(tiny_relu_model_dir),
+        data_dir=str(glue_dir),
+        epochs=1,
+        batch_size=16,
+        lr=1e-2,
+        loss="tanh",
+        alpha=5,
+        seeds=[0],
+    )
     out = tmp_path / "out"
     argv = ["sweep", str(path), "--output", str(out), "--workers", "2"]
     assert cli.main(argv) == 2

@@ -3,6 +3,7 @@
 Models are random and tiny (hidden 32), so the checks are about plumbing: the metrics exist and lie in
 range, the density is measured, results.json says where the data came from.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,10 +36,19 @@ def _squad_json(articles: list[dict]) -> dict:
 
 def _article(title: str, paragraphs: list[tuple[str, list[tuple[str, str, str]]]]) -> dict:
     """paragraphs: (context, [(id, question, answer)]); answer_start is found in the context."""
-    return {"title": title, "paragraphs": [
-        {"context": ctx, "qas": [{"id": qid, "question": q, "answers": [{"text": a, "answer_start": ctx.index(a)}]}
-                                 for qid, q, a in qas]}
-        for ctx, qas in paragraphs]}
+    return {
+        "title": title,
+        "paragraphs": [
+            {
+                "context": ctx,
+                "qas": [
+                    {"id": qid, "question": q, "answers": [{"text": a, "answer_start": ctx.index(a)}]}
+                    for qid, q, a in qas
+                ],
+            }
+            for ctx, qas in paragraphs
+        ],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +56,20 @@ def squad_dir(tmp_path_factory) -> Path:
     """dev-v1.1.json only: 5 articles x 2 paragraphs x 2 questions (the split takes 1 article for eval)."""
     arts = []
     for country, city in CITIES:
-        p1 = (f"{city} is the capital of {country}. It is a large city with many old buildings.",
-              [(f"{country}-1", f"What is the capital of {country}?", city),
-               (f"{country}-2", f"What does {city} have many of?", "old buildings")])
-        p2 = (f"The people of {country} speak their own language. {city} has a famous museum.",
-              [(f"{country}-3", f"What does {city} have?", "a famous museum"),
-               (f"{country}-4", "Who speaks their own language?", f"The people of {country}")])
+        p1 = (
+            f"{city} is the capital of {country}. It is a large city with many old buildings.",
+            [
+                (f"{country}-1", f"What is the capital of {country}?", city),
+                (f"{country}-2", f"What does {city} have many of?", "old buildings"),
+            ],
+        )
+        p2 = (
+            f"The people of {country} speak their own language. {city} has a famous museum.",
+            [
+                (f"{country}-3", f"What does {city} have?", "a famous museum"),
+                (f"{country}-4", "Who speaks their own language?", f"The people of {country}"),
+            ],
+        )
         arts.append(_article(country, [p1, p2]))
     d = tmp_path_factory.mktemp("squad")
     (d / "dev-v1.1.json").write_text(json.dumps(_squad_json(arts)), encoding="utf-8")
@@ -65,21 +83,34 @@ def _word_tokenizer(kind: str) -> PreTrainedTokenizerFast:
     specials = ["<pad>", "</s>", "<unk>", "<s>"]
     tk = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    words = ["question", "context", "Context", "Question", "Answer", "Review", "Sentiment", "positive",
-             "negative", ":", "?", ".", *"the with a short span copied from Is this movie or one word".split()]
+    words = [
+        "question",
+        "context",
+        "Context",
+        "Question",
+        "Answer",
+        "Review",
+        "Sentiment",
+        "positive",
+        "negative",
+        ":",
+        "?",
+        ".",
+        *"the with a short span copied from Is this movie or one word".split(),
+    ]
     for country, city in CITIES:
-        words += (f"{city} is the capital of {country} It is a large city with many old buildings What does have "
-                  f"many The people speak their own language a famous museum Who").split()
+        words += (
+            f"{city} is the capital of {country} It is a large city with many old buildings What does have "
+            f"many The people speak their own language a famous museum Who"
+        ).split()
     tk.train_from_iterator([" ".join(words)], trainers.WordLevelTrainer(special_tokens=specials))
     if kind == "t5":  # T5 appends </s> to every sequence
         tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     else:  # Llama prepends <s>
         tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 3)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   bos_token="<s>")
-
-
-
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", bos_token="<s>"
+    )
 
 
 def _generative_dir(tmp_path_factory, kind: str) -> Path:
@@ -110,9 +141,23 @@ def llama_dir(tmp_path_factory) -> Path:
 
 def _args(model: Path, task: str, data_dir: Path | None, out: Path, **kw) -> TrainArgs:
     # 8 training rows / batch 4 = 2 optimizer steps in one epoch
-    base = dict(model=str(model), task=task, data_dir=str(data_dir) if data_dir else None, output=str(out),
-                epochs=1, batch_size=4, eval_batch_size=8, max_train_samples=8, max_eval_samples=4,
-                max_length=64, lr=1e-2, eps=1e-3, alpha=1.0, logging_steps=1, quiet=True)
+    base = dict(
+        model=str(model),
+        task=task,
+        data_dir=str(data_dir) if data_dir else None,
+        output=str(out),
+        epochs=1,
+        batch_size=4,
+        eval_batch_size=8,
+        max_train_samples=8,
+        max_eval_samples=4,
+        max_length=64,
+        lr=1e-2,
+        eps=1e-3,
+        alpha=1.0,
+        logging_steps=1,
+        quiet=True,
+    )
     return TrainArgs(**{**base, **kw})
 
 
@@ -128,13 +173,17 @@ def _check_run(res: dict, out: Path, main: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- units
 def test_squad_single_file_is_split_by_article_and_labelled(tmp_path):
-    arts = [_article("Alpha", [("Alpha is red.", [("a1", "What is Alpha?", "red")])]),
-            _article("Beta", [("Beta is blue.", [("b1", "What is Beta?", "blue")])])]
+    arts = [
+        _article("Alpha", [("Alpha is red.", [("a1", "What is Alpha?", "red")])]),
+        _article("Beta", [("Beta is blue.", [("b1", "What is Beta?", "blue")])]),
+    ]
     (tmp_path / "dev-v1.1.json").write_text(json.dumps(_squad_json(arts)), encoding="utf-8")
     train, dev, label = load_squad_data(str(tmp_path))
     assert len(train) == len(dev) == 1 and train[0].title != dev[0].title
-    assert label.startswith("SQuAD v1.1 dev-v1.1.json split by article (seed 0): 80% train / 20% eval — "
-                            "a split of one file (1 / 1 articles, 1 / 1 questions")
+    assert label.startswith(
+        "SQuAD v1.1 dev-v1.1.json split by article (seed 0): 80% train / 20% eval — "
+        "a split of one file (1 / 1 articles, 1 / 1 questions"
+    )
     assert load_squad_data(str(tmp_path))[1][0].id == dev[0].id  # the split does not depend on anything else
     # with the official train file present, both files are used as they are
     (tmp_path / "train-v1.1.json").write_text(json.dumps(_squad_json(arts[:1])), encoding="utf-8")
@@ -143,10 +192,24 @@ def test_squad_single_file_is_split_by_article_and_labelled(tmp_path):
 
 
 def test_collator_drops_meta_keys_and_pads():
-    feats = [{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "example_id": "q1", "offset_mapping": [None],
-              "context": "c", "start_positions": 1},
-             {"input_ids": [5], "attention_mask": [1], "example_id": "q2", "offset_mapping": [None],
-              "context": "c", "start_positions": 0}]
+    feats = [
+        {
+            "input_ids": [5, 6, 7],
+            "attention_mask": [1, 1, 1],
+            "example_id": "q1",
+            "offset_mapping": [None],
+            "context": "c",
+            "start_positions": 1,
+        },
+        {
+            "input_ids": [5],
+            "attention_mask": [1],
+            "example_id": "q2",
+            "offset_mapping": [None],
+            "context": "c",
+            "start_positions": 0,
+        },
+    ]
     batch = PadCollator(0, drop=EXTRACTIVE_META_KEYS)(feats)
     assert set(batch) == {"input_ids", "attention_mask", "start_positions"}
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]] and batch["attention_mask"][1].tolist() == [1, 0, 0]
@@ -156,13 +219,20 @@ def test_collator_drops_meta_keys_and_pads():
 
 def test_qa_mode_by_family():
     assert [qa_mode(tiny_config(t)) for t in ("bert", "distilbert", "t5", "bart", "llama", "gpt2")] == [
-        "extractive", "extractive", "seq2seq", "seq2seq", "causal", "causal"]
+        "extractive",
+        "extractive",
+        "seq2seq",
+        "seq2seq",
+        "causal",
+        "causal",
+    ]
 
 
 def test_causal_prompter_uses_the_chat_template():
     tok = _word_tokenizer("llama")
-    tok.chat_template = ("{% for m in messages %}<s> {{ m['content'] }}{% endfor %}"
-                         "{% if add_generation_prompt %} Answer :{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}<s> {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} Answer :{% endif %}"
+    )
     p = CausalPrompter(tok, max_length=16)
     assert p.format == "chat"
     target = p.target("Paris")
@@ -213,7 +283,7 @@ def test_squad_causal_llama(llama_dir, squad_dir, tmp_path):
     assert setup.details["prompt_format"] == "plain"
     for f in setup.train_dataset.features:  # prompt masked, answer + eos learned, never longer than max_length
         assert len(f["input_ids"]) <= 40 and f["labels"][0] == -100 and f["labels"][-1] == 1
-        prompt = [i for i, lab in zip(f["input_ids"], f["labels"]) if lab == -100]
+        prompt = [i for i, lab in zip(f["input_ids"], f["labels"], strict=True) if lab == -100]
         assert setup.tokenizer_or_processor.decode(prompt).endswith("Answer :")  # the template survives the cut
     texts = [setup.tokenizer_or_processor.decode(f["input_ids"]) for f in setup.train_dataset.features]
     assert any("capital" in t and "buildings" not in t for t in texts)  # ... the end of the context does not

@@ -1,4 +1,5 @@
 """Training under thresholds (DensityConfig.target_density): masking, its gradient, schedule, artifact."""
+
 from __future__ import annotations
 
 import json
@@ -17,16 +18,20 @@ def _tiny(model_dir):
     tok = AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2).eval()
-    batch = tok(["a gripping, funny film", "dull and far too long, a film to forget"], padding=True,
-                return_tensors="pt")
+    batch = tok(
+        ["a gripping, funny film", "dull and far too long, a film to forget"], padding=True, return_tensors="pt"
+    )
     return model, batch
 
 
 def _down_inputs(model, batch) -> dict[str, torch.Tensor]:
     """The dense model's W2 inputs, by down-projection name (an independent hook, not the probe's)."""
     seen: dict[str, torch.Tensor] = {}
-    handles = [m.register_forward_pre_hook(lambda mod, a, n=n: seen.__setitem__(n, a[0].detach()))
-               for n, m in model.named_modules() if n.endswith("output.dense") and ".attention." not in n]
+    handles = [
+        m.register_forward_pre_hook(lambda mod, a, n=n: seen.__setitem__(n, a[0].detach()))
+        for n, m in model.named_modules()
+        if n.endswith("output.dense") and ".attention." not in n
+    ]
     with torch.no_grad():
         model(**batch)
     for h in handles:
@@ -55,13 +60,13 @@ def test_masked_forward_equals_zeroing_by_hand(tiny_model_dir):
 
     probe = ActivationProbe(model, point="down_input")
     assert [s.name for s in probe.sites] == [f"bert.{n}" if not n.startswith("bert.") else n for n in names]
-    probe.mask_below({s.name: th[n] for s, n in zip(probe.sites, names)})
+    probe.mask_below({s.name: th[n] for s, n in zip(probe.sites, names, strict=True)})
     with probe, torch.no_grad():
         got = model(**batch).logits
     torch.testing.assert_close(got, want)
     # what the probe counted is the effective density: the share of real-token entries above t
     mask = batch["attention_mask"].bool()
-    for s, n in zip(probe.sites, names):
+    for s, n in zip(probe.sites, names, strict=True):
         expect = float((offered[n].abs() > th[n])[mask].float().mean())
         assert s.density() == pytest.approx(expect)
 
@@ -92,7 +97,8 @@ def test_gradient_of_masked_units(tiny_model_dir, straight_through):
     post: dict[str, torch.Tensor] = {}
     with probe:
         h2 = model.get_submodule(site).register_forward_pre_hook(
-            lambda m, a: a[0].register_hook(lambda g: post.__setitem__("g", g)) and None)
+            lambda m, a: a[0].register_hook(lambda g: post.__setitem__("g", g)) and None
+        )
         model(**batch).logits.sum().backward()
         h2.remove()
     h.remove()
@@ -154,15 +160,26 @@ def test_thresholds_file_checks(tmp_path, tiny_model_dir):
 
 def test_train_writes_thresholds_that_sparsify_serves_unchanged(tiny_model_dir, glue_dir, tmp_path):
     """The thresholds a run ends with reproduce its evaluation when a sparse kernel applies them."""
-    from deft.recipes.train import TrainArgs, train
-    from deft.methods import load_trainable
     from deft.core.report import measure_density
+    from deft.methods import load_trainable
+    from deft.recipes.train import TrainArgs, train
     from deft.sparse import sparsify
 
     out = tmp_path / "run"
-    res = train(TrainArgs(model=str(tiny_model_dir), data_dir=str(glue_dir), data_source="local",
-                          target_density=0.3, alpha=0.0, epochs=2, batch_size=8, output=str(out),
-                          quiet=True, logging_steps=2))
+    res = train(
+        TrainArgs(
+            model=str(tiny_model_dir),
+            data_dir=str(glue_dir),
+            data_source="local",
+            target_density=0.3,
+            alpha=0.0,
+            epochs=2,
+            batch_size=8,
+            output=str(out),
+            quiet=True,
+            logging_steps=2,
+        )
+    )
     th = read_thresholds(out / "adapter")
     assert res["thresholds"] == th and all(v > 0 for v in th.values())
     assert {h.get("target_density_now") for h in res["log_history"] if "target_density_now" in h} >= {0.3}
@@ -196,8 +213,17 @@ def test_resume_keeps_thresholds(tiny_model_dir, glue_dir, tmp_path):
     from deft.recipes.train import TrainArgs, train
 
     out = tmp_path / "run"
-    kw = dict(model=str(tiny_model_dir), data_dir=str(glue_dir), data_source="local", target_density=0.3,
-              alpha=0.0, epochs=1, batch_size=8, output=str(out), quiet=True)
+    kw = dict(
+        model=str(tiny_model_dir),
+        data_dir=str(glue_dir),
+        data_source="local",
+        target_density=0.3,
+        alpha=0.0,
+        epochs=1,
+        batch_size=8,
+        output=str(out),
+        quiet=True,
+    )
     train(TrainArgs(**kw))
     ckpts = sorted((out / "checkpoints").glob("checkpoint-*"))
     assert ckpts and (ckpts[-1] / "thresholds.json").exists()

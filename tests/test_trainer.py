@@ -1,4 +1,5 @@
 """DeftTrainer: one optimizer step is the same whatever the gradient accumulation / process count."""
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ from transformers import AutoModelForSequenceClassification, TrainingArguments
 
 import deft
 from deft.testing import tiny_config
-from deft.train.trainer import DensityConfig, DeftTrainer
+from deft.train.trainer import DeftTrainer, DensityConfig
 
 HERE = Path(__file__).parent
 
@@ -36,9 +37,21 @@ def pad_features(features):
 def sgd_step_args(output_dir, per_device: int, ga: int = 1, **kw) -> TrainingArguments:
     """One plain SGD step at lr 1: the parameter change is exactly -gradient."""
     return TrainingArguments(
-        output_dir=str(output_dir), per_device_train_batch_size=per_device, gradient_accumulation_steps=ga,
-        max_steps=1, learning_rate=1.0, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0,
-        report_to=[], save_strategy="no", logging_steps=1, remove_unused_columns=False, use_cpu=True, seed=0, **kw,
+        output_dir=str(output_dir),
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=ga,
+        max_steps=1,
+        learning_rate=1.0,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        remove_unused_columns=False,
+        use_cpu=True,
+        seed=0,
+        **kw,
     )
 
 
@@ -47,8 +60,7 @@ def toy_dataset(n=8, seed=0):
     # very different lengths so micro-batches hold very different token counts
     lengths = [3, 12, 5, 9, 4, 14, 6, 2][:n]
     return [
-        {"input_ids": torch.randint(3, 100, (L,), generator=g).tolist(), "labels": i % 2}
-        for i, L in enumerate(lengths)
+        {"input_ids": torch.randint(3, 100, (L,), generator=g).tolist(), "labels": i % 2} for i, L in enumerate(lengths)
     ]
 
 
@@ -58,8 +70,9 @@ def tiny_lora_bert(seed=0):
     model = AutoModelForSequenceClassification.from_config(cfg)
     return get_peft_model(
         model,
-        LoraConfig(r=2, target_modules=["intermediate.dense", "output.dense"], init_lora_weights=False,
-                   task_type="SEQ_CLS"),
+        LoraConfig(
+            r=2, target_modules=["intermediate.dense", "output.dense"], init_lora_weights=False, task_type="SEQ_CLS"
+        ),
     )
 
 
@@ -131,17 +144,30 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     single, ddp = tmp_path / "single" / "out.json", tmp_path / "ddp" / "out.json"
     single.parent.mkdir()
     ddp.parent.mkdir()
-    subprocess.run([sys.executable, worker, str(single), "8"], check=True, env=env, timeout=300,
-                   capture_output=True)
+    subprocess.run([sys.executable, worker, str(single), "8"], check=True, env=env, timeout=300, capture_output=True)
     r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-         worker, str(ddp), "4"],
-        env=env, timeout=300, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            worker,
+            str(ddp),
+            "4",
+        ],
+        env=env,
+        timeout=300,
+        capture_output=True,
+        text=True,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = json.loads(single.read_text()), json.loads(ddp.read_text())
     assert (a["world_size"], b["world_size"]) == (1, 2)
     assert any(abs(x) > 0 for v in a["delta"].values() for x in v)
     for name in a["delta"]:
-        torch.testing.assert_close(torch.tensor(a["delta"][name]), torch.tensor(b["delta"][name]),
-                                   rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(
+            torch.tensor(a["delta"][name]), torch.tensor(b["delta"][name]), rtol=1e-4, atol=1e-6, msg=name
+        )

@@ -1,4 +1,5 @@
 """``deft tune``: search-space parsing, bad inputs, the answer picker, and real studies on a tiny BERT."""
+
 from __future__ import annotations
 
 import csv
@@ -11,19 +12,39 @@ from pathlib import Path
 
 import pytest
 
-optuna = pytest.importorskip("optuna")
-
 from deft import cli
 from deft.recipes import train as train_recipe
 from deft.recipes import tune
 from deft.recipes.tune import Param, TuneArgs, TuneError
 
+optuna = pytest.importorskip("optuna")
+
 
 def _flags(model_dir, glue, out, *extra):
     # one optimizer step per epoch: a trial takes seconds
-    return ["tune", "--model", str(model_dir), "--task", "sst2", "--data-dir", str(glue), "--data-source", "local",
-            "--output", str(out), "--epochs", "1", "--batch-size", "16", "--max-train-samples", "16",
-            "--max-eval-samples", "16", "--quiet", *extra]
+    return [
+        "tune",
+        "--model",
+        str(model_dir),
+        "--task",
+        "sst2",
+        "--data-dir",
+        str(glue),
+        "--data-source",
+        "local",
+        "--output",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--max-train-samples",
+        "16",
+        "--max-eval-samples",
+        "16",
+        "--quiet",
+        *extra,
+    ]
 
 
 def _study(out: Path, name: str = "deft-tune", url: str | None = None):
@@ -34,9 +55,19 @@ def _fake_baseline(d: Path, metric: float, steps: tuple[int, ...] = (1,)) -> Pat
     """A finished plain-PEFT run folder as `deft train` writes it (the fields deft tune reads)."""
     d.mkdir(parents=True)
     history = [{"eval_accuracy": metric, "step": s, "epoch": i + 1} for i, s in enumerate(steps)]
-    (d / "results.json").write_text(json.dumps({
-        "task": "sst2", "main_metric": "accuracy", "metric": metric, "config": {"alpha": 0.0},
-        "density": {"overall": 0.9, "thresholds": None}, "thresholds": None, "log_history": history}))
+    (d / "results.json").write_text(
+        json.dumps(
+            {
+                "task": "sst2",
+                "main_metric": "accuracy",
+                "metric": metric,
+                "config": {"alpha": 0.0},
+                "density": {"overall": 0.9, "thresholds": None},
+                "thresholds": None,
+                "log_history": history,
+            }
+        )
+    )
     return d
 
 
@@ -47,13 +78,19 @@ def _write(path: Path, text: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- search space
 def test_space_file_is_parsed(tmp_path):
-    space = tune.load_space(_write(tmp_path / "s.yaml", (
-        "alpha: {low: 0.1, high: 10, log: true}\n"
-        "alpha-warmup: {low: 0, high: 0.6, step: 0.2}\n"
-        "lora_r: {low: 4, high: 16}\n"
-        "eps: {low: 1, high: 100, log: true, int: true}\n"
-        "method: {choices: [lora, ia3]}\n"
-        "target_density: {choices: [null, 0.1]}\n")))
+    space = tune.load_space(
+        _write(
+            tmp_path / "s.yaml",
+            (
+                "alpha: {low: 0.1, high: 10, log: true}\n"
+                "alpha-warmup: {low: 0, high: 0.6, step: 0.2}\n"
+                "lora_r: {low: 4, high: 16}\n"
+                "eps: {low: 1, high: 100, log: true, int: true}\n"
+                "method: {choices: [lora, ia3]}\n"
+                "target_density: {choices: [null, 0.1]}\n"
+            ),
+        )
+    )
     assert space["alpha"] == Param("alpha", low=0.1, high=10, log=True)
     assert space["alpha_warmup"] == Param("alpha_warmup", low=0, high=0.6, step=0.2)
     assert space["lora_r"].int  # an int option is searched over whole numbers without saying so
@@ -80,36 +117,45 @@ def test_default_space():
     assert tune.TuneArgs().alpha == 0.0 and tune.TuneArgs().eval_every == 0.5
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("alphaa: {low: 1, high: 2}", "unknown option 'alphaa'; known: model, task, method, alpha"),
-    ("alpha: {low: 1, high: 1}", "alpha: empty range: low 1 must be below high 1"),
-    ("alpha: {low: 2, high: 1}", "empty range"),
-    ("method: {choices: []}", "method: choices must be a non-empty list"),
-    ("alpha: {low: 0, high: 1, log: true}", "log range needs low > 0"),
-    ("alpha: {low: 1, high: 2, logg: true}", "unknown key(s) logg; known: low, high"),
-    ("alpha: {high: 2}", "needs both low and high"),
-    ("alpha: 3", "expected {low, high"),
-    ("method: {low: 1, high: 2}", "a str option; give {choices"),
-    ("lora_r: {choices: [4, x]}", "choice 'x' is not a valid int"),
-    ("lora_r: {low: 4.5, high: 8}", "whole-number low and high"),
-    ("output: {choices: [a, b]}", "output: cannot be searched"),
-    ("{}", "defines no option to search"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("alphaa: {low: 1, high: 2}", "unknown option 'alphaa'; known: model, task, method, alpha"),
+        ("alpha: {low: 1, high: 1}", "alpha: empty range: low 1 must be below high 1"),
+        ("alpha: {low: 2, high: 1}", "empty range"),
+        ("method: {choices: []}", "method: choices must be a non-empty list"),
+        ("alpha: {low: 0, high: 1, log: true}", "log range needs low > 0"),
+        ("alpha: {low: 1, high: 2, logg: true}", "unknown key(s) logg; known: low, high"),
+        ("alpha: {high: 2}", "needs both low and high"),
+        ("alpha: 3", "expected {low, high"),
+        ("method: {low: 1, high: 2}", "a str option; give {choices"),
+        ("lora_r: {choices: [4, x]}", "choice 'x' is not a valid int"),
+        ("lora_r: {low: 4.5, high: 8}", "whole-number low and high"),
+        ("output: {choices: [a, b]}", "output: cannot be searched"),
+        ("{}", "defines no option to search"),
+    ],
+)
 def test_bad_space_is_one_clear_error(tmp_path, text, needle):
     with pytest.raises(TuneError) as e:
         tune.load_space(_write(tmp_path / "s.yaml", text))
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("extra, needle", [
-    (["--trials", "0"], "--trials must be a whole number >= 1, got 0"),
-    (["--timeout", "0"], "--timeout must be"),
-    (["--max-drop", "-1"], "--max-drop must be"),
-    (["--storage", "sqlite:////no/such/folder/study.db"], "--storage sqlite:////no/such/folder/study.db: cannot be opened"),
-    (["--storage", "not a url"], "--storage not a url: cannot be opened"),
-    (["--baseline", "nowhere"], "--baseline nowhere: no results.json"),
-    (["--loss", "nosuch"], "argument --loss: invalid choice: 'nosuch' (choose from 'l0', 'tanh')"),
-])
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--trials", "0"], "--trials must be a whole number >= 1, got 0"),
+        (["--timeout", "0"], "--timeout must be"),
+        (["--max-drop", "-1"], "--max-drop must be"),
+        (
+            ["--storage", "sqlite:////no/such/folder/study.db"],
+            "--storage sqlite:////no/such/folder/study.db: cannot be opened",
+        ),
+        (["--storage", "not a url"], "--storage not a url: cannot be opened"),
+        (["--baseline", "nowhere"], "--baseline nowhere: no results.json"),
+        (["--loss", "nosuch"], "argument --loss: invalid choice: 'nosuch' (choose from 'l0', 'tanh')"),
+    ],
+)
 def test_bad_options_are_one_clear_error(tmp_path, capsys, extra, needle):
     assert cli.main(["tune", "--output", str(tmp_path / "t"), *extra]) == 2
     err = capsys.readouterr().err
@@ -151,13 +197,21 @@ ROWS = [
     {"number": 2, "metric": 0.894, "density": 0.20},  # 0.6 points below
     {"number": 5, "metric": 0.895, "density": 0.25},  # exactly 0.5 points below: within
     {"number": 4, "metric": 0.850, "density": 0.05},
-    {"number": 6, "metric": None, "density": None},   # failed / pruned: ignored
+    {"number": 6, "metric": None, "density": None},  # failed / pruned: ignored
 ]
 
 
-@pytest.mark.parametrize("reference, max_drop, expected", [
-    (0.90, 0.5, 5), (0.90, 0.4, 3), (0.90, 1.0, 2), (0.90, 0.0, 0), (0.90, 5.0, 4), (0.99, 0.5, None),
-])
+@pytest.mark.parametrize(
+    "reference, max_drop, expected",
+    [
+        (0.90, 0.5, 5),
+        (0.90, 0.4, 3),
+        (0.90, 1.0, 2),
+        (0.90, 0.0, 0),
+        (0.90, 5.0, 4),
+        (0.99, 0.5, None),
+    ],
+)
 def test_pick_answer(reference, max_drop, expected):
     got = tune.pick_answer(ROWS, reference, max_drop)
     assert (got["number"] if got else None) == expected
@@ -167,9 +221,9 @@ def test_pareto_front():
     front = tune.pareto_front(ROWS)
     # 1 is beaten by 3 (same density, better); every other finished row is best at its density
     assert [r["number"] for r in front] == [4, 2, 5, 3, 0]
-    assert tune.pareto_front([{"number": 0, "metric": 0.5, "density": 0.5},
-                              {"number": 1, "metric": 0.6, "density": 0.4}]) == [{"number": 1, "metric": 0.6,
-                                                                                   "density": 0.4}]
+    assert tune.pareto_front(
+        [{"number": 0, "metric": 0.5, "density": 0.5}, {"number": 1, "metric": 0.6, "density": 0.4}]
+    ) == [{"number": 1, "metric": 0.6, "density": 0.4}]
 
 
 def test_run_density_prefers_effective():
@@ -181,9 +235,16 @@ def test_run_density_prefers_effective():
 
 
 def test_eval_curve_and_prune_floor():
-    res = {"main_metric": "accuracy", "metric": 0.9, "log_history": [
-        {"loss": 1.0, "step": 1}, {"eval_accuracy": 0.7, "step": 2}, {"eval_accuracy": 0.85, "step": 4},
-        {"train_runtime": 1.0, "step": 4}]}
+    res = {
+        "main_metric": "accuracy",
+        "metric": 0.9,
+        "log_history": [
+            {"loss": 1.0, "step": 1},
+            {"eval_accuracy": 0.7, "step": 2},
+            {"eval_accuracy": 0.85, "step": 4},
+            {"train_runtime": 1.0, "step": 4},
+        ],
+    }
     curve = tune.eval_curve(res)
     assert curve == [[0.5, 0.7], [1.0, 0.9]]  # the final metric is the run's, at the end of training
     assert tune.prune_floor(curve, 0.25, 0.02) is None  # earlier than any baseline evaluation: never prune
@@ -229,8 +290,11 @@ def test_study_writes_trials_front_and_resumes(tiny_model_dir, glue_dir, tmp_pat
     assert pareto["front"] and {r["number"] for r in pareto["front"]} <= {0, 1}
     ans = pareto["answer"]
     assert ans["metric"] >= pareto["baseline"]["metric"] - 0.005
-    assert ans["density"] == min(r["density"] for r in pareto["all_trials"] if r["metric"] is not None
-                                 and r["metric"] >= pareto["baseline"]["metric"] - 0.005)
+    assert ans["density"] == min(
+        r["density"]
+        for r in pareto["all_trials"]
+        if r["metric"] is not None and r["metric"] >= pareto["baseline"]["metric"] - 0.005
+    )
     with open(out / "pareto.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(pareto["front"]) and {"trial", "metric", "density", "run_dir", "alpha"} <= set(rows[0])
@@ -238,13 +302,18 @@ def test_study_writes_trials_front_and_resumes(tiny_model_dir, glue_dir, tmp_pat
     assert len(find_runs([out])) == 2  # `deft report OUT` reads the trials as runs
 
     # resume: one more trial; the finished ones are kept as they are
-    stamp = (out / "trial-0000" / "results.json").stat().st_mtime_ns, (out / "trial-0001" / "results.json").stat().st_mtime_ns
+    stamp = (
+        (out / "trial-0000" / "results.json").stat().st_mtime_ns,
+        (out / "trial-0001" / "results.json").stat().st_mtime_ns,
+    )
     assert cli.main(_flags(tiny_model_dir, glue_dir, out, "--trials", "3")) == 0
     study = _study(out)
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
     assert [t.datetime_complete for t in study.trials[:2]] == [t0.datetime_complete, t1.datetime_complete]
-    assert ((out / "trial-0000" / "results.json").stat().st_mtime_ns,
-            (out / "trial-0001" / "results.json").stat().st_mtime_ns) == stamp
+    assert (
+        (out / "trial-0000" / "results.json").stat().st_mtime_ns,
+        (out / "trial-0001" / "results.json").stat().st_mtime_ns,
+    ) == stamp
     assert json.loads((out / "pareto.json").read_text())["trials"]["complete"] == 3
 
     # the same command again: the study already has 3 trials, nothing is trained
@@ -282,8 +351,13 @@ def test_hopeless_trial_is_pruned(tiny_model_dir, glue_dir, tmp_path):
     assert t.user_attrs["evals"][0][0] == 1 and t.user_attrs["evals"][0][1] < 0.97
     assert not (out / "trial-0000" / "results.json").exists() and not (out / "trial-0000" / "checkpoints").exists()
     pareto = json.loads((out / "pareto.json").read_text())
-    assert pareto["pruning"] == {"enabled": True, "factor": 4.0, "margin_points": 2.0, "pruned_trials": 1,
-                                 "steps_saved": 1}
+    assert pareto["pruning"] == {
+        "enabled": True,
+        "factor": 4.0,
+        "margin_points": 2.0,
+        "pruned_trials": 1,
+        "steps_saved": 1,
+    }
 
     assert cli.main([*flags, "--trials", "2", "--no-prune"]) == 0
     t = _study(out).trials[1]
@@ -293,13 +367,21 @@ def test_hopeless_trial_is_pruned(tiny_model_dir, glue_dir, tmp_path):
 
 def _fake_train(calls):
     """Stands in for training where only the study's bookkeeping is tested: writes a results.json."""
+
     def train(args, setup=None, callbacks=None):
         calls.append(args)
-        res = {"task": "sst2", "main_metric": "accuracy", "metric": 0.5, "config": {"alpha": args.alpha},
-               "density": {"overall": 0.5}, "log_history": [{"step": 3}]}
+        res = {
+            "task": "sst2",
+            "main_metric": "accuracy",
+            "metric": 0.5,
+            "config": {"alpha": args.alpha},
+            "density": {"overall": 0.5},
+            "log_history": [{"step": 3}],
+        }
         Path(args.output).mkdir(parents=True, exist_ok=True)
         (Path(args.output) / "results.json").write_text(json.dumps(res))
         return res
+
     return train
 
 
@@ -354,11 +436,21 @@ def test_trial_of_a_dead_worker_is_rerun(tmp_path, monkeypatch):
 def test_two_processes_share_one_study(tiny_model_dir, glue_dir, tmp_path):
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "deft.cli",
-                               *_flags(tiny_model_dir, glue_dir, tmp_path / f"worker{i}", "--storage", url,
-                                       "--trials", "2")],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "deft.cli",
+                *_flags(tiny_model_dir, glue_dir, tmp_path / f"worker{i}", "--storage", url, "--trials", "2"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
     logs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n\n".join(x[-3000:] for x in logs)
 
@@ -381,8 +473,17 @@ def test_eval_every_evaluates_mid_run(tiny_model_dir, glue_dir, tmp_path):
     from deft import ConfigError
     from deft.recipes.train import TrainArgs, train
 
-    kw = dict(model=str(tiny_model_dir), data_dir=str(glue_dir), data_source="local", alpha=0.0, epochs=1,
-              batch_size=4, max_train_samples=16, max_eval_samples=8, quiet=True)
+    kw = dict(
+        model=str(tiny_model_dir),
+        data_dir=str(glue_dir),
+        data_source="local",
+        alpha=0.0,
+        epochs=1,
+        batch_size=4,
+        max_train_samples=16,
+        max_eval_samples=8,
+        quiet=True,
+    )
     res = train(TrainArgs(**kw, eval_every=0.5, output=str(tmp_path / "run")))
     assert [h["step"] for h in res["log_history"] if "eval_accuracy" in h] == [2, 4]  # 4 steps, every 2
     with pytest.raises(ConfigError, match="--eval-every"):

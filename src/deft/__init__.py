@@ -10,6 +10,7 @@ Core API::
     loss = deft.DensityLoss(kind="l0", eps=1e-7)     # differentiable count of non-zeros
     deft.density_change(peft_report, deft_report)    # the paper's Density Change %
 """
+
 from __future__ import annotations
 
 from . import models  # noqa: F401  (deft.models.minilm_path() etc.)
@@ -17,7 +18,6 @@ from .arch import MLP_SPECS, SUPPORTED_MODEL_TYPES, UnsupportedModelError
 from .core import ActivationProbe, DensityLoss, DensityReport, LayerDensity, density_change, measure_density
 from .errors import ConfigError, DeftError
 from .version import __version__  # noqa: F401  (deft.__version__)
-
 
 __all__ = [
     "ActivationProbe",

@@ -5,6 +5,7 @@ A YAML or JSON file given with ``--config`` sets the same fields (by their Pytho
 command line win over the file. A field with ``metadata["positional"]`` is a positional argument
 (``deft report RUN_DIR...``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,13 +15,14 @@ import re
 import sys
 import traceback
 import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .console import cli_session
 from .errors import DeftError
-from .fields import check_choices, field_choices, field_type
-from .recipes.common import RunError, read_config
+from .fields import check_choices, field_choices, field_default, field_type
+from .recipes.common import read_config
 from .recipes.compare import CompareArgs, compare
 from .recipes.compress import PruneArgs, prune
 from .recipes.measure import EnergyArgs, MeasureArgs, energy, measure
@@ -51,20 +53,30 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "train": Command(TrainArgs, "fine-tune with PEFT + density loss; writes results.json, a plot and the adapter",
-                     train_command),
+    "train": Command(
+        TrainArgs, "fine-tune with PEFT + density loss; writes results.json, a plot and the adapter", train_command
+    ),
     "compare": Command(CompareArgs, "PEFT (alpha=0) vs DEFT over seeds; prints the paper-style table", compare),
     "measure": Command(MeasureArgs, "activation density of a model or trained adapter on a dev set", measure),
     "skip": Command(SkipArgs, "ADA-DEFT: skip silent MLP blocks of a trained run under a bounded metric drop", skip),
-    "prune": Command(PruneArgs, "WANDA-prune a model (unstructured or N:M); writes masks, report and the pruned "
-                     "model", prune),
+    "prune": Command(
+        PruneArgs, "WANDA-prune a model (unstructured or N:M); writes masks, report and the pruned model", prune
+    ),
     "energy": Command(EnergyArgs, "energy on a dense vs a zero-skipping accelerator (Sponge-style cost model)", energy),
-    "sweep": Command(SweepArgs, "train a grid of alphas / eps / betas / methods / seeds, or suite files; resumable",
-                     sweep),
-    "report": Command(ReportArgs, "self-contained HTML + Markdown report (tables, plots, configs) of finished runs",
-                      report),
-    "tune": Command(TuneArgs, ("multi-objective search (metric up, density down) over train options; resumable, "
-                               "many workers can share one study"), tune),
+    "sweep": Command(
+        SweepArgs, "train a grid of alphas / eps / betas / methods / seeds, or suite files; resumable", sweep
+    ),
+    "report": Command(
+        ReportArgs, "self-contained HTML + Markdown report (tables, plots, configs) of finished runs", report
+    ),
+    "tune": Command(
+        TuneArgs,
+        (
+            "multi-objective search (metric up, density down) over train options; resumable, "
+            "many workers can share one study"
+        ),
+        tune,
+    ),
 }
 
 
@@ -73,20 +85,28 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
         tp, is_list = field_type(hints[f.name])
         choices = field_choices(f, tp)
-        if typing.get_origin(tp) is typing.Literal:
-            tp = type(choices[0])  # type: ignore[index]
+        if choices and typing.get_origin(tp) is typing.Literal:
+            tp = type(choices[0])
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = field_default(f)
         help_ = f.metadata.get("help", "") + (f" (default: {default})" if default not in (None, False) else "")
         if f.metadata.get("positional"):  # e.g. `deft report RUN_DIR...`; "*" lets --config name them instead
-            parser.add_argument(f.name, type=tp, nargs="*" if is_list else "?", default=None, help=help_,
-                                metavar=f.name.upper())
+            parser.add_argument(
+                f.name, type=tp, nargs="*" if is_list else "?", default=None, help=help_, metavar=f.name.upper()
+            )
         elif tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
             # with choices, argparse's own error names the flag and lists them; the metavar shows them in --help
-            parser.add_argument(flag, type=tp, nargs="+" if is_list else None, default=None, help=help_,
-                                choices=choices, metavar=None if choices else f.name.upper())
+            parser.add_argument(
+                flag,
+                type=tp,
+                nargs="+" if is_list else None,
+                default=None,
+                help=help_,
+                choices=choices,
+                metavar=None if choices else f.name.upper(),
+            )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -108,8 +128,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_verbose(parser: argparse.ArgumentParser, default: Any) -> None:
-    parser.add_argument("-v", "--verbose", action="store_true", default=default,
-                        help="also show the libraries' load reports, warnings and log lines")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default,
+        help="also show the libraries' load reports, warnings and log lines",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,8 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prefix}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ndeft: interrupted; finished runs and the last checkpoint are kept (rerun with --resume)",
-              file=sys.stderr)
+        print(
+            "\ndeft: interrupted; finished runs and the last checkpoint are kept (rerun with --resume)", file=sys.stderr
+        )
         return 130
     except Exception:  # noqa: BLE001 - anything else is deft's fault, not the user's: show where it happened
         traceback.print_exc()

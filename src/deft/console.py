@@ -8,6 +8,7 @@ restores the caller's settings afterwards (a library user's own transformers log
 command line goes one step further for the whole command (:func:`cli_session`). ``deft -v`` / ``--verbose``
 or ``DEFT_VERBOSE=1`` shows all of it again.
 """
+
 from __future__ import annotations
 
 import contextlib

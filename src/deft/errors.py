@@ -6,6 +6,7 @@ prints a ``DeftError`` as that one line; anything else is a bug in deft and gets
 Subclasses also derive from the builtin a caller would expect (``ValueError``, ``FileNotFoundError``),
 so code that already catches those keeps working.
 """
+
 from __future__ import annotations
 
 

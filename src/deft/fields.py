@@ -1,5 +1,6 @@
 """Dataclass fields whose help text becomes the CLI's ``--help`` (read by ``deft.cli``), and the type / choice
 introspection the CLI, ``--config`` files and ``deft sweep`` suite files share."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,6 +32,15 @@ def field_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def field_default(f: dataclasses.Field) -> Any:
+    """The default of a field: its ``default``, or a fresh value of its ``default_factory``."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise TypeError(f"field {f.name!r} has no default")
+
+
 def field_choices(f: dataclasses.Field, tp: Any) -> tuple[Any, ...] | None:
     """The allowed values of a field: its ``choices`` metadata, or the values of a ``Literal`` type."""
     if "choices" in f.metadata:
@@ -47,5 +57,7 @@ def check_choices(values: dict[str, Any], cls: type, what: str) -> None:
             given = values[f.name] if isinstance(values[f.name], list) else [values[f.name]]
             bad = [v for v in given if v not in choices]
             if bad:
-                raise ConfigError(f"{what}: {f.name} (--{f.name.replace('_', '-')}) {bad[0]!r} is not one of "
-                               f"{', '.join(map(str, choices))}")
+                raise ConfigError(
+                    f"{what}: {f.name} (--{f.name.replace('_', '-')}) {bad[0]!r} is not one of "
+                    f"{', '.join(map(str, choices))}"
+                )

@@ -1,12 +1,14 @@
 """Atomic writes: a crash or Ctrl-C mid-write never leaves a truncated results file behind."""
+
 from __future__ import annotations
 
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import ConfigError, MissingFileError
 
@@ -35,16 +37,16 @@ def apply_umask(path: str | os.PathLike, *, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
-def apply_umask_tree(root: str | os.PathLike) -> None:
+def apply_umask_tree(root: str | os.PathLike[str]) -> None:
     """:func:`apply_umask` on a folder and everything in it (safetensors writes its files 0600 too)."""
     mask = _umask()
-    for folder, dirs, files in os.walk(root):
+    for folder, _dirs, files in os.walk(root):
         os.chmod(folder, 0o777 & ~mask)
         for name in files:
             os.chmod(os.path.join(folder, name), 0o666 & ~mask)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """``write(tmp)`` to a temp file in the target's folder, then ``os.replace`` it over ``path``.
 
     The file ends up with the mode the user's umask gives new files (not mkstemp's 0600).
@@ -63,7 +65,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     return path
 
 
-def atomic_write_files(folder: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def atomic_write_files(folder: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """``write(scratch)`` into a scratch folder inside ``folder``, then ``os.replace`` each file it wrote into
     ``folder``: for savers that write several files of their own (peft's ``save_pretrained``), every file
     appears whole. The files get the user's umask (safetensors writes 0600). Returns ``folder``."""

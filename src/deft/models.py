@@ -6,6 +6,7 @@
                ``~/.cache/deft``) because dequantising the GGUF takes ~40 s.
 Anything else is passed to ``from_pretrained`` unchanged (a local path or a hub id).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -98,7 +99,9 @@ def _aliases_hint() -> str:
 
 
 def _hub_offline() -> bool:
-    return any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def _check_hub_id(name: str) -> None:
@@ -110,18 +113,23 @@ def _check_hub_id(name: str) -> None:
     if isinstance(try_to_load_from_cache(name, "config.json"), str):
         return  # cached: from_pretrained finds it without the hub
     if _hub_offline():
-        raise ModelNotFoundError(f"--model {name}: no such folder, and not in the Hugging Face cache while the hub "
-                                 f"is offline (HF_HUB_OFFLINE); {_aliases_hint()}")
+        raise ModelNotFoundError(
+            f"--model {name}: no such folder, and not in the Hugging Face cache while the hub "
+            f"is offline (HF_HUB_OFFLINE); {_aliases_hint()}"
+        )
     try:
         model_info(name, timeout=10)
     except GatedRepoError:
         return  # it exists; transformers' own message says how to get access
     except RepositoryNotFoundError:
-        raise ModelNotFoundError(f"--model {name}: no such folder, and no such model on the Hugging Face hub; "
-                                 f"{_aliases_hint()}") from None
+        raise ModelNotFoundError(
+            f"--model {name}: no such folder, and no such model on the Hugging Face hub; {_aliases_hint()}"
+        ) from None
     except Exception as e:  # noqa: BLE001 - no network, DNS, proxy, timeout, hub outage: the same for the user
-        raise ModelNotFoundError(f"--model {name}: no such folder, not in the Hugging Face cache, and the hub cannot "
-                                 f"be reached ({type(e).__name__}); {_aliases_hint()}") from None
+        raise ModelNotFoundError(
+            f"--model {name}: no such folder, not in the Hugging Face cache, and the hub cannot "
+            f"be reached ({type(e).__name__}); {_aliases_hint()}"
+        ) from None
 
 
 def resolve(name: str) -> str:

@@ -41,13 +41,15 @@ about it)", ISSCC 2014, as tabulated e.g. by Han et al. (EIE, ISCA 2016):
   SRAM (``weights_in`` / ``activations_in``); by default, as in the Sponge simulator, weights and
   activations each cross DRAM once per layer call and on-chip buffers are free.
 """
+
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -59,6 +61,7 @@ from ..arch import (
     layer_group,
     linear_types,
     model_device,
+    module_weight,
     to_device,
     unwrap_model,
 )
@@ -78,23 +81,23 @@ OP_HELP = {
 MemoryLevel = Literal["dram", "sram"]
 
 
-
-
 @dataclass
 class EnergyConfig:
     """Prices of one accelerator (45 nm fp32 defaults; see the module docstring for the sources)."""
 
-    mac_pj: float = _h("energy of one multiply-accumulate in pJ (3.7 = Horowitz fp32 multiply, as Sponge)",
-                       default=3.7)
+    mac_pj: float = _h("energy of one multiply-accumulate in pJ (3.7 = Horowitz fp32 multiply, as Sponge)", default=3.7)
     dram_pj: float = _h("energy of one DRAM word access in pJ (1950 as in the Sponge simulator)", default=1950.0)
     sram_pj: float = _h("energy of one SRAM word access in pJ (5 = Horowitz 32-bit read, 8 KB SRAM)", default=5.0)
     word_bits: int = _h("bits per word: the prices above are per word; used to report bytes", default=32)
     weights_in: MemoryLevel = _h("where weights are fetched from: dram or sram", default="dram")
     activations_in: MemoryLevel = _h("where layer inputs/outputs are read/written: dram or sram", default="dram")
-    skip_zero_activations: bool = _h("zero-skipping: a MAC with a zero input activation (and its weight fetch) "
-                                     "is skipped", default=True)
-    compress_activations: bool = _h("activations are stored sparsely: only non-zeros are read/written "
-                                    "(no index overhead, as Sponge assumes)", default=True)
+    skip_zero_activations: bool = _h(
+        "zero-skipping: a MAC with a zero input activation (and its weight fetch) is skipped", default=True
+    )
+    compress_activations: bool = _h(
+        "activations are stored sparsely: only non-zeros are read/written (no index overhead, as Sponge assumes)",
+        default=True,
+    )
     skip_zero_weights: bool = _h("also skip zero weights (assumes their zeros spread uniformly)", default=False)
     name: str = _h("label of this hardware in reports", default="45nm fp32 (Horowitz 2014 / Sponge)")
 
@@ -117,7 +120,7 @@ class EnergyConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, source: str = "EnergyConfig") -> "EnergyConfig":
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "EnergyConfig") -> EnergyConfig:
         known = {f.name for f in fields(cls)}
         for key in data:
             if key not in known:
@@ -125,7 +128,7 @@ class EnergyConfig:
         return cls(**dict(data))
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "EnergyConfig":
+    def from_file(cls, path: str | Path) -> EnergyConfig:
         """Read a YAML (.yaml/.yml) or JSON file of the fields above; unknown keys are an error."""
         p = Path(path)
         data = read_mapping(p, "hardware config")
@@ -197,11 +200,11 @@ class EnergyReport:
     # -- totals (pJ)
     @property
     def dense_pj(self) -> float:
-        return sum(l.total(self.config, zero_skip=False) for l in self.layers)
+        return sum(layer.total(self.config, zero_skip=False) for layer in self.layers)
 
     @property
     def zero_skip_pj(self) -> float:
-        return sum(l.total(self.config, zero_skip=True) for l in self.layers)
+        return sum(layer.total(self.config, zero_skip=True) for layer in self.layers)
 
     @property
     def ratio(self) -> float:
@@ -213,49 +216,58 @@ class EnergyReport:
         """Per operation type: dense and zero-skip pJ, MACs, and the input non-zero fraction."""
         out: dict[str, dict[str, float]] = {}
         for op in OPS:
-            ls = [l for l in self.layers if l.op == op]
+            ls = [layer for layer in self.layers if layer.op == op]
             if not ls:
                 continue
-            a_in = sum(l.act_in for l in ls)
+            a_in = sum(layer.act_in for layer in ls)
             out[op] = {
-                "dense_pj": sum(l.total(self.config, zero_skip=False) for l in ls),
-                "zero_skip_pj": sum(l.total(self.config, zero_skip=True) for l in ls),
-                "macs": float(sum(l.macs for l in ls)),
-                "macs_nonzero": float(sum(l.macs_nonzero for l in ls)),
-                "input_nonzero_fraction": sum(l.act_in_nonzero for l in ls) / a_in if a_in else float("nan"),
-                "observed": all(l.observed for l in ls),
+                "dense_pj": sum(layer.total(self.config, zero_skip=False) for layer in ls),
+                "zero_skip_pj": sum(layer.total(self.config, zero_skip=True) for layer in ls),
+                "macs": float(sum(layer.macs for layer in ls)),
+                "macs_nonzero": float(sum(layer.macs_nonzero for layer in ls)),
+                "input_nonzero_fraction": sum(layer.act_in_nonzero for layer in ls) / a_in if a_in else float("nan"),
+                "observed": all(layer.observed for layer in ls),
             }
         return out
 
     def by_component(self, *, zero_skip: bool) -> dict[str, float]:
         tot = {"compute": 0.0, "weights": 0.0, "activations": 0.0}
-        for l in self.layers:
-            for k, v in l.energy(self.config, zero_skip=zero_skip).items():
+        for layer in self.layers:
+            for k, v in layer.energy(self.config, zero_skip=zero_skip).items():
                 tot[k] += v
         return tot
 
-    def reprice(self, config: EnergyConfig) -> "EnergyReport":
+    def reprice(self, config: EnergyConfig) -> EnergyReport:
         return EnergyReport(self.layers, config, self.examples, self.tokens, self.include_padding, self.thresholds)
 
     def down_input_density(self) -> tuple[float, float] | None:
         """(effective, exact-zero) non-zero fraction of the MLP down-projection inputs, pooled over layers;
         None unless the model ran with per-layer thresholds."""
-        ls = [l for l in self.layers if l.op == "mlp_down" and l.act_in_exact_nonzero is not None and l.act_in]
+        ls = [
+            layer
+            for layer in self.layers
+            if layer.op == "mlp_down" and layer.act_in_exact_nonzero is not None and layer.act_in
+        ]
         if not self.thresholds or not ls:
             return None
-        n = sum(l.act_in for l in ls)
-        return sum(l.act_in_nonzero for l in ls) / n, sum(l.act_in_exact_nonzero or 0 for l in ls) / n
+        n = sum(layer.act_in for layer in ls)
+        return sum(layer.act_in_nonzero for layer in ls) / n, sum(layer.act_in_exact_nonzero or 0 for layer in ls) / n
 
     # -- output
     def table(self, *, per_layer: bool = False) -> str:
         """Fixed-width tables: per operation type, then (optionally) per layer. Energies in µJ."""
         c = self.config
-        per_ex = f" ({self.dense_pj / self.examples / 1e6:.2f} -> {self.zero_skip_pj / self.examples / 1e6:.2f} "\
-                 "µJ per example)" if self.examples else ""
+        per_ex = (
+            f" ({self.dense_pj / self.examples / 1e6:.2f} -> {self.zero_skip_pj / self.examples / 1e6:.2f} "
+            "µJ per example)"
+            if self.examples
+            else ""
+        )
         lines = [
             f"Energy on a zero-skipping accelerator: {c.name}; {c.mac_pj:g} pJ/MAC, DRAM {c.dram_pj:g} pJ/word, "
             f"SRAM {c.sram_pj:g} pJ/word; weights in {c.weights_in}, activations in {c.activations_in}",
-            f"{self.examples} examples" + (f", {self.tokens} tokens" if self.tokens else "")
+            f"{self.examples} examples"
+            + (f", {self.tokens} tokens" if self.tokens else "")
             + (" (incl. padding)" if self.include_padding else ""),
             "",
             f"{'operation':<17} {'MACs dense':>12} {'MACs run':>12} {'input nz %':>10} {'dense µJ':>11} "
@@ -270,22 +282,27 @@ class EnergyReport:
                 f"{100 * _div(r['zero_skip_pj'], total_skip):7.2f}"
             )
         lines.append(
-            f"{'total':<17} {sum(l.macs for l in self.layers):12.4g} {sum(l.macs_nonzero for l in self.layers):12.4g} "
+            f"{'total':<17} {sum(layer.macs for layer in self.layers):12.4g} "
+            f"{sum(layer.macs_nonzero for layer in self.layers):12.4g} "
             f"{'':>10} {self.dense_pj / 1e6:11.3f} {total_skip / 1e6:11.3f} {self.ratio:6.3f}"
         )
         lines += ["", f"energy ratio (zero-skip / dense): {self.ratio:.4f}{per_ex}"]
         dens = self.down_input_density()
         if dens is not None:
-            lines.append(f"W2 inputs: effective density {100 * dens[0]:.2f} % (|h| > per-layer threshold, priced as "
-                         f"skipped), exact-zero density {100 * dens[1]:.2f} %")
+            lines.append(
+                f"W2 inputs: effective density {100 * dens[0]:.2f} % (|h| > per-layer threshold, priced as "
+                f"skipped), exact-zero density {100 * dens[1]:.2f} %"
+            )
         lines += [f"  {op}: {OP_HELP[op]}" for op in self.by_op()]
         if per_layer:
-            w = max([len(l.name) for l in self.layers] + [5])
+            w = max([len(layer.name) for layer in self.layers] + [5])
             lines += ["", f"{'layer':<{w}} {'operation':<17} {'input nz %':>10} {'dense µJ':>11} {'0-skip µJ':>11}"]
-            for l in self.layers:
-                nz = f"{100 * l.input_nonzero_fraction:10.2f}" if l.observed else f"{'n/a':>10}"
-                lines.append(f"{l.name:<{w}} {l.op:<17} {nz} {l.total(c, zero_skip=False) / 1e6:11.4f} "
-                             f"{l.total(c, zero_skip=True) / 1e6:11.4f}")
+            for layer in self.layers:
+                nz = f"{100 * layer.input_nonzero_fraction:10.2f}" if layer.observed else f"{'n/a':>10}"
+                lines.append(
+                    f"{layer.name:<{w}} {layer.op:<17} {nz} {layer.total(c, zero_skip=False) / 1e6:11.4f} "
+                    f"{layer.total(c, zero_skip=True) / 1e6:11.4f}"
+                )
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -298,19 +315,27 @@ class EnergyReport:
             "include_padding": self.include_padding,
             "thresholds": dict(self.thresholds) if self.thresholds is not None else None,
             "by_op": self.by_op(),
-            "by_component": {"dense": self.by_component(zero_skip=False),
-                             "zero_skip": self.by_component(zero_skip=True)},
+            "by_component": {
+                "dense": self.by_component(zero_skip=False),
+                "zero_skip": self.by_component(zero_skip=True),
+            },
             "op_help": {op: OP_HELP[op] for op in OPS},
             "config": self.config.to_dict(),
-            "layers": [{**asdict(l), "dense_pj": l.total(self.config, zero_skip=False),
-                        "zero_skip_pj": l.total(self.config, zero_skip=True)} for l in self.layers],
+            "layers": [
+                {
+                    **asdict(layer),
+                    "dense_pj": layer.total(self.config, zero_skip=False),
+                    "zero_skip_pj": layer.total(self.config, zero_skip=True),
+                }
+                for layer in self.layers
+            ],
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "EnergyReport":
+    def from_dict(cls, d: Mapping[str, Any]) -> EnergyReport:
         names = {f.name for f in fields(LayerEnergy)}
         return cls(
-            layers=[LayerEnergy(**{k: v for k, v in l.items() if k in names}) for l in d["layers"]],
+            layers=[LayerEnergy(**{k: v for k, v in layer.items() if k in names}) for layer in d["layers"]],
             config=EnergyConfig.from_dict(d.get("config", {})),
             examples=d.get("examples", 0),
             tokens=d.get("tokens", 0),
@@ -341,12 +366,12 @@ def _owner(name: str) -> str:
 def _features(m: nn.Module) -> tuple[int, int]:
     if isinstance(m, nn.Linear):
         return m.in_features, m.out_features
-    w = m.weight  # transformers Conv1D stores (in, out)
+    w = module_weight(m)  # transformers Conv1D stores (in, out)
     return int(w.shape[0]), int(w.shape[1])
 
 
 def _unwrap_layer(m: nn.Module) -> nn.Module:
-    while hasattr(m, "base_layer") and isinstance(getattr(m, "base_layer"), nn.Module):
+    while hasattr(m, "base_layer") and isinstance(m.base_layer, nn.Module):
         m = m.base_layer
     return m
 
@@ -399,7 +424,7 @@ class _Counter:
         self.config = getattr(self.top, "config", None)
         self.enc_dec = bool(getattr(self.config, "is_encoder_decoder", False))
         self.include_padding = include_padding
-        self.spec = MLP_SPECS.get(getattr(self.config, "model_type", None))
+        self.spec = MLP_SPECS.get(getattr(self.config, "model_type", None) or "")
         self.masks: dict[str, torch.Tensor | None] = {}
         self.depth = 0
         self.examples = 0
@@ -454,8 +479,9 @@ class _Counter:
         for name, m in self.top.named_modules():  # model order, so per-layer tables read top to bottom
             if name in attn:
                 for part in ("QK^T", "AV"):
-                    self.layers[f"{name}.{part}"] = LayerEnergy(name=f"{name}.{part}", op="attention_matmul",
-                                                                kind="matmul", observed=False)
+                    self.layers[f"{name}.{part}"] = LayerEnergy(
+                        name=f"{name}.{part}", op="attention_matmul", kind="matmul", observed=False
+                    )
                 self.handles.append(m.register_forward_pre_hook(self._attn_hook(name, m), with_kwargs=True))
             if name in linears:
                 self.layers[name] = LayerEnergy(name=name, op=self.op_of(name), kind="linear")
@@ -554,7 +580,7 @@ class _Counter:
             rec.act_in_nonzero += nnz
             rec.act_out += n * out_f
             rec.act_out_nonzero += int((y2 != 0).sum())
-            w = module.weight
+            w = module_weight(module)
             rec.weight_nonzero_fraction = float((w != 0).sum()) / w.numel() if w.numel() else 1.0
 
         return hook
@@ -580,8 +606,10 @@ class _Counter:
             if torch.is_tensor(kv):
                 tk = kv.shape[1]
                 enc = self.masks.get("encoder")
-                ok = not self.include_padding and torch.is_tensor(enc) and tuple(enc.shape) == (b, tk)
-                k_len = enc.sum(1) if ok else torch.full((b,), tk)
+                if not self.include_padding and isinstance(enc, torch.Tensor) and tuple(enc.shape) == (b, tk):
+                    k_len = enc.sum(1)
+                else:
+                    k_len = torch.full((b,), tk)
             else:
                 k_len = q_len
                 mask = self._mask(name)
@@ -647,10 +675,16 @@ def estimate_energy(
             if masking is not None:
                 masking.detach()
             counter.detach()
-    layers = [l for l in counter.layers.values() if l.calls > 0]
-    for l in layers:
-        owner = _owner(l.name)
+    layers = [layer for layer in counter.layers.values() if layer.calls > 0]
+    for layer in layers:
+        owner = _owner(layer.name)
         if owner in counter.exact_nonzero:
-            l.act_in_exact_nonzero = counter.exact_nonzero[owner]
-    return EnergyReport(layers=layers, config=cfg, examples=counter.examples, tokens=counter.tokens,
-                        include_padding=include_padding, thresholds=thresholds)
+            layer.act_in_exact_nonzero = counter.exact_nonzero[owner]
+    return EnergyReport(
+        layers=layers,
+        config=cfg,
+        examples=counter.examples,
+        tokens=counter.tokens,
+        include_padding=include_padding,
+        thresholds=thresholds,
+    )

@@ -1,9 +1,10 @@
 """Matplotlib figures (Agg backend: no display needed)."""
+
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from ..core.report import DensityReport
 from ..io import atomic_write
@@ -31,8 +32,8 @@ def layerwise_density(
     names: list[str] = []
     for k, (label, reps) in enumerate(runs.items()):
         reps = [reps] if isinstance(reps, DensityReport) else list(reps)
-        arr = np.array([[100 * l.density for l in r.layers] for r in reps])
-        names = [l.name for l in reps[0].layers]
+        arr = np.array([[100 * layer.density for layer in r.layers] for r in reps])
+        names = [layer.name for layer in reps[0].layers]
         x = np.arange(arr.shape[1]) + (k - (len(runs) - 1) / 2) * width
         ax.bar(x, arr.mean(0), width, yerr=arr.std(0) if len(reps) > 1 else None, label=label, capsize=2)
     groups = [n.split(".")[0] if "coder" in n.split(".")[0] else "" for n in names]

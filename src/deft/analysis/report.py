@@ -9,6 +9,7 @@ Runs that differ only in their seed form one *setting*: the table shows its mean
 paper does. The Density Change % of a setting is measured against the setting with ``alpha = 0`` and
 otherwise the same options (the PEFT baseline), when the inputs contain one.
 """
+
 from __future__ import annotations
 
 import base64
@@ -17,9 +18,10 @@ import html
 import json
 import math
 import statistics
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from ..core.report import DensityReport
 from ..errors import DeftError
@@ -30,8 +32,21 @@ from .tradeoff import mean_std
 _NOT_SETTING = ("seed", "output", "resume", "overwrite", "quiet")
 # options of the density loss: a setting without them (alpha = 0) is the PEFT baseline of one with them
 _LOSS_OPTIONS = ("alpha", "loss", "eps", "beta", "granularity", "alpha_warmup")
-_LABEL_ORDER = ("model", "task", "method", "alpha", "loss", "eps", "beta", "granularity", "alpha_warmup", "lr",
-                "epochs", "lora_r", "target_modules")
+_LABEL_ORDER = (
+    "model",
+    "task",
+    "method",
+    "alpha",
+    "loss",
+    "eps",
+    "beta",
+    "granularity",
+    "alpha_warmup",
+    "lr",
+    "epochs",
+    "lora_r",
+    "target_modules",
+)
 
 
 class ReportError(DeftError, ValueError):
@@ -55,7 +70,7 @@ class Setting:
     runs: list[Run]
     label: str = ""
     varying: dict[str, Any] = field(default_factory=dict)  # the options that tell it apart from other settings
-    baseline: "Setting | None" = None
+    baseline: Setting | None = None
     duplicates: list[Run] = field(default_factory=list)  # same options *and* seed as a run already counted
     stats: dict[str, float] = field(default_factory=dict)
 
@@ -142,8 +157,9 @@ def group_settings(runs: Sequence[Run]) -> list[Setting]:
         s.varying = {k: c.get(k) for k in varying}
         kind = "PEFT" if not c.get("alpha") else "DEFT"
         shown = [k for k in varying if k != "method" and (kind == "DEFT" or k not in _LOSS_OPTIONS or k == "alpha")]
-        extra = " ".join(f"{'α' if k == 'alpha' else k}={model_short(c[k]) if k == 'model' else _fmt_value(c.get(k))}"
-                         for k in shown)
+        extra = " ".join(
+            f"{'α' if k == 'alpha' else k}={model_short(c[k]) if k == 'model' else _fmt_value(c.get(k))}" for k in shown
+        )
         method = c.get("method", "?")
         s.label = f"{kind} {method}" + (f" {extra}" if extra else ("" if kind == "PEFT" else f" α={c['alpha']:g}"))
         s.runs.sort(key=lambda r: r.config.get("seed", 0))
@@ -162,8 +178,15 @@ def group_settings(runs: Sequence[Run]) -> list[Setting]:
     for s in settings:
         b = baselines.get(_base_key(s.config))
         s.baseline = b if b is not s else None
-    settings.sort(key=lambda s: (s.config.get("model", ""), s.config.get("task", ""), s.config.get("method", ""),
-                                 s.config.get("alpha", 0.0), s.label))
+    settings.sort(
+        key=lambda s: (
+            s.config.get("model", ""),
+            s.config.get("task", ""),
+            s.config.get("method", ""),
+            s.config.get("alpha", 0.0),
+            s.label,
+        )
+    )
     return settings
 
 
@@ -171,22 +194,36 @@ def _setting_key(config: dict[str, Any]) -> tuple:
     """Every option but the seed; an unset option (None) equals a missing one; at alpha = 0 the density
     loss's other options train nothing, so PEFT runs that differ only there are one setting."""
     skip = set(_NOT_SETTING) | (set(_LOSS_OPTIONS) - {"alpha"} if not config.get("alpha") else set())
-    return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in config.items() if k not in skip and v is not None))
+    return tuple(
+        sorted((k, json.dumps(v, sort_keys=True)) for k, v in config.items() if k not in skip and v is not None)
+    )
 
 
 def _base_key(config: dict[str, Any]) -> tuple:
     """The options a DEFT setting shares with its PEFT baseline: all but the seed and the density loss's."""
-    return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in config.items()
-                        if k not in _NOT_SETTING and k not in _LOSS_OPTIONS and v is not None))
+    return tuple(
+        sorted(
+            (k, json.dumps(v, sort_keys=True))
+            for k, v in config.items()
+            if k not in _NOT_SETTING and k not in _LOSS_OPTIONS and v is not None
+        )
+    )
 
 
 def _stats(s: Setting) -> dict[str, float]:
     m, ms = mean_std(r.results.get("metric") for r in s.runs)
     d, ds = mean_std(r.results["density"]["overall"] for r in s.runs)
     e, es = mean_std(r.energy["ratio"] for r in s.runs if r.energy)
-    return {"metric": m, "metric_std": ms, "density": d, "density_std": ds, "energy_ratio": e,
-            "energy_ratio_std": es, "energy_runs": sum(1 for r in s.runs if r.energy),
-            "trainable_percent": s.runs[0].results.get("trainable_percent", float("nan"))}
+    return {
+        "metric": m,
+        "metric_std": ms,
+        "density": d,
+        "density_std": ds,
+        "energy_ratio": e,
+        "energy_ratio_std": es,
+        "energy_runs": sum(1 for r in s.runs if r.energy),
+        "trainable_percent": s.runs[0].results.get("trainable_percent", float("nan")),
+    }
 
 
 def density_change(s: Setting) -> float:
@@ -207,8 +244,7 @@ def table_rows(settings: Sequence[Setting]) -> tuple[list[str], list[list[str]]]
     """Header and cells of the paper-style table."""
     metric_names = sorted({s.runs[0].results.get("main_metric", "metric") for s in settings})
     metric = metric_names[0] if len(metric_names) == 1 else "metric"
-    head = ["setting", "seeds", f"{metric} (%)", "density (%)", "Density Change %", f"Δ {metric} (pts)",
-            "trainable %"]
+    head = ["setting", "seeds", f"{metric} (%)", "density (%)", "Density Change %", f"Δ {metric} (pts)", "trainable %"]
     has_energy = any(s.stats["energy_runs"] for s in settings)
     if has_energy:
         head.append("energy ratio")
@@ -221,13 +257,22 @@ def table_rows(settings: Sequence[Setting]) -> tuple[list[str], list[list[str]]]
             dmetric = "–" if math.isnan(dm) else f"{dm:+.2f}"
         else:
             change = dmetric = "baseline" if not s.config.get("alpha") else "–"
-        row = [s.label, str(len(s.runs)), _pm(st["metric"], st["metric_std"]), _pm(st["density"], st["density_std"]),
-               change, dmetric, f"{st['trainable_percent']:.3f}"]
+        row = [
+            s.label,
+            str(len(s.runs)),
+            _pm(st["metric"], st["metric_std"]),
+            _pm(st["density"], st["density_std"]),
+            change,
+            dmetric,
+            f"{st['trainable_percent']:.3f}",
+        ]
         if has_energy:
             n = st["energy_runs"]
             if n > 1:
-                row.append(_pm(st["energy_ratio"], st["energy_ratio_std"], scale=1.0, digits=3)
-                           + ("" if n == len(s.runs) else f" ({n} runs)"))
+                row.append(
+                    _pm(st["energy_ratio"], st["energy_ratio_std"], scale=1.0, digits=3)
+                    + ("" if n == len(s.runs) else f" ({n} runs)")
+                )
             else:  # a std of one run would read as "no spread"
                 row.append(f"{st['energy_ratio']:.3f} (1 run)" if n else "–")
         rows.append(row)
@@ -241,6 +286,17 @@ def markdown_table(head: list[str], rows: list[list[str]]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- figures
+def _point(s: Setting) -> dict[str, Any]:
+    """A setting as one point of a trade-off curve."""
+    return {
+        "alpha": s.config.get("alpha", 0.0),
+        "density": s.stats["density"],
+        "density_std": s.stats["density_std"],
+        "metric": s.stats["metric"],
+        "metric_std": s.stats["metric_std"],
+    }
+
+
 def _figures(settings: Sequence[Setting], fig_dir: Path) -> list[tuple[str, Path, str]]:
     """(title, png path, caption) of every figure; each is also written as SVG next to the PNG."""
     from . import report_plots
@@ -252,29 +308,35 @@ def _figures(settings: Sequence[Setting], fig_dir: Path) -> list[tuple[str, Path
         groups.setdefault((s.config.get("model", "?"), s.config.get("task", "?")), []).append(s)
     for gi, ((model, task), ss) in enumerate(groups.items()):
         series: dict[str, list[dict[str, Any]]] = {}
-        point = lambda s: {"alpha": s.config.get("alpha", 0.0), "density": s.stats["density"],  # noqa: E731
-                           "density_std": s.stats["density_std"], "metric": s.stats["metric"],
-                           "metric_std": s.stats["metric_std"]}
         with_base: set[tuple[str, int]] = set()
         for s in ss:
             if not s.config.get("alpha"):
                 continue
             name = _series_name(s)
-            series.setdefault(name, []).append(point(s))
+            series.setdefault(name, []).append(_point(s))
             # the PEFT baseline is the alpha = 0 end of every curve built on it
             if s.baseline is not None and (name, id(s.baseline)) not in with_base:
                 with_base.add((name, id(s.baseline)))
-                series[name].append(point(s.baseline))
+                series[name].append(_point(s.baseline))
         for s in ss:  # baselines without any DEFT setting on top of them
             if not s.config.get("alpha") and not any(x.baseline is s for x in ss):
-                series.setdefault(_series_name(s), []).append(point(s))
+                series.setdefault(_series_name(s), []).append(_point(s))
         metric = ss[0].runs[0].results.get("main_metric", "metric")
-        png, _ = report_plots.tradeoff(series, fig_dir / f"tradeoff_{gi}", metric_name=metric,
-                                       title=f"{model_short(model)} / {task}: {metric} vs density")
-        figs.append((f"Trade-off: {model_short(model)} / {task}", png,
-                     f"{metric.capitalize()} against MLP activation density, one point per setting (mean ± std over seeds), "
-                     "labelled with α; the dashed step line joins the Pareto-optimal settings "
-                     "(none is both sparser and better)."))
+        png, _ = report_plots.tradeoff(
+            series,
+            fig_dir / f"tradeoff_{gi}",
+            metric_name=metric,
+            title=f"{model_short(model)} / {task}: {metric} vs density",
+        )
+        figs.append(
+            (
+                f"Trade-off: {model_short(model)} / {task}",
+                png,
+                f"{metric.capitalize()} against MLP activation density, one point per setting (mean ± std over seeds), "
+                "labelled with α; the dashed step line joins the Pareto-optimal settings "
+                "(none is both sparser and better).",
+            )
+        )
 
         curves: dict[str, list[tuple[float, float]]] = {}
         for s in ss:
@@ -286,29 +348,46 @@ def _figures(settings: Sequence[Setting], fig_dir: Path) -> list[tuple[str, Path
             if per_step:
                 curves[s.label] = [(k, statistics.fmean(v)) for k, v in sorted(per_step.items())]
         if curves:
-            png, _ = report_plots.density_curves(curves, fig_dir / f"density_steps_{gi}",
-                                                 title=f"{model_short(model)} / {task}: density during training")
-            figs.append((f"Density during training: {model_short(model)} / {task}", png,
-                         "Running train density (share of non-zero MLP activations over the batches of each "
-                         "logging interval), mean over seeds."))
+            png, _ = report_plots.density_curves(
+                curves, fig_dir / f"density_steps_{gi}", title=f"{model_short(model)} / {task}: density during training"
+            )
+            figs.append(
+                (
+                    f"Density during training: {model_short(model)} / {task}",
+                    png,
+                    "Running train density (share of non-zero MLP activations over the batches of each "
+                    "logging interval), mean over seeds.",
+                )
+            )
 
         if len(ss) <= 8:
             reps = {s.label: [DensityReport.from_dict(r.results["density"]) for r in s.runs] for s in ss}
             if len({len(v[0].layers) for v in reps.values()}) == 1:
-                path = layerwise_density(reps, fig_dir / f"layerwise_{gi}.png",
-                                         title=f"{model_short(model)} / {task}: layerwise density")
+                path = layerwise_density(
+                    reps, fig_dir / f"layerwise_{gi}.png", title=f"{model_short(model)} / {task}: layerwise density"
+                )
                 layerwise_density(reps, fig_dir / f"layerwise_{gi}.svg", title=f"{model_short(model)} / {task}")
-                figs.append((f"Layerwise density: {model_short(model)} / {task}", path,
-                             "Density of each MLP layer on the dev set (error bars: std over seeds)."))
+                figs.append(
+                    (
+                        f"Layerwise density: {model_short(model)} / {task}",
+                        path,
+                        "Density of each MLP layer on the dev set (error bars: std over seeds).",
+                    )
+                )
 
     energies = {f"{s.label} s{r.config.get('seed', 0)}": r.energy for s in settings for r in s.runs if r.energy}
     if energies:
         chosen = dict(list(energies.items())[:8])
         png, _ = report_plots.energy_breakdown(chosen, fig_dir / "energy")
-        figs.append(("Energy breakdown", png,
-                     "Energy per example on a dense accelerator and on a zero-skipping one (hatched), by "
-                     "operation type; ×r is the zero-skip / dense ratio. mlp_down is W2, whose input sparsity is "
-                     "what DEFT changes."))
+        figs.append(
+            (
+                "Energy breakdown",
+                png,
+                "Energy per example on a dense accelerator and on a zero-skipping one (hatched), by "
+                "operation type; ×r is the zero-skip / dense ratio. mlp_down is W2, whose input sparsity is "
+                "what DEFT changes.",
+            )
+        )
     return figs
 
 
@@ -350,20 +429,21 @@ def _config_of(s: Setting) -> dict[str, Any]:
 
 def _energy_by_op(s: Setting) -> list[list[str]] | None:
     """Per operation type: input non-zero %, dense and zero-skip µJ per example, ratio (mean over runs)."""
-    runs = [r for r in s.runs if r.energy]
-    if not runs:
+    energies = [r.energy for r in s.runs if r.energy]
+    if not energies:
         return None
     ops: dict[str, list[tuple[float, float, float]]] = {}
-    for r in runs:
-        n = max(1, r.energy.get("examples") or 1)
-        for op, v in r.energy["by_op"].items():
+    for e in energies:
+        n = max(1, e.get("examples") or 1)
+        for op, v in e["by_op"].items():
             nz = v.get("input_nonzero_fraction", float("nan")) if v.get("observed", True) else float("nan")
             ops.setdefault(op, []).append((v["dense_pj"] / n / 1e6, v["zero_skip_pj"] / n / 1e6, nz))
     rows = []
     for op, vals in ops.items():
         d, z, nz = (statistics.fmean(v[i] for v in vals) for i in range(3))
-        rows.append([op, "n/a" if math.isnan(nz) else f"{100 * nz:.2f}", f"{d:.3f}", f"{z:.3f}",
-                     f"{z / d:.3f}" if d else "–"])
+        rows.append(
+            [op, "n/a" if math.isnan(nz) else f"{100 * nz:.2f}", f"{d:.3f}", f"{z:.3f}", f"{z / d:.3f}" if d else "–"]
+        )
     return rows
 
 
@@ -371,33 +451,47 @@ def _energy_summary(settings: Sequence[Setting]) -> list[list[str]]:
     """One row per setting with energy: W2 input density, per-example energy and the ratio (mean over runs)."""
     rows = []
     for s in settings:
-        runs = [r for r in s.runs if r.energy]
-        if not runs:
+        energies = [r.energy for r in s.runs if r.energy]
+        if not energies:
             continue
-        n = [max(1, r.energy.get("examples") or 1) for r in runs]
-        down = [r.energy["by_op"].get("mlp_down") for r in runs]
+        n = [max(1, e.get("examples") or 1) for e in energies]
+        down = [e["by_op"].get("mlp_down") for e in energies]
         mean = statistics.fmean
         w2 = "–"
         if all(down):
-            w2 = (f"{mean(d['dense_pj'] / k / 1e6 for d, k in zip(down, n)):.3f} → "
-                  f"{mean(d['zero_skip_pj'] / k / 1e6 for d, k in zip(down, n)):.3f}")
-        rows.append([
-            s.label, str(len(runs)),
-            f"{100 * mean(d['input_nonzero_fraction'] for d in down):.2f}" if all(down) else "–",
-            w2,
-            f"{mean(r.energy['dense_pj'] / k / 1e6 for r, k in zip(runs, n)):.3f}",
-            f"{mean(r.energy['zero_skip_pj'] / k / 1e6 for r, k in zip(runs, n)):.3f}",
-            f"{mean(r.energy['ratio'] for r in runs):.3f}",
-        ])
+            w2 = (
+                f"{mean(d['dense_pj'] / k / 1e6 for d, k in zip(down, n, strict=True)):.3f} → "
+                f"{mean(d['zero_skip_pj'] / k / 1e6 for d, k in zip(down, n, strict=True)):.3f}"
+            )
+        rows.append(
+            [
+                s.label,
+                str(len(energies)),
+                f"{100 * mean(d['input_nonzero_fraction'] for d in down):.2f}" if all(down) else "–",
+                w2,
+                f"{mean(e['dense_pj'] / k / 1e6 for e, k in zip(energies, n, strict=True)):.3f}",
+                f"{mean(e['zero_skip_pj'] / k / 1e6 for e, k in zip(energies, n, strict=True)):.3f}",
+                f"{mean(e['ratio'] for e in energies):.3f}",
+            ]
+        )
     return rows
 
 
-_ENERGY_SUMMARY_HEAD = ["setting", "runs", "W2 input non-zero %", "W2 µJ/example (dense → zero-skip)",
-                        "dense µJ/example", "zero-skip µJ/example", "energy ratio"]
+_ENERGY_SUMMARY_HEAD = [
+    "setting",
+    "runs",
+    "W2 input non-zero %",
+    "W2 µJ/example (dense → zero-skip)",
+    "dense µJ/example",
+    "zero-skip µJ/example",
+    "energy ratio",
+]
 _ENERGY_HEAD = ["operation", "input non-zero %", "dense µJ/example", "zero-skip µJ/example", "ratio"]
-_ENERGY_NOTE = ("W2 is the MLP down-projection (mlp_down): its input is the MLP activation, the sparsity DEFT "
-                "trains for; a zero-skipping accelerator skips the MACs and weight fetches of its zero inputs. "
-                "Attention matmul operands are not observed and priced dense.")
+_ENERGY_NOTE = (
+    "W2 is the MLP down-projection (mlp_down): its input is the MLP activation, the sparsity DEFT "
+    "trains for; a zero-skipping accelerator skips the MACs and weight fetches of its zero inputs. "
+    "Attention matmul operands are not observed and priced dense."
+)
 _CSS = """
 body{font-family:-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
 padding:0 1.2em;color:#222;line-height:1.45}
@@ -421,7 +515,9 @@ def _data_uri(png: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
 
 
-def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, title: str = "DEFT report") -> tuple[Path, Path]:
+def build_report(
+    run_dirs: Sequence[str | Path], out_dir: str | Path, *, title: str = "DEFT report"
+) -> tuple[Path, Path]:
     """Write ``out_dir/report.html`` (self-contained) and ``out_dir/report.md`` (+ ``figures/``); returns both."""
     runs = find_runs(run_dirs)
     out = Path(out_dir)
@@ -434,35 +530,69 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, title: 
     data_labels = sorted({str(r.results.get("data", "?")) for r in runs})
     sources = [str(Path(p)) for p in run_dirs]
     hw = next((r.energy.get("config") for r in runs if r.energy), None)
-    explain = ("Mean ± std over seeds. Density: share of non-zero MLP activations on the dev set (lower = "
-               "sparser). Density Change % = (density_PEFT − density_DEFT) / density_PEFT × 100 against the "
-               "α = 0 setting with otherwise equal options; Δ is the metric change in points against it.")
+    explain = (
+        "Mean ± std over seeds. Density: share of non-zero MLP activations on the dev set (lower = "
+        "sparser). Density Change % = (density_PEFT − density_DEFT) / density_PEFT × 100 against the "
+        "α = 0 setting with otherwise equal options; Δ is the metric change in points against it."
+    )
     if hw:
-        explain += (" Energy ratio: energy of a zero-skipping accelerator over a dense one (lower = more saved), "
-                    "from each run's energy.json.")
+        explain += (
+            " Energy ratio: energy of a zero-skipping accelerator over a dense one (lower = more saved), "
+            "from each run's energy.json."
+        )
 
     # ---- markdown
-    md = [f"# {title}", "", f"Generated {now} from {len(runs)} run(s) in {', '.join(sources)}. "
-          f"Data: {'; '.join(data_labels)}.", "", "## Results", "", markdown_table(head, rows), "", explain, ""]
+    md = [
+        f"# {title}",
+        "",
+        f"Generated {now} from {len(runs)} run(s) in {', '.join(sources)}. Data: {'; '.join(data_labels)}.",
+        "",
+        "## Results",
+        "",
+        markdown_table(head, rows),
+        "",
+        explain,
+        "",
+    ]
     md += ["## Figures", ""]
     for t, png, cap in figs:
-        md += [f"### {t}", "", f"![{t}]({png.relative_to(out).as_posix()})", "",
-               f"{cap} (SVG: `{png.with_suffix('.svg').relative_to(out).as_posix()}`)", ""]
+        md += [
+            f"### {t}",
+            "",
+            f"![{t}]({png.relative_to(out).as_posix()})",
+            "",
+            f"{cap} (SVG: `{png.with_suffix('.svg').relative_to(out).as_posix()}`)",
+            "",
+        ]
     energy_rows = _energy_summary(settings)
     per_op = [(s, r) for s in settings if (r := _energy_by_op(s))]
     if energy_rows:
-        md += ["## Energy on a zero-skipping accelerator", "", markdown_table(_ENERGY_SUMMARY_HEAD, energy_rows), "",
-               _ENERGY_NOTE, ""]
+        md += [
+            "## Energy on a zero-skipping accelerator",
+            "",
+            markdown_table(_ENERGY_SUMMARY_HEAD, energy_rows),
+            "",
+            _ENERGY_NOTE,
+            "",
+        ]
         for s, erows in per_op:
-            md += [f"<details><summary>{s.label}: by operation</summary>", "", markdown_table(_ENERGY_HEAD, erows),
-                   "", "</details>", ""]
+            md += [
+                f"<details><summary>{s.label}: by operation</summary>",
+                "",
+                markdown_table(_ENERGY_HEAD, erows),
+                "",
+                "</details>",
+                "",
+            ]
         md += ["Hardware: `" + json.dumps(hw) + "`", ""]
     md += ["## Configurations", ""]
     for s in settings:
         md += [f"### {s.label}", "", "Runs: " + ", ".join(f"`{r.dir}`" for r in s.runs), ""]
         if s.duplicates:
-            md += ["Not counted (same options and seed as a run above): "
-                   + ", ".join(f"`{r.dir}`" for r in s.duplicates), ""]
+            md += [
+                "Not counted (same options and seed as a run above): " + ", ".join(f"`{r.dir}`" for r in s.duplicates),
+                "",
+            ]
         md += ["```json", json.dumps(_config_of(s), indent=2), "```", ""]
     md += ["## Package versions", ""]
     for who, v in _versions(runs):
@@ -471,30 +601,47 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, title: 
 
     # ---- html
     e = html.escape
-    h = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}</title>"
-         f"<meta name='viewport' content='width=device-width, initial-scale=1'><style>{_CSS}</style></head><body>",
-         f"<h1>{e(title)}</h1>",
-         f"<p class='note'>Generated {e(now)} from {len(runs)} run(s) in {e(', '.join(sources))}. "
-         f"Data: {e('; '.join(data_labels))}.</p>",
-         "<h2>Results</h2>", _html_table(head, rows, "results"), f"<p class='note'>{e(explain)}</p>",
-         "<h2>Figures</h2>"]
+    h = [
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}</title>"
+        f"<meta name='viewport' content='width=device-width, initial-scale=1'><style>{_CSS}</style></head><body>",
+        f"<h1>{e(title)}</h1>",
+        f"<p class='note'>Generated {e(now)} from {len(runs)} run(s) in {e(', '.join(sources))}. "
+        f"Data: {e('; '.join(data_labels))}.</p>",
+        "<h2>Results</h2>",
+        _html_table(head, rows, "results"),
+        f"<p class='note'>{e(explain)}</p>",
+        "<h2>Figures</h2>",
+    ]
     for t, png, cap in figs:
-        h.append(f"<figure><img alt='{e(t)}' src='{_data_uri(png)}'><figcaption><b>{e(t)}.</b> {e(cap)}"
-                 "</figcaption></figure>")
+        h.append(
+            f"<figure><img alt='{e(t)}' src='{_data_uri(png)}'><figcaption><b>{e(t)}.</b> {e(cap)}"
+            "</figcaption></figure>"
+        )
     if energy_rows:
-        h += ["<h2>Energy on a zero-skipping accelerator</h2>",
-              _html_table(_ENERGY_SUMMARY_HEAD, energy_rows, "energy"), f"<p class='note'>{e(_ENERGY_NOTE)}</p>"]
+        h += [
+            "<h2>Energy on a zero-skipping accelerator</h2>",
+            _html_table(_ENERGY_SUMMARY_HEAD, energy_rows, "energy"),
+            f"<p class='note'>{e(_ENERGY_NOTE)}</p>",
+        ]
         for s, erows in per_op:
-            h.append(f"<details><summary>{e(s.label)}: by operation</summary>"
-                     f"{_html_table(_ENERGY_HEAD, erows, 'energy')}</details>")
+            h.append(
+                f"<details><summary>{e(s.label)}: by operation</summary>"
+                f"{_html_table(_ENERGY_HEAD, erows, 'energy')}</details>"
+            )
         h.append(f"<details><summary>Hardware model</summary><pre>{e(json.dumps(hw, indent=2))}</pre></details>")
     h.append("<h2>Configurations</h2>")
     for s in settings:
-        h.append(f"<details><summary>{e(s.label)} ({len(s.runs)} run{'s' if len(s.runs) != 1 else ''})</summary>"
-                 f"<p class='note'>Runs: {e(', '.join(str(r.dir) for r in s.runs))}</p>"
-                 + (f"<p class='note'>Not counted (same options and seed as a run above): "
-                    f"{e(', '.join(str(r.dir) for r in s.duplicates))}</p>" if s.duplicates else "") +
-                 f"<pre>{e(json.dumps(_config_of(s), indent=2))}</pre></details>")
+        h.append(
+            f"<details><summary>{e(s.label)} ({len(s.runs)} run{'s' if len(s.runs) != 1 else ''})</summary>"
+            f"<p class='note'>Runs: {e(', '.join(str(r.dir) for r in s.runs))}</p>"
+            + (
+                f"<p class='note'>Not counted (same options and seed as a run above): "
+                f"{e(', '.join(str(r.dir) for r in s.duplicates))}</p>"
+                if s.duplicates
+                else ""
+            )
+            + f"<pre>{e(json.dumps(_config_of(s), indent=2))}</pre></details>"
+        )
     h.append("<h2>Package versions</h2>")
     for who, v in _versions(runs):
         h += [f"<p>{e(who)}:</p>", _html_table(["package", "version"], [[k, str(x)] for k, x in v.items()])]

@@ -3,22 +3,29 @@
 Every function writes the figure twice, ``<stem>.png`` (embedded in the HTML report) and ``<stem>.svg``
 (for papers), and returns both paths.
 """
+
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from ..io import atomic_write
-from .energy import OPS
+from .energy import OPS, EnergyReport
 from .plots import pyplot
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 MARKERS = ("o", "s", "^", "D", "v", "P")
 LINESTYLES = ("-", "--", "-.", ":")
-OP_COLORS = {"mlp_down": "#d62728", "mlp_up": "#ff9896", "attention_proj": "#1f77b4",
-             "attention_matmul": "#aec7e8", "other": "#c7c7c7"}
+OP_COLORS = {
+    "mlp_down": "#d62728",
+    "mlp_up": "#ff9896",
+    "attention_proj": "#1f77b4",
+    "attention_matmul": "#aec7e8",
+    "other": "#c7c7c7",
+}
 
 
 def _save(fig, stem: str | os.PathLike) -> tuple[Path, Path]:
@@ -39,7 +46,8 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
             continue
         dominated = any(
             (d2 <= d and m2 >= m and (d2 < d or m2 > m))
-            for j, (d2, m2) in enumerate(points) if j != i and not any(math.isnan(v) for v in (d2, m2))
+            for j, (d2, m2) in enumerate(points)
+            if j != i and not any(math.isnan(v) for v in (d2, m2))
         )
         if not dominated:
             front.append(i)
@@ -72,11 +80,21 @@ def tradeoff(
         pts = sorted(pts, key=lambda p: p.get("alpha", 0.0))
         xs = [100 * p["density"] for p in pts]
         ys = [100 * _num(p.get("metric")) for p in pts]
-        ax.errorbar(xs, ys, xerr=[100 * _num(p.get("density_std"), 0.0) for p in pts],
-                    yerr=[100 * _num(p.get("metric_std"), 0.0) for p in pts], fmt="o-", lw=1, ms=6,
-                    color=COLORS[k % len(COLORS)], label=label, capsize=2, alpha=0.9)
+        ax.errorbar(
+            xs,
+            ys,
+            xerr=[100 * _num(p.get("density_std"), 0.0) for p in pts],
+            yerr=[100 * _num(p.get("metric_std"), 0.0) for p in pts],
+            fmt="o-",
+            lw=1,
+            ms=6,
+            color=COLORS[k % len(COLORS)],
+            label=label,
+            capsize=2,
+            alpha=0.9,
+        )
         clusters: list[tuple[float, float, list[str]]] = []
-        for p, x, y in zip(pts, xs, ys):
+        for p, x, y in zip(pts, xs, ys, strict=True):
             if "alpha" not in p or math.isnan(y):
                 continue
             near = next((c for c in clusters if abs(c[0] - x) <= tol_x and abs(c[1] - y) <= tol_y), None)
@@ -85,9 +103,15 @@ def tradeoff(
             else:
                 near[2].append(f"{p['alpha']:g}")
         for x, y, alphas in clusters:
-            ax.annotate("α=" + ", ".join(alphas), (x, y), textcoords="offset points", xytext=(6, 6 + 11 * k),
-                        fontsize=8, color="#333333")
-        every += list(zip(xs, ys))
+            ax.annotate(
+                "α=" + ", ".join(alphas),
+                (x, y),
+                textcoords="offset points",
+                xytext=(6, 6 + 11 * k),
+                fontsize=8,
+                color="#333333",
+            )
+        every += list(zip(xs, ys, strict=True))
     front = pareto_front(every)
     if front:
         fx, fy = [every[i][0] for i in front], [every[i][1] for i in front]
@@ -111,11 +135,19 @@ def density_curves(
     for k, (label, pts) in enumerate(curves.items()):
         if not pts:
             continue
-        xs, ys = zip(*sorted(pts))
+        xs, ys = zip(*sorted(pts), strict=True)
         # line style and marker vary too, so curves that coincide (two alphas that both reach 0) stay visible
-        ax.plot(xs, [100 * y for y in ys], marker=MARKERS[k % len(MARKERS)] if len(xs) < 15 else None,
-                ms=4 + 2 * (k % 3), lw=1.4, ls=LINESTYLES[k % len(LINESTYLES)], color=COLORS[k % len(COLORS)],
-                label=label, alpha=0.85)
+        ax.plot(
+            xs,
+            [100 * y for y in ys],
+            marker=MARKERS[k % len(MARKERS)] if len(xs) < 15 else None,
+            ms=4 + 2 * (k % 3),
+            lw=1.4,
+            ls=LINESTYLES[k % len(LINESTYLES)],
+            color=COLORS[k % len(COLORS)],
+            label=label,
+            alpha=0.85,
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("train activation density (%)")
     ax.set_ylim(0, 105)
@@ -128,7 +160,7 @@ def density_curves(
 
 
 def energy_breakdown(
-    reports: Mapping[str, Mapping[str, Any]], stem: str | os.PathLike, *, title: str = ""
+    reports: Mapping[str, EnergyReport | Mapping[str, Any]], stem: str | os.PathLike, *, title: str = ""
 ) -> tuple[Path, Path]:
     """Dense and zero-skip energy per example (µJ) of each labelled run, stacked by operation type.
 
@@ -145,19 +177,29 @@ def energy_breakdown(
     for j, (kind, key, hatch) in enumerate((("dense", "dense_pj", ""), ("zero-skip", "zero_skip_pj", "//"))):
         bottom = np.zeros(len(labels))
         for op in OPS:
-            vals = np.array([
-                d["by_op"].get(op, {}).get(key, 0.0) / max(1, d.get("examples") or 1) / 1e6 for d in dicts.values()
-            ])
+            vals = np.array(
+                [d["by_op"].get(op, {}).get(key, 0.0) / max(1, d.get("examples") or 1) / 1e6 for d in dicts.values()]
+            )
             if not vals.any():
                 continue
-            ax.bar(x + (j - 0.5) * width, vals, width, bottom=bottom, color=OP_COLORS[op], hatch=hatch,
-                   edgecolor="white", lw=0.5, label=op if j == 0 else None)
+            ax.bar(
+                x + (j - 0.5) * width,
+                vals,
+                width,
+                bottom=bottom,
+                color=OP_COLORS[op],
+                hatch=hatch,
+                edgecolor="white",
+                lw=0.5,
+                label=op if j == 0 else None,
+            )
             bottom += vals
-        for xi, b, d in zip(x, bottom, dicts.values()):
+        for xi, b, d in zip(x, bottom, dicts.values(), strict=True):
             text = kind if j == 0 else f"{kind}\n×{d['ratio']:.3f}"
             ax.text(xi + (j - 0.5) * width, b, text, ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(x, labels, fontsize=8, rotation=15 if len(labels) > 3 else 0,
-                  ha="right" if len(labels) > 3 else "center")
+    ax.set_xticks(
+        x, labels, fontsize=8, rotation=15 if len(labels) > 3 else 0, ha="right" if len(labels) > 3 else "center"
+    )
     ax.set_ylabel("energy per example (µJ)")
     ax.set_title(title or "Energy: dense vs zero-skipping accelerator (hatched)")
     ax.margins(y=0.18)

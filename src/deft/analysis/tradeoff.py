@@ -13,6 +13,7 @@ Rules, in one place:
   the better configuration at that cost.
 * Points whose density or metric is NaN / None are ignored.
 """
+
 from __future__ import annotations
 
 import math
@@ -97,7 +98,8 @@ def iso_accuracy(
     if matched_kind is not None and matched_kind not in curves:
         raise ConfigError(f"matched_kind {matched_kind!r} is not one of the curves: {sorted(curves)}")
     answers = {k: lowest_density_within(pts, reference, max_drop) for k, pts in curves.items()}
-    matched = answers[matched_kind][0] if matched_kind is not None and answers[matched_kind] else None
+    best = answers[matched_kind] if matched_kind is not None else None
+    matched = best[0] if best else None
     kinds = {}
     for k, pts in curves.items():
         a = answers[k]
@@ -107,5 +109,10 @@ def iso_accuracy(
             "metric_at_matched_density": metric_at_density(pts, matched),
             "points": len(_clean(pts)),
         }
-    return {"reference": reference, "max_drop": max_drop, "matched_kind": matched_kind,
-            "matched_density": matched, "kinds": kinds}
+    return {
+        "reference": reference,
+        "max_drop": max_drop,
+        "matched_kind": matched_kind,
+        "matched_density": matched,
+        "kinds": kinds,
+    }

@@ -1,5 +1,6 @@
 """What deft knows about model architectures: the MLP table (:mod:`deft.arch.specs`) and the small
 ``nn.Module`` helpers every layer above uses (:mod:`deft.arch.nn`)."""
+
 from __future__ import annotations
 
 from .nn import (
@@ -9,6 +10,9 @@ from .nn import (
     linear_types,
     model_device,
     model_type,
+    module_bias,
+    module_weight,
+    output_embeddings,
     run_batches,
     set_submodule,
     to_device,
@@ -49,6 +53,9 @@ __all__ = [
     "mlp_spec",
     "model_device",
     "model_type",
+    "module_bias",
+    "module_weight",
+    "output_embeddings",
     "run_batches",
     "set_submodule",
     "to_device",

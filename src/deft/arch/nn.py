@@ -4,6 +4,7 @@ The transformers model inside its wrappers, its ``model_type``, the linear layer
 transformers' ``Conv1D``), replacing a submodule by name, and running batches in eval mode. transformers is
 imported only when a helper needs it: ``import deft`` stays free of it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,13 +34,19 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def output_embeddings(model: nn.Module) -> nn.Module | None:
+    """The output embeddings (LM head) of a transformers model; None for a module without them."""
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else None
+
+
 def model_type(model: nn.Module) -> str | None:
     """``model.config.model_type`` (None for a module without a transformers config)."""
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
 @lru_cache(maxsize=1)
-def conv1d_type() -> type | None:
+def conv1d_type() -> type[nn.Module] | None:
     """transformers' ``Conv1D`` (GPT-2 style models: a Linear whose weight is stored (in, out)), or None."""
     try:
         from transformers.pytorch_utils import Conv1D
@@ -59,9 +66,23 @@ def is_conv1d(module: nn.Module) -> bool:
     return conv1d is not None and isinstance(module, conv1d)
 
 
+def module_weight(module: nn.Module) -> torch.Tensor:
+    """``module.weight`` as a tensor (to the type checker, an attribute of an nn.Module is a Tensor or a Module)."""
+    w = module.weight
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{type(module).__name__}.weight is a {type(w).__name__}, not a tensor")
+    return w
+
+
+def module_bias(module: nn.Module) -> torch.Tensor | None:
+    """``module.bias`` as a tensor, None where the layer has none."""
+    b = getattr(module, "bias", None)
+    return b if isinstance(b, torch.Tensor) else None
+
+
 def weight_out_in(module: nn.Module) -> torch.Tensor:
     """The weight of a linear layer as (out, in): Conv1D stores it transposed."""
-    w = module.weight
+    w = module_weight(module)
     return w.t() if is_conv1d(module) else w
 
 

@@ -9,6 +9,7 @@ they work whether the model is bare, wrapped by a task head, or wrapped by peft
 Names were read off transformers 5.23 tiny models; where 5.x renamed a module (ViT's MLP moved to
 ``layers.N.mlp.activation_fn``) both spellings are accepted so older 5.x releases keep working.
 """
+
 from __future__ import annotations
 
 import re

@@ -5,11 +5,12 @@ Names are *canonical*: without the ``base_layer`` components a peft tuner layer 
 the bare model finds its layer again after ``apply_method``. The task head, the LM head (output embeddings)
 and the adapters peft adds are never selected.
 """
+
 from __future__ import annotations
 
 from torch import nn
 
-from ..arch import in_numbered_block, linear_types, mlp_spec, model_type, unwrap_model
+from ..arch import in_numbered_block, linear_types, mlp_spec, model_type, output_embeddings, unwrap_model
 from ..errors import ConfigError
 
 # The ``targets`` shorthands of compression. Not the same set as deft.methods.config.TARGET_SHORTHANDS (LoRA's
@@ -45,7 +46,7 @@ def linear_layers(model: nn.Module, targets: str = "blocks") -> dict[str, nn.Mod
     """
     base = unwrap_model(model)
     heads = _head_prefixes(base)
-    out_emb = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    out_emb = output_embeddings(base)
     kinds = linear_types()
     linears: dict[str, nn.Module] = {}
     for name, module in base.named_modules():

@@ -27,19 +27,22 @@ Calibration, as in the reference implementation, is sequential by default: the i
 block ``k`` are collected with blocks ``0..k-1`` already pruned (one calibration pass per block).
 Padding tokens are excluded from the norms via the batch's attention mask.
 """
+
 from __future__ import annotations
 
+import itertools
 import math
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..arch import eval_mode, is_conv1d, model_device, to_device, unwrap_model, weight_out_in
+from ..arch import eval_mode, is_conv1d, model_device, module_weight, to_device, unwrap_model, weight_out_in
 from ..errors import ConfigError, MissingFileError
 from .linears import COMPRESS_TARGET_SHORTHANDS, linear_layers
 from .quantize import QuantizedLinear
@@ -53,25 +56,33 @@ class PruneConfig:
 
     sparsity: float = field(
         default=0.5,
-        metadata={"help": "fraction of the weights of each output row to zero, in [0, 1) (unstructured); "
-                          "ignored when nm is set (then it is 1 - N/M)"},
+        metadata={
+            "help": "fraction of the weights of each output row to zero, in [0, 1) (unstructured); "
+            "ignored when nm is set (then it is 1 - N/M)"
+        },
     )
     nm: str | None = field(
         default=None,
-        metadata={"help": "N:M semi-structured sparsity, e.g. '2:4': in every group of M consecutive input "
-                          "weights of a row keep the N highest-scoring ones"},
+        metadata={
+            "help": "N:M semi-structured sparsity, e.g. '2:4': in every group of M consecutive input "
+            "weights of a row keep the N highest-scoring ones"
+        },
     )
     targets: str = field(
         default="blocks",
-        metadata={"help": "which linears: 'blocks' (every Linear/Conv1D inside the transformer layers), 'mlp', "
-                          "'attention', 'mlp+attention', 'all-linear', or a comma list of module names / dotted "
-                          "suffixes; embeddings and the task head are never pruned"},
+        metadata={
+            "help": "which linears: 'blocks' (every Linear/Conv1D inside the transformer layers), 'mlp', "
+            "'attention', 'mlp+attention', 'all-linear', or a comma list of module names / dotted "
+            "suffixes; embeddings and the task head are never pruned"
+        },
     )
     calib_batches: int = field(default=8, metadata={"help": "calibration batches used (at most) for the norms"})
     sequential: bool = field(
         default=True,
-        metadata={"help": "calibrate block k on the outputs of the already-pruned blocks 0..k-1 (reference "
-                          "WANDA); False = one pass on the dense model (faster)"},
+        metadata={
+            "help": "calibrate block k on the outputs of the already-pruned blocks 0..k-1 (reference "
+            "WANDA); False = one pass on the dense model (faster)"
+        },
     )
 
     def __post_init__(self) -> None:
@@ -80,8 +91,9 @@ class PruneConfig:
             raise ConfigError(f"sparsity must be a number in [0, 1), got {s!r}")
         self.nm_pair()  # validates nm
         if not isinstance(self.targets, str) or not [t for t in self.targets.split(",") if t.strip()]:
-            raise ConfigError(f"targets must be one of {', '.join(COMPRESS_TARGET_SHORTHANDS)} or a comma list, "
-                             f"got {self.targets!r}")
+            raise ConfigError(
+                f"targets must be one of {', '.join(COMPRESS_TARGET_SHORTHANDS)} or a comma list, got {self.targets!r}"
+            )
         c = self.calib_batches
         if isinstance(c, bool) or not isinstance(c, int) or c < 1:
             raise ConfigError(f"calib_batches must be an integer >= 1, got {c!r}")
@@ -209,7 +221,7 @@ def wanda_prune(model: nn.Module, batches: Iterable[Mapping[str, Any]], cfg: Pru
     quantized = [n for n, m in targets.items() if isinstance(m, QuantizedLinear)]
     if quantized:
         raise ConfigError(f"wanda_prune: {quantized[0]} is quantized; prune first, then quantize")
-    calib = [b for _, b in zip(range(cfg.calib_batches), batches)]
+    calib = list(itertools.islice(batches, cfg.calib_batches))
     if not calib:
         raise ConfigError("wanda_prune needs at least one calibration batch")
     device = model_device(model)
@@ -228,8 +240,11 @@ def wanda_prune(model: nn.Module, batches: Iterable[Mapping[str, Any]], cfg: Pru
             try:
                 for batch in calib:
                     inputs = _model_inputs(batch, device)
-                    batch_masks = [inputs[k] for k in ("attention_mask", "decoder_attention_mask")
-                                   if torch.is_tensor(inputs.get(k))]
+                    batch_masks = [
+                        inputs[k]
+                        for k in ("attention_mask", "decoder_attention_mask")
+                        if torch.is_tensor(inputs.get(k))
+                    ]
                     for c in collectors.values():
                         c.masks = batch_masks
                     model(**inputs)
@@ -239,18 +254,22 @@ def wanda_prune(model: nn.Module, batches: Iterable[Mapping[str, Any]], cfg: Pru
             for n in names:
                 c, module = collectors[n], targets[n]
                 if c.sq is None:
-                    raise ConfigError(f"wanda_prune: layer {n} received no calibration input (is it used by "
-                                     "the forward pass of these batches?)")
+                    raise ConfigError(
+                        f"wanda_prune: layer {n} received no calibration input (is it used by "
+                        "the forward pass of these batches?)"
+                    )
                 first_tokens = first_tokens or c.tokens
                 keep = wanda_mask(wanda_scores(weight_out_in(module), c.sq.sqrt()), cfg)
                 if is_conv1d(module):
                     keep = keep.t()
                 keep = keep.contiguous()
-                module.weight.mul_(keep.to(module.weight.dtype))
+                w = module_weight(module)
+                w.mul_(keep.to(w.dtype))
                 masks[n] = keep.cpu()
-    layers = {n: _zero_fraction(targets[n].weight) for n in targets}
-    total = sum(targets[n].weight.numel() for n in targets)
-    overall = sum(layers[n] * targets[n].weight.numel() for n in targets) / total
+    weights = {n: module_weight(m) for n, m in targets.items()}
+    layers = {n: _zero_fraction(w) for n, w in weights.items()}
+    total = sum(w.numel() for w in weights.values())
+    overall = sum(layers[n] * w.numel() for n, w in weights.items()) / total
     return PruneReport(cfg, layers, overall, len(calib), first_tokens, masks)
 
 
@@ -263,8 +282,10 @@ def _resolve(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, n
     layers = linear_layers(model, "all-linear")
     missing = [n for n in masks if n not in layers]
     if missing:
-        raise ConfigError(f"{len(missing)} mask(s) match no layer of this model, e.g. {missing[0]!r}; were they "
-                         "saved on another architecture?")
+        raise ConfigError(
+            f"{len(missing)} mask(s) match no layer of this model, e.g. {missing[0]!r}; were they "
+            "saved on another architecture?"
+        )
     for n, mask in masks.items():
         shape = tuple(_logical_weight_shape(layers[n]))
         if tuple(mask.shape) != shape:
@@ -275,7 +296,7 @@ def _resolve(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, n
 def _logical_weight_shape(module: nn.Module) -> tuple[int, ...]:
     if isinstance(module, QuantizedLinear):  # codes are packed / padded: the logical shape is (out, in)
         return (module.out_features, module.in_features)
-    return tuple(module.weight.shape)
+    return tuple(module_weight(module).shape)
 
 
 @torch.no_grad()
@@ -286,13 +307,15 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Modul
     changes the kept weights). Quantized layers are checked instead (their codes are read-only here).
     """
     for n, module in _resolve(model, masks).items():
-        mask = masks[n].to(module.weight.device)
+        w = module_weight(module)
+        mask = masks[n].to(w.device)
         if isinstance(module, QuantizedLinear):
             if bool((module.dequantize()[~mask] != 0).any()):
-                raise ConfigError(f"{n} is quantized with non-zero weights at pruned positions: prune before "
-                                 "quantizing")
+                raise ConfigError(
+                    f"{n} is quantized with non-zero weights at pruned positions: prune before quantizing"
+                )
             continue
-        module.weight.mul_(mask.to(module.weight.dtype))
+        w.mul_(mask.to(w.dtype))
     return model
 
 
@@ -313,7 +336,7 @@ def _keep_hook(mask: torch.Tensor):
     cache: dict[str, torch.Tensor] = {}
 
     def hook(module: nn.Module, args: tuple) -> None:
-        w = module.weight
+        w = module_weight(module)
         m = cache.get("m")
         if m is None or m.device != w.device or m.dtype != w.dtype:
             m = cache["m"] = mask.to(device=w.device, dtype=w.dtype)
@@ -334,8 +357,11 @@ def keep_pruned(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> MaskKeep
     """
     masks = {n: m.bool() for n, m in masks.items()}
     apply_masks(model, masks)
-    handles = [module.register_forward_pre_hook(_keep_hook(masks[n]))
-               for n, module in _resolve(model, masks).items() if not isinstance(module, QuantizedLinear)]
+    handles = [
+        module.register_forward_pre_hook(_keep_hook(masks[n]))
+        for n, module in _resolve(model, masks).items()
+        if not isinstance(module, QuantizedLinear)
+    ]
     return MaskKeeper(handles, masks)
 
 
@@ -346,11 +372,12 @@ def merge_lora_pruned(peft_model: nn.Module, masks: Mapping[str, torch.Tensor]) 
     unmerged adapter model by ``(BA * (1 - mask)) x`` (see the module docstring). A quantized base cannot be
     merged into: :func:`deft.compress.quantize.dequantize_model` it first.
     """
-    if not callable(getattr(peft_model, "merge_and_unload", None)):
+    merge_and_unload = getattr(peft_model, "merge_and_unload", None)
+    if not callable(merge_and_unload):
         raise ConfigError("merge_lora_pruned expects a peft model (with merge_and_unload)")
     if any(isinstance(m, QuantizedLinear) for m in peft_model.modules()):
         raise ConfigError("merge_lora_pruned: the base is quantized; dequantize_model() it before merging")
-    merged = peft_model.merge_and_unload()
+    merged = merge_and_unload()
     return apply_masks(merged, masks)
 
 
@@ -359,7 +386,9 @@ def save_masks(masks: Mapping[str, torch.Tensor], path: str | Path, metadata: Ma
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {n: m.detach().bool().cpu().contiguous() for n, m in masks.items()}
-    save_file(tensors, str(path), metadata={"format": "deft-prune-masks", **{k: str(v) for k, v in (metadata or {}).items()}})
+    save_file(
+        tensors, str(path), metadata={"format": "deft-prune-masks", **{k: str(v) for k, v in (metadata or {}).items()}}
+    )
     return path
 
 
@@ -385,7 +414,7 @@ def weight_sparsity(model: nn.Module, targets: str = "blocks") -> dict[str, Any]
     zeros = total = 0
     with torch.no_grad():
         for name, module in linear_layers(model, targets).items():
-            w = module.dequantize() if isinstance(module, QuantizedLinear) else module.weight
+            w = module.dequantize() if isinstance(module, QuantizedLinear) else module_weight(module)
             z = int((w == 0).sum())
             layers[name] = z / w.numel()
             zeros += z

@@ -34,6 +34,7 @@ Consequences, by design: peft's default ``merge_and_unload()`` fails loudly (int
 into a quantized base, :func:`dequantize_model` first. A model quantized here is a load-time transform:
 save the float (or pruned) checkpoint and quantize after loading (it is deterministic).
 """
+
 from __future__ import annotations
 
 import math
@@ -44,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..arch import set_submodule, unwrap_model, weight_out_in
+from ..arch import module_bias, set_submodule, unwrap_model, weight_out_in
 from ..errors import DeftError
 from .linears import linear_layers
 
@@ -63,8 +64,10 @@ class QuantConfig:
     bits: int = field(default=8, metadata={"help": "bits per weight: 8 or 4"})
     group_size: int | None = field(
         default=None,
-        metadata={"help": "input weights sharing one scale; None = per output channel for 8 bits, "
-                          f"{DEFAULT_GROUP_SIZE_4BIT} for 4 bits (must be even for 4 bits)"},
+        metadata={
+            "help": "input weights sharing one scale; None = per output channel for 8 bits, "
+            f"{DEFAULT_GROUP_SIZE_4BIT} for 4 bits (must be even for 4 bits)"
+        },
     )
     backend: str = field(
         default="auto",
@@ -125,8 +128,14 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.
     return codes.contiguous(), scales.to(w.dtype if w.is_floating_point() else torch.float32)
 
 
-def dequantize_weight(codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, in_features: int,
-                      dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_weight(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Inverse of :func:`quantize_weight`: the (out, in) float weight the codes stand for."""
     dtype = dtype or scales.dtype
     out_f, n_groups = scales.shape
@@ -144,28 +153,40 @@ class _DequantMatmul(torch.autograd.Function):
     for backward (only the codes are): the memory point of a quantized base. No gradient for ``W``: frozen."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
         ctx.layer = layer
         return F.linear(x, layer.dequantize(x.dtype))
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor):
         return grad @ ctx.layer.dequantize(grad.dtype), None
 
 
 class QuantizedLinear(nn.Linear):
     """A frozen linear layer holding int8 / packed int4 codes + scales (see the module docstring)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, bits: int = 8,
-                 group_size: int | None = None, device=None, dtype: torch.dtype = torch.float32) -> None:
+    scales: torch.Tensor  # a buffer
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        bits: int = 8,
+        group_size: int | None = None,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate the float weight we replace
         self.in_features, self.out_features = in_features, out_features
         self.bits = bits
         self.group_size = group_size or QuantConfig(bits=bits).group_for(in_features)
         n_groups = math.ceil(in_features / self.group_size)
         cols = n_groups * self.group_size // (2 if bits == 4 else 1)
-        self.weight = nn.Parameter(torch.zeros(out_features, cols, dtype=torch.int8, device=device),
-                                   requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.zeros(out_features, cols, dtype=torch.int8, device=device), requires_grad=False
+        )
         self.register_buffer("scales", torch.ones(out_features, n_groups, dtype=dtype, device=device))
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
@@ -173,19 +194,20 @@ class QuantizedLinear(nn.Linear):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_float(cls, module: nn.Module, bits: int, group_size: int | None = None) -> "QuantizedLinear":
+    def from_float(cls, module: nn.Module, bits: int, group_size: int | None = None) -> QuantizedLinear:
         """Quantize an ``nn.Linear`` or transformers ``Conv1D`` (weight (in, out))."""
         w = weight_out_in(module)
         out_f, in_f = w.shape
         group = group_size or QuantConfig(bits=bits).group_for(in_f)
-        q = cls(in_f, out_f, module.bias is not None, bits=bits, group_size=group, device=w.device, dtype=w.dtype)
+        bias = module_bias(module)
+        q = cls(in_f, out_f, bias is not None, bits=bits, group_size=group, device=w.device, dtype=w.dtype)
         codes, scales = quantize_weight(w, bits, group)
         with torch.no_grad():
             q.weight.data = codes
             q.scales.copy_(scales)
-            if module.bias is not None:
-                q.bias.copy_(module.bias.detach())
-                q.bias.requires_grad_(module.bias.requires_grad)  # BitFit may train it
+            if bias is not None and q.bias is not None:
+                q.bias.copy_(bias.detach())
+                q.bias.requires_grad_(bias.requires_grad)  # BitFit may train it
         return q
 
     @property
@@ -207,8 +229,13 @@ class QuantizedLinear(nn.Linear):
 
     def to_float(self) -> nn.Linear:
         """An ``nn.Linear`` holding the dequantized weight (for merging LoRA, exporting)."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.scales.dtype)
+        lin = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.scales.dtype,
+        )
         with torch.no_grad():
             lin.weight.copy_(self.dequantize())
             if self.bias is not None:
@@ -217,8 +244,10 @@ class QuantizedLinear(nn.Linear):
         return lin
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"bits={self.bits}, group_size={self.group_size}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"bits={self.bits}, group_size={self.group_size}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -242,9 +271,15 @@ class QuantReport:
         return max(errs) if errs else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "backend": self.backend, "bytes_before": self.bytes_before,
-                "bytes_after": self.bytes_after, "compression": self.compression,
-                "max_abs_error": self.max_abs_error, "layers": self.layers}
+        return {
+            "config": self.config.to_dict(),
+            "backend": self.backend,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "compression": self.compression,
+            "max_abs_error": self.max_abs_error,
+            "layers": self.layers,
+        }
 
 
 def is_bnb_loaded(model: nn.Module) -> bool:
@@ -255,8 +290,10 @@ def _require_bnb() -> None:
     from ..methods import qlora_available
 
     if not qlora_available():
-        raise QuantError("backend='bnb' needs a CUDA GPU and bitsandbytes (pip install bitsandbytes); "
-                         "on this machine use backend='deft' (or 'auto')")
+        raise QuantError(
+            "backend='bnb' needs a CUDA GPU and bitsandbytes (pip install bitsandbytes); "
+            "on this machine use backend='deft' (or 'auto')"
+        )
 
 
 def load_kwargs(cfg: QuantConfig) -> dict[str, Any]:
@@ -287,8 +324,10 @@ def quantize_model(model: nn.Module, cfg: QuantConfig | None = None) -> QuantRep
     if backend == "bnb":
         _require_bnb()
         if not is_bnb_loaded(model):
-            raise QuantError("backend='bnb' quantizes while loading: from_pretrained(path, "
-                             "**deft.compress.quantize.load_kwargs(cfg)); use backend='deft' to quantize a loaded model")
+            raise QuantError(
+                "backend='bnb' quantizes while loading: from_pretrained(path, "
+                "**deft.compress.quantize.load_kwargs(cfg)); use backend='deft' to quantize a loaded model"
+            )
         return _bnb_report(model, cfg)
     targets = linear_layers(model, cfg.targets)
     if not targets:
@@ -301,8 +340,11 @@ def quantize_model(model: nn.Module, cfg: QuantConfig | None = None) -> QuantRep
         q = QuantizedLinear.from_float(module, cfg.bits, cfg.group_size)
         w = weight_out_in(module)
         b0, b1 = w.numel() * w.element_size(), q.storage_bytes()
-        layers[name] = {"max_abs_error": float((q.dequantize(torch.float32) - w.float()).abs().max()),
-                        "bytes_before": b0, "bytes_after": b1}
+        layers[name] = {
+            "max_abs_error": float((q.dequantize(torch.float32) - w.float()).abs().max()),
+            "bytes_before": b0,
+            "bytes_after": b1,
+        }
         before, after = before + b0, after + b1
         set_submodule(model, name, q)
     return QuantReport(cfg, backend, layers, before, after)
@@ -331,13 +373,16 @@ def dequantize_model(model: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------- from run options
-def quant_config(args: Any) -> "QuantConfig | None":
+def quant_config(args: Any) -> QuantConfig | None:
     """The :class:`QuantConfig` of ``args.quantize`` / ``args.quant_backend`` / ``args.quant_group_size``."""
     bits = getattr(args, "quantize", None)
     if bits is None:
         return None
-    return QuantConfig(bits=bits, backend=getattr(args, "quant_backend", "auto") or "auto",
-                       group_size=getattr(args, "quant_group_size", None))
+    return QuantConfig(
+        bits=bits,
+        backend=getattr(args, "quant_backend", "auto") or "auto",
+        group_size=getattr(args, "quant_group_size", None),
+    )
 
 
 def compression_load_kwargs(args: Any) -> dict[str, Any]:

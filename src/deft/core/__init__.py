@@ -5,6 +5,7 @@ thresholds (what ``deft.ActivationProbe``, ``deft.DensityLoss`` and ``deft.measu
 :mod:`deft.core.report` counts them into a :class:`DensityReport`, :mod:`deft.core.threshold` holds the
 per-layer thresholds (their schedule during training, and the ``thresholds.json`` files a run leaves).
 """
+
 from __future__ import annotations
 
 from .losses import DensityLoss, smooth_l0, tanh_count

@@ -16,10 +16,12 @@ Two granularities:
   total number of units ``n``. It is a function of the whole (micro-)batch, so it is defined per
   micro-batch under gradient accumulation, as in the paper's code.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -87,8 +89,9 @@ class DensityLoss:
 
     # Called inside the probe's hook: turn a full activation into the few numbers the loss needs, so the
     # activation itself is not kept alive by the probe.
-    def reduce(self, x: torch.Tensor, mask: torch.Tensor | None,
-               threshold: float | None = None) -> tuple[torch.Tensor, int]:
+    def reduce(
+        self, x: torch.Tensor, mask: torch.Tensor | None, threshold: float | None = None
+    ) -> tuple[torch.Tensor, int]:
         # float32: eps=1e-7 underflows in fp16 and x^2 of small bf16 values loses all precision
         x = x.float()
         if self.granularity == "token":
@@ -111,7 +114,7 @@ class DensityLoss:
             raise ConfigError(f"layer_weights has shape {tuple(w.shape)}, but the probe has {n_sites} sites")
         return w
 
-    def per_layer(self, probe: "ActivationProbe", *, num_tokens: int | float | None = None) -> list[torch.Tensor | None]:
+    def per_layer(self, probe: ActivationProbe, *, num_tokens: int | float | None = None) -> list[torch.Tensor | None]:
         """The loss of each site (None where the site saw nothing), before layer weighting."""
         out: list[torch.Tensor | None] = []
         for site in probe.sites:
@@ -130,18 +133,18 @@ class DensityLoss:
                 out.append(self.surrogate(s).sum())
         return out
 
-    def __call__(self, probe: "ActivationProbe", *, num_tokens: int | float | None = None) -> torch.Tensor:
+    def __call__(self, probe: ActivationProbe, *, num_tokens: int | float | None = None) -> torch.Tensor:
         """The density loss of what the probe recorded in the last forward pass."""
         per = self.per_layer(probe, num_tokens=num_tokens)
-        used = [i for i, v in enumerate(per) if v is not None]
-        if not used:
+        seen = [(i, v) for i, v in enumerate(per) if v is not None]
+        used = [i for i, _ in seen]
+        if not seen:
             raise RuntimeError(
                 "the probe recorded no activations with grad: bind this loss with probe.track(loss), "
                 "keep the probe attached and run the model's forward with grad enabled first"
             )
-        device = per[used[0]].device
-        w = self.weight_vector(len(per), device)
-        vals = torch.stack([per[i] * w[i] for i in used])
+        w = self.weight_vector(len(per), seen[0][1].device)
+        vals = torch.stack([v * w[i] for i, v in seen])
         if self.granularity == "token":
             return vals.sum() / len(used)
         n_units = sum(probe.sites[i].units for i in used)

@@ -18,12 +18,14 @@ Hooks only record while the hooked top model's ``forward`` is running. That make
 under non-reentrant gradient checkpointing: the layer recomputation during backward calls the hooks
 again, outside the top-level forward, and is ignored.
 """
+
 from __future__ import annotations
 
 import fnmatch
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -102,16 +104,18 @@ class ActivationProbe:
         include_padding: bool = False,
     ) -> None:
         per_site = dict(threshold) if isinstance(threshold, Mapping) else None
-        for name, v in (per_site or {"threshold": threshold}).items():
+        checks: Mapping[str, object] = per_site or {"threshold": threshold}
+        for name, v in checks.items():
             if not _valid_threshold(v):
-                raise ConfigError(f"threshold{'' if per_site is None else f' of {name}'} must be a number >= 0, "
-                                  f"got {v!r}")
+                raise ConfigError(
+                    f"threshold{'' if per_site is None else f' of {name}'} must be a number >= 0, got {v!r}"
+                )
         if point not in ("auto", "activation", "down_input"):
             raise ConfigError(f"point must be 'auto', 'activation' or 'down_input', got {point!r}")
         self.model = model
         self.top = unwrap_model(model)
         # the scalar threshold (0 when per-site thresholds are given); per-site ones live on the sites
-        self.threshold = 0.0 if per_site is not None else float(threshold)
+        self.threshold = 0.0 if isinstance(threshold, Mapping) else float(threshold)
         self.include_padding = bool(include_padding)
         self.point = point
         self.sites: list[Site] = self._find_sites(list(sites) if sites is not None else None)
@@ -136,7 +140,7 @@ class ActivationProbe:
         if patterns is not None:
             if not patterns:
                 raise ConfigError("sites=[] selects nothing; pass module-name globs or None")
-            capture = "input" if self.point == "down_input" else "output"
+            capture: Literal["output", "input"] = "input" if self.point == "down_input" else "output"
             chosen = [(n, m) for n, m in named if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
             if not chosen:
                 raise ConfigError(
@@ -196,12 +200,12 @@ class ActivationProbe:
             if not _valid_threshold(v):
                 raise ConfigError(f"mask threshold of {name} must be a number >= 0, got {v!r}")
         for s in self.sites:
-            v = thresholds.get(s.name)
-            s.mask_threshold = None if v is None else float(v)
+            t = thresholds.get(s.name)
+            s.mask_threshold = None if t is None else float(t)
         self._straight_through = bool(straight_through)
 
     # ------------------------------------------------------------------ lifecycle
-    def attach(self) -> "ActivationProbe":
+    def attach(self) -> ActivationProbe:
         if self._handles:
             return self
         # Both the model as given and the transformers model inside it mark "a forward is running": peft's
@@ -230,7 +234,7 @@ class ActivationProbe:
         """Whether the hooks are in place (between :meth:`attach` and :meth:`detach`)."""
         return bool(self._handles)
 
-    def __enter__(self) -> "ActivationProbe":
+    def __enter__(self) -> ActivationProbe:
         return self.attach()
 
     def __exit__(self, *exc: object) -> None:
@@ -243,7 +247,7 @@ class ActivationProbe:
             s.union_sum = 0.0
             s.partials.clear()
 
-    def track(self, loss: "DensityLoss | None") -> "ActivationProbe":
+    def track(self, loss: DensityLoss | None) -> ActivationProbe:
         """Bind a density loss: from now on hooks keep the partials it needs (when grad is enabled)."""
         self._loss = loss
         return self
@@ -306,7 +310,8 @@ class ActivationProbe:
         return mask.to(device=x.device).bool().reshape(x.shape[:-1])
 
     def _make_hook(self, site: Site, use_input: bool):
-        def hook(module: nn.Module, *args: Any) -> None:
+        # a forward (pre-)hook: None keeps the module's input / output, anything else replaces it
+        def hook(module: nn.Module, *args: Any) -> Any:
             x = args[0][0] if use_input else args[1]
             if isinstance(x, tuple):
                 x = x[0]

@@ -4,6 +4,7 @@ With per-layer thresholds (``measure_density(..., thresholds={site: t})``) the d
 *effective* density: the share of MLP down-projection (W2) inputs with ``|h| > t_layer``, i.e. the W2 input
 units a thresholded kernel still has to touch. The exact-zero density of the same pass is kept beside it.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,7 +16,7 @@ from torch import nn
 
 from ..arch import run_batches
 from ..errors import ConfigError
-from .probe import ActivationProbe
+from .probe import ActivationProbe, Point
 from .threshold import apply_thresholds, check_thresholds, down_site_names
 
 T = TypeVar("T")
@@ -54,17 +55,17 @@ class DensityReport:
     thresholds: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
-        seen = [l for l in self.layers if l.entries > 0]
+        seen = [layer for layer in self.layers if layer.entries > 0]
         if not self.groups:
             by: dict[str, list[float]] = {}
-            for l in seen:
-                by.setdefault(l.group, []).append(l.density)
+            for layer in seen:
+                by.setdefault(layer.group, []).append(layer.density)
             self.groups = {g: sum(v) / len(v) for g, v in sorted(by.items())}
         if seen and math.isnan(self.overall):
-            self.overall = sum(l.density for l in seen) / len(seen)
+            self.overall = sum(layer.density for layer in seen) / len(seen)
 
     @classmethod
-    def from_probe(cls, probe: ActivationProbe) -> "DensityReport":
+    def from_probe(cls, probe: ActivationProbe) -> DensityReport:
         layers = [
             LayerDensity(
                 name=s.name,
@@ -79,18 +80,22 @@ class DensityReport:
             for s in probe.sites
         ]
         per_site = getattr(probe, "thresholds", None)
-        return cls(layers=layers, threshold=probe.threshold, include_padding=probe.include_padding,
-                   thresholds=dict(per_site) if per_site else None)
+        return cls(
+            layers=layers,
+            threshold=probe.threshold,
+            include_padding=probe.include_padding,
+            thresholds=dict(per_site) if per_site else None,
+        )
 
     @property
     def union_overall(self) -> float:
-        vals = [l.union_density for l in self.layers if l.entries > 0]
+        vals = [layer.union_density for layer in self.layers if layer.entries > 0]
         return sum(vals) / len(vals) if vals else float("nan")
 
     @property
     def exact_overall(self) -> float | None:
         """Mean exact-zero density over the layers (None unless measured beside per-layer thresholds)."""
-        vals = [l.exact_density for l in self.layers if l.entries > 0 and l.exact_density is not None]
+        vals = [layer.exact_density for layer in self.layers if layer.entries > 0 and layer.exact_density is not None]
         return sum(vals) / len(vals) if vals else None
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,13 +107,13 @@ class DensityReport:
             "include_padding": self.include_padding,
             "thresholds": dict(self.thresholds) if self.thresholds is not None else None,
             "exact_overall": self.exact_overall,
-            "layers": [asdict(l) for l in self.layers],
+            "layers": [asdict(layer) for layer in self.layers],
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "DensityReport":
+    def from_dict(cls, d: Mapping[str, Any]) -> DensityReport:
         return cls(
-            layers=[LayerDensity(**l) for l in d["layers"]],
+            layers=[LayerDensity(**layer) for layer in d["layers"]],
             threshold=d.get("threshold", 0.0),
             include_padding=d.get("include_padding", False),
             groups=dict(d.get("groups", {})),
@@ -119,26 +124,30 @@ class DensityReport:
 
     def table(self) -> str:
         """A fixed-width table for the terminal (densities in %)."""
-        w = max([len(l.name) for l in self.layers] + [5])
+        w = max([len(layer.name) for layer in self.layers] + [5])
         lines = [f"{'layer':<{w}}  {'group':<7}  {'density %':>9}  {'union %':>8}  {'tokens':>8}"]
-        exact = self.exact_overall is not None
+        exact_overall = self.exact_overall
+        exact = exact_overall is not None
         if exact:  # thresholded: density is the effective one, the exact-zero one goes beside it
             lines[0] += f"  {'threshold':>9}  {'exact-0 %':>9}"
-        for l in self.layers:
+        for layer in self.layers:
             lines.append(
-                f"{l.name:<{w}}  {l.group:<7}  {100 * l.density:>9.2f}  {100 * l.union_density:>8.2f}  {l.tokens:>8}"
+                f"{layer.name:<{w}}  {layer.group:<7}  {100 * layer.density:>9.2f}  "
+                f"{100 * layer.union_density:>8.2f}  {layer.tokens:>8}"
             )
             if exact:
-                t = (self.thresholds or {}).get(l.name, self.threshold)
-                ex = f"{100 * l.exact_density:>9.2f}" if l.exact_density is not None else f"{'':>9}"
+                t = (self.thresholds or {}).get(layer.name, self.threshold)
+                ex = f"{100 * layer.exact_density:>9.2f}" if layer.exact_density is not None else f"{'':>9}"
                 lines[-1] += f"  {t:>9.3g}  {ex}"
         for g, v in self.groups.items():
             lines.append(f"{'mean (' + g + ')':<{w}}  {'':<7}  {100 * v:>9.2f}")
         lines.append(f"{'overall':<{w}}  {'':<7}  {100 * self.overall:>9.2f}  {100 * self.union_overall:>8.2f}")
-        if exact:
-            lines[-1] += f"  {'':>8}  {'':>9}  {100 * self.exact_overall:>9.2f}"
-            lines.append(f"effective density (|h| > per-layer threshold): {100 * self.overall:.2f} %; "
-                         f"exact-zero density: {100 * self.exact_overall:.2f} %")
+        if exact_overall is not None:
+            lines[-1] += f"  {'':>8}  {'':>9}  {100 * exact_overall:>9.2f}"
+            lines.append(
+                f"effective density (|h| > per-layer threshold): {100 * self.overall:.2f} %; "
+                f"exact-zero density: {100 * exact_overall:.2f} %"
+            )
         return "\n".join(lines)
 
 
@@ -149,7 +158,7 @@ def measure_density(
     threshold: float | Mapping[str, float] = 0.0,
     include_padding: bool = False,
     sites: Iterable[str] | None = None,
-    point: str = "auto",
+    point: Point = "auto",
     probe: ActivationProbe | None = None,
     thresholds: Mapping[str, float] | None = None,
     mask: bool = True,
@@ -176,10 +185,20 @@ def measure_density(
         if point not in ("auto", "down_input"):
             raise ConfigError(f"measure_density: per-layer thresholds are counted at point='down_input', got {point!r}")
 
-        return count_thresholded(model, thresholds, lambda: run_batches(model, batches),
-                                 include_padding=include_padding, sites=sites, mask=mask)[1]
+        return count_thresholded(
+            model,
+            thresholds,
+            lambda: run_batches(model, batches),
+            include_padding=include_padding,
+            sites=sites,
+            mask=mask,
+        )[1]
     probe = probe or ActivationProbe(
-        model, sites=sites, point=point, threshold=threshold, include_padding=include_padding  # type: ignore[arg-type]
+        model,
+        sites=sites,
+        point=point,
+        threshold=threshold,
+        include_padding=include_padding,
     )
     probe.reset()
     attached_here = not probe.attached
@@ -214,8 +233,9 @@ def count_thresholded(
         if mask:
             effective = apply_thresholds(model, th, sites=sites, include_padding=include_padding)
         else:
-            effective = ActivationProbe(model, sites=sites, point="down_input", threshold=th,
-                                        include_padding=include_padding).attach()
+            effective = ActivationProbe(
+                model, sites=sites, point="down_input", threshold=th, include_padding=include_padding
+            ).attach()
         try:
             effective.reset()
             result = run()
@@ -224,7 +244,7 @@ def count_thresholded(
     finally:
         exact.detach()
     report = DensityReport.from_probe(effective)
-    for layer, site in zip(report.layers, exact.sites):
+    for layer, site in zip(report.layers, exact.sites, strict=True):
         layer.exact_density = site.density()
     report.thresholds = th
     return result, report

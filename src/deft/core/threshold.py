@@ -22,14 +22,15 @@ step, so the adapter learns to solve the task with only the kept units:
 A density loss (``alpha > 0``) can be added on top: its surrogate then has its reach at the threshold
 (:meth:`deft.DensityLoss.surrogate`), so it pushes entries below ``t`` rather than toward exact zero.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from torch import nn
 
@@ -66,8 +67,16 @@ class ThresholdTracker:
     uses the thresholds of the last step unchanged.
     """
 
-    def __init__(self, probe: ActivationProbe, *, target: float, ramp: float = 0.6, schedule: Schedule = "cosine",
-                 momentum: float = 0.9, straight_through: bool = False) -> None:
+    def __init__(
+        self,
+        probe: ActivationProbe,
+        *,
+        target: float,
+        ramp: float = 0.6,
+        schedule: Schedule = "cosine",
+        momentum: float = 0.9,
+        straight_through: bool = False,
+    ) -> None:
         if not 0.0 < target <= 1.0:
             raise ConfigError(f"target_density must be in (0, 1], got {target!r}")
         if not 0.0 <= momentum < 1.0:
@@ -108,8 +117,11 @@ class ThresholdTracker:
         th = state.get("thresholds")
         if not isinstance(th, Mapping):
             raise ConfigError("threshold state has no 'thresholds' mapping")
+        density = state.get("density", self.target)
+        if not isinstance(density, (int, float)):
+            raise ConfigError(f"threshold state: 'density' is {density!r}, not a number")
         self.thresholds = {k: float(v) for k, v in th.items()}
-        self.density = float(state.get("density", self.target))  # type: ignore[arg-type]
+        self.density = float(density)
         self.probe.mask_below(self.thresholds, straight_through=self.straight_through)
 
 

@@ -2,6 +2,7 @@
 
 Every loader raises :class:`DataError` with the file and line (or the option) at fault.
 """
+
 from deft.data.errors import DataError
 from deft.data.glue import (
     GLUE_TASKS,

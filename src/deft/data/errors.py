@@ -1,4 +1,5 @@
 """The one exception type of :mod:`deft.data`."""
+
 from __future__ import annotations
 
 from os import PathLike

@@ -5,6 +5,7 @@ Local files follow the layout of the GLUE download script: ``DATA_DIR/SST-2/trai
 double quotes, so the TSVs are read with ``csv.QUOTE_NONE``: with quoting on, one stray quote swallows
 the rest of the file into one field.
 """
+
 from __future__ import annotations
 
 import csv
@@ -71,22 +72,91 @@ GLUE_TASKS: dict[str, GlueTask] = {
     t.name: t
     for t in (
         GlueTask("sst2", "SST-2", "sentence", None, "label", _BINARY, ("accuracy",), "accuracy"),
-        GlueTask("mrpc", "MRPC", "#1 String", "#2 String", "Quality", _BINARY, ("f1", "accuracy"), "f1",
-                 hub_text_a="sentence1", hub_text_b="sentence2"),
-        GlueTask("rte", "RTE", "sentence1", "sentence2", "label", _ENTAILMENT, ("accuracy",), "accuracy",
-                 hub_text_a="sentence1", hub_text_b="sentence2"),
-        GlueTask("cola", "CoLA", "sentence", None, "label", _BINARY, ("matthews_correlation",),
-                 "matthews_correlation", columns=("source", "label", "original_label", "sentence")),
-        GlueTask("stsb", "STS-B", "sentence1", "sentence2", "score", None, ("pearson", "spearmanr", "combined"),
-                 "pearson", hub_text_a="sentence1", hub_text_b="sentence2"),
-        GlueTask("qnli", "QNLI", "question", "sentence", "label", _ENTAILMENT, ("accuracy",), "accuracy",
-                 hub_text_a="question", hub_text_b="sentence"),
-        GlueTask("qqp", "QQP", "question1", "question2", "is_duplicate", _BINARY, ("f1", "accuracy"), "f1",
-                 hub_text_a="question1", hub_text_b="question2"),
-        GlueTask("mnli", "MNLI", "sentence1", "sentence2", "gold_label",
-                 ("entailment", "neutral", "contradiction"), ("accuracy",), "accuracy",
-                 dev_file="dev_matched.tsv", hub_text_a="premise", hub_text_b="hypothesis",
-                 hub_dev_split="validation_matched"),
+        GlueTask(
+            "mrpc",
+            "MRPC",
+            "#1 String",
+            "#2 String",
+            "Quality",
+            _BINARY,
+            ("f1", "accuracy"),
+            "f1",
+            hub_text_a="sentence1",
+            hub_text_b="sentence2",
+        ),
+        GlueTask(
+            "rte",
+            "RTE",
+            "sentence1",
+            "sentence2",
+            "label",
+            _ENTAILMENT,
+            ("accuracy",),
+            "accuracy",
+            hub_text_a="sentence1",
+            hub_text_b="sentence2",
+        ),
+        GlueTask(
+            "cola",
+            "CoLA",
+            "sentence",
+            None,
+            "label",
+            _BINARY,
+            ("matthews_correlation",),
+            "matthews_correlation",
+            columns=("source", "label", "original_label", "sentence"),
+        ),
+        GlueTask(
+            "stsb",
+            "STS-B",
+            "sentence1",
+            "sentence2",
+            "score",
+            None,
+            ("pearson", "spearmanr", "combined"),
+            "pearson",
+            hub_text_a="sentence1",
+            hub_text_b="sentence2",
+        ),
+        GlueTask(
+            "qnli",
+            "QNLI",
+            "question",
+            "sentence",
+            "label",
+            _ENTAILMENT,
+            ("accuracy",),
+            "accuracy",
+            hub_text_a="question",
+            hub_text_b="sentence",
+        ),
+        GlueTask(
+            "qqp",
+            "QQP",
+            "question1",
+            "question2",
+            "is_duplicate",
+            _BINARY,
+            ("f1", "accuracy"),
+            "f1",
+            hub_text_a="question1",
+            hub_text_b="question2",
+        ),
+        GlueTask(
+            "mnli",
+            "MNLI",
+            "sentence1",
+            "sentence2",
+            "gold_label",
+            ("entailment", "neutral", "contradiction"),
+            ("accuracy",),
+            "accuracy",
+            dev_file="dev_matched.tsv",
+            hub_text_a="premise",
+            hub_text_b="hypothesis",
+            hub_dev_split="validation_matched",
+        ),
     )
 }
 
@@ -182,8 +252,13 @@ def _parse_rows(reader: Any, spec: GlueTask, path: Path) -> list[Example]:
         # caught here, naming the file: an empty split otherwise fails much later, deep in the Trainer
         # ("num_samples=0"), without saying which file was empty
         first = 1 if spec.columns is not None else 2
-        raise DataError.at(path, first, "no data rows" + (" after the header line" if spec.columns is None else "")
-                           + f"; expected one tab-separated {spec.dir_name} example per line")
+        raise DataError.at(
+            path,
+            first,
+            "no data rows"
+            + (" after the header line" if spec.columns is None else "")
+            + f"; expected one tab-separated {spec.dir_name} example per line",
+        )
     return examples
 
 
@@ -223,7 +298,8 @@ def _local_file(spec: GlueTask, split: Split, data_dir: Path) -> Path:
     if path is not None:
         return path
     raise DataError(
-        f"{data_dir / spec.dir_name / spec.file_name(split)}: no such file. --data-dir should be the GLUE root laid out as "
+        f"{data_dir / spec.dir_name / spec.file_name(split)}: no such file. "
+        "--data-dir should be the GLUE root laid out as "
         f"TASK_DIR/{{train,dev}}.tsv, here {spec.dir_name}/{spec.train_file} and {spec.dir_name}/{spec.dev_file}"
     )
 

@@ -4,6 +4,7 @@ torchvision is not usable in deft's environments, so images are read with PIL an
 ``pixel_values`` by a transformers image processor (resize + rescale + normalise), which is all a
 ViT classifier needs.
 """
+
 from __future__ import annotations
 
 import colorsys

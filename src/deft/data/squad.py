@@ -4,6 +4,7 @@ Only the dev file (``dev-v1.1.json``, 10,570 questions over 48 articles) is avai
 and eval sets are both carved out of it by :func:`split_squad`. Results on such a split are not
 comparable with published SQuAD dev numbers.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,14 +58,16 @@ def load_squad(path: str | PathLike[str]) -> list[QAExample]:
                 qid = _get(q, "id", path, f"a question of article {title!r} paragraph {p}")
                 where = f"question {qid}"
                 answers = _get(q, "answers", path, where)
-                examples.append(QAExample(
-                    id=str(qid),
-                    question=_get(q, "question", path, where),
-                    context=context,
-                    answers=[_get(ans, "text", path, where) for ans in answers],
-                    answer_starts=[int(_get(ans, "answer_start", path, where)) for ans in answers],
-                    title=title,
-                ))
+                examples.append(
+                    QAExample(
+                        id=str(qid),
+                        question=_get(q, "question", path, where),
+                        context=context,
+                        answers=[_get(ans, "text", path, where) for ans in answers],
+                        answer_starts=[int(_get(ans, "answer_start", path, where)) for ans in answers],
+                        title=title,
+                    )
+                )
     return examples
 
 
@@ -96,10 +99,12 @@ def split_squad(
 
 # ---- extractive (encoder models with a span head) -------------------------------------------------
 
+
 def _encode(examples: Sequence[QAExample], tokenizer: Any, max_length: int, stride: int) -> Any:
     if not getattr(tokenizer, "is_fast", False):
-        raise DataError("extractive SQuAD preprocessing needs a fast tokenizer (offset mappings); "
-                        f"got {type(tokenizer).__name__}")
+        raise DataError(
+            f"extractive SQuAD preprocessing needs a fast tokenizer (offset mappings); got {type(tokenizer).__name__}"
+        )
     # Long contexts become several windows overlapping by `stride` tokens; only the context is cut.
     enc = tokenizer(
         [e.question.lstrip() for e in examples],  # leading spaces waste tokens and shift nothing useful
@@ -125,10 +130,10 @@ def _check_windows_cover_contexts(enc: Any, examples: Sequence[QAExample], slack
     for i, offsets in enumerate(enc["offset_mapping"]):
         j = enc["overflow_to_sample_mapping"][i]
         ids = enc.sequence_ids(i)
-        ends = [o[1] for o, sid in zip(offsets, ids) if sid == 1]
+        ends = [o[1] for o, sid in zip(offsets, ids, strict=True) if sid == 1]
         if ends:
             reach[j] = max(reach[j], max(ends))
-    for e, r in zip(examples, reach):
+    for e, r in zip(examples, reach, strict=True):
         if r < len(e.context.rstrip()) - slack:
             import tokenizers
 
@@ -206,7 +211,7 @@ def prepare_extractive_eval(
         feature: dict[str, Any] = _model_inputs(enc, i)
         feature["example_id"] = example.id
         feature["context"] = example.context
-        feature["offset_mapping"] = [tuple(o) if s == 1 else None for o, s in zip(offsets, sequence_ids)]
+        feature["offset_mapping"] = [tuple(o) if s == 1 else None for o, s in zip(offsets, sequence_ids, strict=True)]
         features.append(feature)
     return features
 
@@ -236,7 +241,7 @@ def postprocess_extractive(
                     continue
                 score = float(s_log[s] + e_log[e])
                 if score > best[qid][0]:
-                    best[qid] = (score, feature["context"][offsets[s][0]: offsets[e][1]])
+                    best[qid] = (score, feature["context"][offsets[s][0] : offsets[e][1]])
     return {qid: text for qid, (_, text) in best.items()}
 
 
@@ -248,9 +253,8 @@ def _row(x: Any) -> np.ndarray:
 
 # ---- generative (seq2seq / decoder-only models) ---------------------------------------------------
 
-def generative_pairs(
-    examples: Sequence[QAExample], style: Literal["t5", "chat"] = "t5"
-) -> list[tuple[str, str]]:
+
+def generative_pairs(examples: Sequence[QAExample], style: Literal["t5", "chat"] = "t5") -> list[tuple[str, str]]:
     """(source text, target text) pairs; the target is the first reference answer.
 
     "t5": the T5 paper's SQuAD format, ``question: ... context: ...``.
@@ -265,13 +269,16 @@ def generative_pairs(
         if style == "t5":
             source = f"question: {e.question} context: {e.context}"
         else:
-            source = (f"Answer the question with a short span copied from the context.\n\n"
-                      f"Context: {e.context}\nQuestion: {e.question}\nAnswer:")
+            source = (
+                f"Answer the question with a short span copied from the context.\n\n"
+                f"Context: {e.context}\nQuestion: {e.question}\nAnswer:"
+            )
         pairs.append((source, e.answers[0]))
     return pairs
 
 
 # ---- metrics ---------------------------------------------------------------------------------------
+
 
 def squad_metrics(predictions: Mapping[str, str], examples: Sequence[QAExample]) -> dict[str, float]:
     """SQuAD exact match and token F1, in percent (0-100) as the official script reports them.
@@ -289,5 +296,7 @@ def squad_metrics(predictions: Mapping[str, str], examples: Sequence[QAExample])
     if not examples:
         raise DataError("squad_metrics needs at least one example")
     preds = [{"id": e.id, "prediction_text": predictions.get(e.id, "")} for e in examples]
-    target = [{"id": e.id, "answers": {"text": e.answers, "answer_start": e.answer_starts}} for e in examples]
+    target: list[dict[str, str | dict[str, list[str] | list[int]]]] = [
+        {"id": e.id, "answers": {"text": e.answers, "answer_start": e.answer_starts}} for e in examples
+    ]
     return {k: float(v) for k, v in squad(preds, target).items()}

@@ -5,6 +5,7 @@ activation by ReLU and adapting with PEFT (Mirzadeh et al. 2023, "ReLU strikes b
 units exactly zero from the start, and the tanh surrogate of DEFT then applies as written for ReLU.
 The modules are found by name through the architecture table, like the probe's sites.
 """
+
 from __future__ import annotations
 
 from torch import nn

@@ -7,15 +7,17 @@ real memory saving) and their matmuls are not run (a real runtime saving). For a
 *nearly* silent the replacement is an approximation; :func:`choose_skips` picks the blocks to skip on
 validation data under a bounded metric drop.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..arch import full_match, mlp_spec, model_type, set_submodule, unwrap_model
+from ..arch import full_match, mlp_spec, model_type, module_weight, set_submodule, unwrap_model
 from ..core.report import DensityReport
 from ..errors import ConfigError
 
@@ -49,18 +51,18 @@ class ConstantOutput(nn.Module):
 
 
 def _out_features(module: nn.Module) -> int:
-    if hasattr(module, "out_features"):
-        return int(module.out_features)
-    if hasattr(module, "nf"):  # transformers Conv1D
-        return int(module.nf)
-    if hasattr(module, "base_layer"):
-        return _out_features(module.base_layer)
+    for attr in ("out_features", "nf"):  # nf: transformers Conv1D
+        n = getattr(module, attr, None)
+        if n is not None:
+            return int(n)
+    base = getattr(module, "base_layer", None)
+    if base is not None:
+        return _out_features(base)
     raise TypeError(f"cannot tell the output size of {type(module).__name__}")
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
-    base = getattr(module, "base_layer", module)
-    return base.weight
+    return module_weight(getattr(module, "base_layer", module))
 
 
 def _bias(module: nn.Module) -> torch.Tensor | None:
@@ -100,7 +102,9 @@ def skip_mlp_blocks(
             f"the density report has {len(report.layers)} layers but the model has {len(downs)} MLP blocks: "
             "measure the report on this model"
         )
-    chosen = layers if layers is not None else [i for i, l in enumerate(report.layers) if l.density <= threshold]
+    chosen = (
+        layers if layers is not None else [i for i, layer in enumerate(report.layers) if layer.density <= threshold]
+    )
     result = SkipResult()
     for i in chosen:
         down = downs[i]

@@ -7,6 +7,7 @@ bottleneck adapters (implemented here).
     save_trainable(model, "out/", cfg, task_type="SEQ_CLS")
     model = load_trainable(fresh_base_model, "out/", task_type="SEQ_CLS")
 """
+
 from __future__ import annotations
 
 from .adapters import AdapterWrapper, BottleneckAdapter

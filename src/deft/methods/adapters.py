@@ -5,6 +5,7 @@ module's attribute name on its parent and keeps the original as ``base_layer`` (
 name pattern anchored at the end (``layer\\.\\d+\\.output\\.dense$``) still finds exactly one module per layer,
 and a hook on it still sees the projection's input: the activation probe is unaffected by the adapter.
 """
+
 from __future__ import annotations
 
 import torch

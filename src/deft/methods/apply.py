@@ -4,11 +4,13 @@ lora / qlora / prefix / prompt / ia3 go through peft; bitfit and bottleneck adap
 (peft has neither). In every case the base weights are frozen and a freshly initialised task head
 (classifier / score / qa_outputs) is trained fully.
 """
+
 from __future__ import annotations
 
 import importlib.util
 import inspect
 import warnings
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -83,9 +85,10 @@ def _lora_config(model: nn.Module, cfg: MethodConfig, task_type: str, heads: lis
     return LoraConfig(
         task_type=_peft_task_type(task_type),
         r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
+        # peft annotates lora_alpha as int, but any number > 0 works (the update is scaled by alpha / r)
+        lora_alpha=cfg.lora_alpha,  # type: ignore[arg-type]
         lora_dropout=cfg.lora_dropout,
-        bias=cfg.lora_bias,
+        bias=cast(Literal["none", "all", "lora_only"], cfg.lora_bias),  # checked by MethodConfig
         target_modules=names_to_regex(model, targets),
         modules_to_save=heads or None,
     )
@@ -135,14 +138,18 @@ def _prompt_learning_config(model: nn.Module, cfg: MethodConfig, task_type: str,
         raise MethodError(f"{unsupported}: prefix tuning needs a model that accepts past_key_values")
     # peft reads sizes from config.to_dict() under a few spellings; families like DistilBERT (dim, n_layers,
     # n_heads) only expose the canonical names through the config's attribute_map, so fill what peft would miss.
-    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config: Any = model.config  # a transformers PretrainedConfig
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
     raw = text.to_dict()
-    sizes: dict[str, int] = {}
+    sizes: dict[str, Any] = {}
     for ours, theirs, spellings in (
         ("token_dim", "hidden_size", ("hidden_size", "n_embd", "d_model")),
         ("num_layers", "num_hidden_layers", ("num_hidden_layers", "num_layers", "n_layer")),
-        ("num_attention_heads", "num_attention_heads",
-         ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")),
+        (
+            "num_attention_heads",
+            "num_attention_heads",
+            ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"),
+        ),
     ):
         if not any(s in raw for s in spellings) and getattr(text, theirs, None) is not None:
             sizes[ours] = int(getattr(text, theirs))

@@ -1,4 +1,5 @@
 """Configuration of the PEFT method DEFT trains with (one dataclass, validated on construction)."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
@@ -20,8 +21,18 @@ TASK_TYPES: tuple[str, ...] = (
     "FEATURE_EXTRACTION",
 )
 # Activations a bottleneck adapter may use (the names transformers' ACT2FN knows).
-ADAPTER_NON_LINEARITIES: tuple[str, ...] = ("relu", "gelu", "gelu_new", "silu", "swish", "tanh", "sigmoid",
-                                            "leaky_relu", "mish", "quick_gelu")
+ADAPTER_NON_LINEARITIES: tuple[str, ...] = (
+    "relu",
+    "gelu",
+    "gelu_new",
+    "silu",
+    "swish",
+    "tanh",
+    "sigmoid",
+    "leaky_relu",
+    "mish",
+    "quick_gelu",
+)
 
 
 class MethodError(DeftError, ValueError):
@@ -128,9 +139,11 @@ class MethodConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MethodConfig":
+    def from_dict(cls, data: dict[str, Any]) -> MethodConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise MethodError(f"unknown MethodConfig option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise MethodError(
+                f"unknown MethodConfig option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
         return cls(**data)

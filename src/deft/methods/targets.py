@@ -3,13 +3,14 @@
 Everything is resolved to *full* module names on the model about to be wrapped, then compressed into one
 regular expression for peft (peft full-matches a string ``target_modules`` against each module name).
 """
+
 from __future__ import annotations
 
 import re
 
 from torch import nn
 
-from ..arch import MLPSpec, full_match, in_numbered_block, linear_types, mlp_spec, model_type
+from ..arch import MLPSpec, full_match, in_numbered_block, linear_types, mlp_spec, model_type, output_embeddings
 from .config import MethodError
 
 # Task types whose head is freshly initialised and must be trained fully (peft's modules_to_save).
@@ -28,8 +29,9 @@ def linear_out_features(module: nn.Module) -> int:
     """Output width of a Linear or a transformers Conv1D (which calls it ``nf``)."""
     if isinstance(module, nn.Linear):
         return module.out_features
-    if hasattr(module, "nf"):
-        return int(module.nf)
+    nf = getattr(module, "nf", None)
+    if nf is not None:
+        return int(nf)
     raise TypeError(f"{type(module).__name__} is neither nn.Linear nor transformers Conv1D")
 
 
@@ -46,7 +48,7 @@ def head_module_names(model: nn.Module, task_type: str) -> list[str]:
     backbone = getattr(model, "base_model", model)
     if backbone is model:
         return []
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out_emb = output_embeddings(model)
     return [
         name
         for name, child in model.named_children()
@@ -100,7 +102,7 @@ def resolve_targets(model: nn.Module, target_modules: list[str], exclude: list[s
     double-wraps) a module that is both a LoRA target and a module to save.
     """
     kind = model_type(model)
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out_emb = output_embeddings(model)
     exclude = list(exclude) + [n for n, m in model.named_modules() if out_emb is not None and m is out_emb]
     if len(target_modules) == 1 and target_modules[0] in ("mlp", "attention", "mlp+attention"):
         spec = mlp_spec(kind)

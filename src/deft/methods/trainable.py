@@ -5,13 +5,14 @@ A checkpoint directory holds ``adapter_model.safetensors`` (only the trainable w
 the method on a fresh base model. For peft methods the directory is also a regular peft checkpoint
 (``adapter_config.json`` is written too), loadable with ``PeftModel.from_pretrained``.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import re
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeGuard
 
 import torch
 from safetensors import SafetensorError
@@ -23,6 +24,9 @@ from ..errors import MissingFileError
 from ..io import atomic_write, atomic_write_files
 from .apply import apply_method
 from .config import MethodConfig, MethodError
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 METHOD_NAME = "deft_method.json"
@@ -65,7 +69,7 @@ def count_parameters(model: nn.Module) -> ParamCount:
     return ParamCount(trainable, total, 100.0 * trainable / total if total else 0.0)
 
 
-def _is_peft(model: nn.Module) -> bool:
+def _is_peft(model: nn.Module) -> TypeGuard[PeftModel]:
     try:
         from peft import PeftModel
     except ImportError:  # pragma: no cover - peft is a dependency
@@ -76,8 +80,9 @@ def _is_peft(model: nn.Module) -> bool:
 def _base_name(model: nn.Module) -> str | None:
     """The folder or hub id the base model was loaded from (transformers keeps it in the config)."""
     config = getattr(model, "config", None)
-    if config is None and hasattr(model, "get_base_model"):
-        config = getattr(model.get_base_model(), "config", None)
+    get_base_model = getattr(model, "get_base_model", None)
+    if config is None and get_base_model is not None:
+        config = getattr(get_base_model(), "config", None)
     return getattr(config, "_name_or_path", None) or None
 
 
@@ -90,7 +95,7 @@ def save_trainable(
     if _is_peft(model):
         # peft knows how to name its own weights (and writes adapter_config.json); save into a scratch dir
         # inside `out` and move each file into place, so every file appears atomically
-        atomic_write_files(out, lambda scratch: model.save_pretrained(scratch, safe_serialization=True))
+        atomic_write_files(out, lambda scratch: model.save_pretrained(str(scratch), safe_serialization=True))
         peft_format = True
     else:
         tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
@@ -148,13 +153,17 @@ def _trained_on(in_dir: Path, record: dict) -> str | None:
 def _mismatch(in_dir: Path, record: dict, base_model: nn.Module, detail: str) -> MethodError:
     """One line naming the adapter folder, the base it was trained on, the model given and what differs."""
     trained = _trained_on(in_dir, record)
-    return MethodError(f"adapter {in_dir} does not fit the model {_base_name(base_model) or 'given'} "
-                       f"({f'it was trained on {trained}' if trained else 'trained on another base model'}): {detail}")
+    return MethodError(
+        f"adapter {in_dir} does not fit the model {_base_name(base_model) or 'given'} "
+        f"({f'it was trained on {trained}' if trained else 'trained on another base model'}): {detail}"
+    )
 
 
 # torch's load_state_dict message, one such clause per differing tensor
-_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) from "
-                            r"checkpoint, the shape in current model is torch\.Size\(\[([^\]]*)\]\)")
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) from "
+    r"checkpoint, the shape in current model is torch\.Size\(\[([^\]]*)\]\)"
+)
 
 
 def load_trainable(base_model: nn.Module, in_dir: str | os.PathLike, *, task_type: str) -> nn.Module:
@@ -178,15 +187,17 @@ def load_trainable(base_model: nn.Module, in_dir: str | os.PathLike, *, task_typ
         from peft import set_peft_model_state_dict
 
         try:
-            result = set_peft_model_state_dict(model, weights)
+            # peft annotates the result as `namedtuple` (the factory); it is torch's _IncompatibleKeys
+            result: Any = set_peft_model_state_dict(model, weights)
         except RuntimeError as e:
             sizes = _SIZE_MISMATCH.findall(str(e))
             if not sizes:
                 raise
             name, saved, here = sizes[0]
             more = f" (and {len(sizes) - 1} more tensors)" if len(sizes) > 1 else ""
-            raise _mismatch(in_dir, record, base_model,
-                            f"{name} has shape ({saved}) in the adapter, ({here}) in the model{more}") from None
+            raise _mismatch(
+                in_dir, record, base_model, f"{name} has shape ({saved}) in the adapter, ({here}) in the model{more}"
+            ) from None
         # peft loads prompt embeddings into the prompt encoder itself but still reports them as unexpected
         unexpected = [k for k in result.unexpected_keys if k != "prompt_embeddings"]
         # missing_keys lists every frozen base weight too; only the method's own weights matter
@@ -194,20 +205,26 @@ def load_trainable(base_model: nn.Module, in_dir: str | os.PathLike, *, task_typ
         if cfg.method in ("prefix", "prompt") and "prompt_embeddings" not in weights:
             missing.append("prompt_embeddings")
         if unexpected or missing:
-            raise _mismatch(in_dir, record, base_model, f"method={cfg.method!r}: missing {missing[:5]}, "
-                            f"unexpected {unexpected[:5]}")
+            raise _mismatch(
+                in_dir, record, base_model, f"method={cfg.method!r}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         return model
 
     params = dict(model.named_parameters())
     wanted = {n for n, p in params.items() if p.requires_grad}
     missing, unexpected = sorted(wanted - weights.keys()), sorted(weights.keys() - params.keys())
     if missing or unexpected:
-        raise _mismatch(in_dir, record, base_model, f"method={cfg.method!r}: missing {missing[:5]}, "
-                        f"unexpected {unexpected[:5]}")
+        raise _mismatch(
+            in_dir, record, base_model, f"method={cfg.method!r}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     with torch.no_grad():
         for name, tensor in weights.items():
             if params[name].shape != tensor.shape:
-                raise _mismatch(in_dir, record, base_model, f"{name} has shape {tuple(tensor.shape)} in the "
-                                f"adapter, {tuple(params[name].shape)} in the model")
+                raise _mismatch(
+                    in_dir,
+                    record,
+                    base_model,
+                    f"{name} has shape {tuple(tensor.shape)} in the adapter, {tuple(params[name].shape)} in the model",
+                )
             params[name].copy_(tensor)
     return model

@@ -1,5 +1,6 @@
 """What the recipes share: :class:`RunError`, reading a ``--config`` file, the versions every result
 records."""
+
 from __future__ import annotations
 
 import dataclasses

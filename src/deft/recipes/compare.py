@@ -4,6 +4,7 @@ training-free baseline (each finished run thresholded per layer, TEAL-style) and
 Finished runs are reused, so a comparison resumes; compare.json / compare.csv / compare.md and the layerwise
 plot are written atomically under ``output``.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,9 +30,9 @@ class CompareArgs(TrainArgs):
     baseline_densities: list[float] = _h(
         "target densities of the '+ thresholds' curves: each finished run thresholded per layer (TEAL-style, "
         "thresholds calibrated on training rows only) and evaluated on dev (empty: no curves)",
-        default_factory=lambda: [0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.05])
-    calib_samples: int = _h("training rows (a seeded subset) the per-layer thresholds are calibrated on",
-                            default=512)
+        default_factory=lambda: [0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.05],
+    )
+    calib_samples: int = _h("training rows (a seeded subset) the per-layer thresholds are calibrated on", default=512)
     max_drop: float = _h("iso-accuracy: largest drop from dense PEFT's mean metric, in points", default=0.5)
 
 
@@ -61,11 +62,30 @@ def compare(args: CompareArgs) -> dict[str, Any]:
     curves = threshold_curves(args, runs)
     iso = compare_iso_accuracy(runs, curves, args.max_drop)
     reports = {k: [DensityReport.from_dict(r["density"]) for r in v] for k, v in runs.items()}
-    plot = layerwise_density(reports, out / "layerwise_density.png", title=f"{args.model} / {args.task} / {args.method}")
-    write_json(out / "compare.json", {"summary": summary, "config": asdict(args), "runs": {
-        k: [{"seed": r["config"]["seed"], "metric": r["metric"], "density": r["density"]["overall"],
-             "dir": r["config"]["output"]} for r in v] for k, v in runs.items()},
-        "threshold_curves": curves, "iso_accuracy": iso})
+    plot = layerwise_density(
+        reports, out / "layerwise_density.png", title=f"{args.model} / {args.task} / {args.method}"
+    )
+    write_json(
+        out / "compare.json",
+        {
+            "summary": summary,
+            "config": asdict(args),
+            "runs": {
+                k: [
+                    {
+                        "seed": r["config"]["seed"],
+                        "metric": r["metric"],
+                        "density": r["density"]["overall"],
+                        "dir": r["config"]["output"],
+                    }
+                    for r in v
+                ]
+                for k, v in runs.items()
+            },
+            "threshold_curves": curves,
+            "iso_accuracy": iso,
+        },
+    )
     write_text(out / "compare.csv", _csv(summary))
     table = format_table(summary)
     iso_table = format_iso_table(iso, summary["main_metric"])
@@ -121,16 +141,29 @@ def threshold_curves(args: CompareArgs, runs: dict[str, list[dict[str, Any]]]) -
         per_seed = []
         for r in rs:
             run_dir = Path(r["config"]["output"])
-            per_seed.append({"seed": r["config"]["seed"], "dir": str(run_dir),
-                             "points": _cached_curve(run_dir, label, densities, args)})
+            per_seed.append(
+                {
+                    "seed": r["config"]["seed"],
+                    "dir": str(run_dir),
+                    "points": _cached_curve(run_dir, label, densities, args),
+                }
+            )
         points = []
         for i, d in enumerate(densities):
             at = [s["points"][i] for s in per_seed]
             m, ms = mean_std([p["metric"] for p in at])
             e, es = mean_std([p["density"] for p in at])
             x, _ = mean_std([p["exact_density"] for p in at])
-            points.append({"target_density": d, "metric_mean": m, "metric_std": ms, "density_mean": e,
-                           "density_std": es, "exact_density_mean": x})
+            points.append(
+                {
+                    "target_density": d,
+                    "metric_mean": m,
+                    "metric_std": ms,
+                    "density_mean": e,
+                    "density_std": es,
+                    "exact_density_mean": x,
+                }
+            )
         curves[_thresholds_kind(label)] = {"points": points, "seeds": per_seed}
     return curves
 
@@ -141,8 +174,11 @@ def _cached_curve(run_dir: Path, label: str, densities: list[float], args: Compa
     import hashlib
 
     cache = run_dir / "threshold_curve.json"
-    key = {"densities": densities, "calib_samples": args.calib_samples,
-           "results_sha1": hashlib.sha1((run_dir / "results.json").read_bytes()).hexdigest()}
+    key = {
+        "densities": densities,
+        "calib_samples": args.calib_samples,
+        "results_sha1": hashlib.sha1((run_dir / "results.json").read_bytes()).hexdigest(),
+    }
     if cache.exists() and not args.overwrite:
         try:
             saved = json.loads(cache.read_text())
@@ -157,8 +193,9 @@ def _cached_curve(run_dir: Path, label: str, densities: list[float], args: Compa
     return points
 
 
-def threshold_curve(run_dir: str | Path, densities: list[float], *, calib_samples: int = 512,
-                    batch_size: int | None = None) -> list[dict[str, Any]]:
+def threshold_curve(
+    run_dir: str | Path, densities: list[float], *, calib_samples: int = 512, batch_size: int | None = None
+) -> list[dict[str, Any]]:
     """One finished GLUE run thresholded per layer at each target density: per point the dev metric, the
     effective density (``|h| > t_layer`` at the W2 inputs), the exact-zero density and the thresholds.
 
@@ -183,15 +220,24 @@ def threshold_curve(run_dir: str | Path, densities: list[float], *, calib_sample
     by_target = sparse.calibrate_threshold_curve(model, calib, densities, include_padding=include_padding)
     points = []
     for d in densities:
-        (metrics, _), report = count_thresholded(model, by_target[d], lambda: evaluate_glue(model, dev, cfg["task"]),
-                                                 include_padding=include_padding)
-        points.append({"target_density": d, "metric": metrics[main], "density": report.overall,
-                       "exact_density": report.exact_overall, "thresholds": by_target[d]})
+        (metrics, _), report = count_thresholded(
+            model, by_target[d], lambda: evaluate_glue(model, dev, cfg["task"]), include_padding=include_padding
+        )
+        points.append(
+            {
+                "target_density": d,
+                "metric": metrics[main],
+                "density": report.overall,
+                "exact_density": report.exact_overall,
+                "thresholds": by_target[d],
+            }
+        )
     return points
 
 
-def compare_iso_accuracy(runs: dict[str, list[dict[str, Any]]], curves: dict[str, Any], max_drop: float
-                         ) -> dict[str, Any]:
+def compare_iso_accuracy(
+    runs: dict[str, list[dict[str, Any]]], curves: dict[str, Any], max_drop: float
+) -> dict[str, Any]:
     """compare.json's ``iso_accuracy`` block: per run kind (plain runs: one point each, mean over seeds;
     "+ thresholds" curves: one point per target), the lowest effective density within ``max_drop`` points
     of dense PEFT's mean metric, the metric there, and the metric at the density the training-free
@@ -206,8 +252,9 @@ def compare_iso_accuracy(runs: dict[str, list[dict[str, Any]]], curves: dict[str
     for kind, c in curves.items():
         kinds[kind] = [(p["density_mean"], p["metric_mean"]) for p in c["points"]]
     reference, _ = mean_std([r["metric"] for r in runs["PEFT"]])
-    out = iso_accuracy(kinds, reference, max_drop / 100.0,
-                       matched_kind=BASELINE_KIND if BASELINE_KIND in kinds else None)
+    out = iso_accuracy(
+        kinds, reference, max_drop / 100.0, matched_kind=BASELINE_KIND if BASELINE_KIND in kinds else None
+    )
     out.update(reference_kind="PEFT", max_drop_points=max_drop)
     return out
 
@@ -215,41 +262,62 @@ def compare_iso_accuracy(runs: dict[str, list[dict[str, Any]]], curves: dict[str
 def format_iso_table(iso: dict[str, Any], metric: str) -> str:
     """The iso-accuracy table: per run kind, the lowest effective density within max-drop and the metric."""
     matched = iso.get("matched_density")
-    head = ["run", "lowest eff. density (%)", f"{metric} there (%)",
-            f"{metric} at {100 * matched:.2f} % (%)" if matched is not None else f"{metric} at baseline's (%)"]
+    head = [
+        "run",
+        "lowest eff. density (%)",
+        f"{metric} there (%)",
+        f"{metric} at {100 * matched:.2f} % (%)" if matched is not None else f"{metric} at baseline's (%)",
+    ]
 
     def pct(v: float | None) -> str:
         return "-" if v is None or math.isnan(v) else f"{100 * v:.2f}"
 
-    body = [[k, pct(v["density"]), pct(v["metric"]), pct(v["metric_at_matched_density"])]
-            for k, v in iso["kinds"].items()]
+    body = [
+        [k, pct(v["density"]), pct(v["metric"]), pct(v["metric_at_matched_density"])] for k, v in iso["kinds"].items()
+    ]
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
-    title = (f"Iso-accuracy: lowest effective density within {iso['max_drop_points']:g} points of dense "
-             f"{iso['reference_kind']} ({metric} {pct(iso['reference'])} %); last column: at the density "
-             f"{iso.get('matched_kind') or BASELINE_KIND} reaches there")
+    title = (
+        f"Iso-accuracy: lowest effective density within {iso['max_drop_points']:g} points of dense "
+        f"{iso['reference_kind']} ({metric} {pct(iso['reference'])} %); last column: at the density "
+        f"{iso.get('matched_kind') or BASELINE_KIND} reaches there"
+    )
     lines = [title, ""]
     for row in [head, ["-" * w for w in widths], *body]:
-        lines.append("| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) + " |")
+        lines.append(
+            "| "
+            + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    rows = {}
+    rows: dict[str, dict[str, Any]] = {}
     for label, rs in runs.items():
         m, ms = mean_std([r["metric"] for r in rs])
         d, ds = mean_std([r["density"]["overall"] for r in rs])
         u, us = mean_std([r["density"].get("union_overall", float("nan")) for r in rs])
         rows[label] = {
-            "metric_mean": m, "metric_std": ms, "density_mean": d, "density_std": ds,
-            "union_density_mean": u, "union_density_std": us, "seeds": [r["config"]["seed"] for r in rs],
+            "metric_mean": m,
+            "metric_std": ms,
+            "density_mean": d,
+            "density_std": ds,
+            "union_density_mean": u,
+            "union_density_std": us,
+            "seeds": [r["config"]["seed"] for r in rs],
             "trainable_percent": rs[0]["trainable_percent"] if rs else None,
         }
     first = next(iter(runs.values()))[0]
     change = density_change(rows["PEFT"]["density_mean"], rows["DEFT"]["density_mean"])
     return {
-        "task": first["task"], "main_metric": first["main_metric"], "model": first["config"]["model"],
-        "method": first["config"]["method"], "alpha": runs["DEFT"][0]["config"]["alpha"],
-        "data": first.get("data"), "rows": rows, "density_change_percent": change,
+        "task": first["task"],
+        "main_metric": first["main_metric"],
+        "model": first["config"]["model"],
+        "method": first["config"]["method"],
+        "alpha": runs["DEFT"][0]["config"]["alpha"],
+        "data": first.get("data"),
+        "rows": rows,
+        "density_change_percent": change,
         "metric_change_points": 100 * (rows["DEFT"]["metric_mean"] - rows["PEFT"]["metric_mean"]),
     }
 
@@ -264,14 +332,22 @@ def format_table(summary: dict[str, Any]) -> str:
     ]
     head = ["run", f"{metric} (%)", "density (%)", "union density (%)", "trainable %"]
     body = [
-        [label, f"{100 * r['metric_mean']:.2f} ± {100 * r['metric_std']:.2f}",
-         f"{100 * r['density_mean']:.2f} ± {100 * r['density_std']:.2f}", f"{100 * r['union_density_mean']:.2f}",
-         f"{r['trainable_percent']:.3f}"]
+        [
+            label,
+            f"{100 * r['metric_mean']:.2f} ± {100 * r['metric_std']:.2f}",
+            f"{100 * r['density_mean']:.2f} ± {100 * r['density_std']:.2f}",
+            f"{100 * r['union_density_mean']:.2f}",
+            f"{r['trainable_percent']:.3f}",
+        ]
         for label, r in summary["rows"].items()
     ]
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
     for row in [head, ["-" * w for w in widths], *body]:
-        lines.append("| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) + " |")
+        lines.append(
+            "| "
+            + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+            + " |"
+        )
     lines.append("")
     lines.append(
         f"Density Change: {summary['density_change_percent']:.2f} %   "
@@ -288,4 +364,3 @@ def _csv(summary: dict[str, Any]) -> str:
         for k, r in summary["rows"].items()
     ]
     return "\n".join([head, *rows]) + "\n"
-

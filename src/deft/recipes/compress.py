@@ -9,12 +9,13 @@ saved without the task head, like the original checkpoint, so the folder works a
 Because WANDA never changes the kept weights, ``--prune-dir`` on the *original* model gives the same
 pruned model as ``--model`` on the prune folder.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..fields import help_field as _h
 from ..io import write_json
@@ -39,33 +40,49 @@ class PruneArgs:
     data_source: str = _h("auto, local, hub or builtin (the shipped SST-2 sample)", default="auto")
     sparsity: float = _h("fraction of each output row's weights to zero (unstructured)", default=0.5)
     nm: str | None = _h("N:M semi-structured sparsity instead, e.g. 2:4", default=None)
-    targets: str = _h("blocks (all linears in the transformer layers), mlp, attention, mlp+attention, all-linear "
-                      "or a comma list", default="blocks")
+    targets: str = _h(
+        "blocks (all linears in the transformer layers), mlp, attention, mlp+attention, all-linear or a comma list",
+        default="blocks",
+    )
     calib_batches: int = _h("calibration batches", default=8)
     calib_batch_size: int = _h("examples per calibration batch", default=16)
     max_length: int = _h("maximum tokens per example", default=128)
-    sequential: bool = _h("calibrate each block on the already-pruned blocks before it (reference WANDA)",
-                          default=True)
+    sequential: bool = _h("calibrate each block on the already-pruned blocks before it (reference WANDA)", default=True)
     seed: int = _h("seed of the calibration subset", default=0)
     output: str = _h("folder for the masks, prune_report.json and the pruned model", default="runs/prune")
     save_model: bool = _h("also save the pruned backbone + tokenizer (save_pretrained, safetensors)", default=True)
     overwrite: bool = _h("replace an existing prune folder", default=False)
     trust_remote_code: bool = _h("allow model code from the hub", default=False)
 
-    def config(self) -> "PruneConfig":
+    def config(self) -> PruneConfig:
         from ..compress.prune import PruneConfig
 
-        return PruneConfig(sparsity=self.sparsity, nm=self.nm, targets=self.targets,
-                           calib_batches=self.calib_batches, sequential=self.sequential)
+        return PruneConfig(
+            sparsity=self.sparsity,
+            nm=self.nm,
+            targets=self.targets,
+            calib_batches=self.calib_batches,
+            sequential=self.sequential,
+        )
 
 
-def calibration_batches(tok, task: str, *, n_batches: int, batch_size: int, max_length: int, seed: int,
-                        data_dir: str | None = None, data_source: str = "auto") -> list[dict]:
+def calibration_batches(
+    tok,
+    task: str,
+    *,
+    n_batches: int,
+    batch_size: int,
+    max_length: int,
+    seed: int,
+    data_dir: str | None = None,
+    data_source: str = "auto",
+) -> list[dict]:
     """``n_batches`` padded batches (no labels) of a seeded subset of ``task``'s training sentences."""
     from ..tasks import drop_labels, glue_loader, glue_rows
 
-    picked = glue_rows(SimpleNamespace(data_dir=data_dir, data_source=data_source), task, "train",
-                       n_batches * batch_size, seed)
+    picked = glue_rows(
+        SimpleNamespace(data_dir=data_dir, data_source=data_source), task, "train", n_batches * batch_size, seed
+    )
     return [drop_labels(b) for b in glue_loader(picked, tok, max_length, batch_size)]
 
 
@@ -79,28 +96,48 @@ def prune(args: PruneArgs) -> dict[str, Any]:
     if (out / REPORT_NAME).exists() and not args.overwrite:
         raise RunError(f"{out} already holds a prune run ({REPORT_NAME}); pass --overwrite or another --output")
     model, tok = load_model_and_tokenizer(args.model, args.task, trust_remote_code=args.trust_remote_code)
-    batches = calibration_batches(tok, args.task, n_batches=args.calib_batches, batch_size=args.calib_batch_size,
-                                  max_length=args.max_length, seed=args.seed, data_dir=args.data_dir,
-                                  data_source=args.data_source)
+    batches = calibration_batches(
+        tok,
+        args.task,
+        n_batches=args.calib_batches,
+        batch_size=args.calib_batch_size,
+        max_length=args.max_length,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        data_source=args.data_source,
+    )
     report = wanda_prune(model, batches, cfg)
-    result = {**report.to_dict(), "weight_sparsity": weight_sparsity(model, "all-linear"), "args": asdict(args),
-              "model_saved": args.save_model, "versions": versions()}
+    result = {
+        **report.to_dict(),
+        "weight_sparsity": weight_sparsity(model, "all-linear"),
+        "args": asdict(args),
+        "model_saved": args.save_model,
+        "versions": versions(),
+    }
     out.mkdir(parents=True, exist_ok=True)
     if args.save_model:
         # the backbone only: the classifier head was freshly initialised, not pruned, and task-specific
         model.base_model.save_pretrained(out, safe_serialization=True)
         tok.save_pretrained(out)
-    save_masks(report.masks, out / MASKS_NAME, metadata={"method": "wanda", "nm": str(cfg.nm),
-                                                         "sparsity": str(cfg.effective_sparsity)})
+    save_masks(
+        report.masks,
+        out / MASKS_NAME,
+        metadata={"method": "wanda", "nm": str(cfg.nm), "sparsity": str(cfg.effective_sparsity)},
+    )
     write_json(out / REPORT_NAME, result)  # last: its presence marks a finished prune run
-    print(f"pruned {len(report.layers)} layers of {args.model}: weight sparsity {100 * report.overall:.2f} % "
-          f"({'nm=' + cfg.nm if cfg.nm else 'unstructured'}, {report.calib_tokens} calibration tokens)")
+    print(
+        f"pruned {len(report.layers)} layers of {args.model}: weight sparsity {100 * report.overall:.2f} % "
+        f"({'nm=' + cfg.nm if cfg.nm else 'unstructured'}, {report.calib_tokens} calibration tokens)"
+    )
     print(f"masks:  {out / MASKS_NAME}\nreport: {out / REPORT_NAME}" + (f"\nmodel:  {out}" if args.save_model else ""))
     return result
 
 
 # ---------------------------------------------------------------------------------------------- train wiring
-def prepare_compressed_model(model: "nn.Module", args: Any) -> "tuple[nn.Module, dict[str, Any]]":
+_ModelT = TypeVar("_ModelT", bound="nn.Module")
+
+
+def prepare_compressed_model(model: _ModelT, args: Any) -> tuple[_ModelT, dict[str, Any]]:
     """Apply ``args.prune_dir`` (WANDA masks, kept through training) and ``args.quantize`` (8 / 4) to a freshly
     loaded model, before ``apply_method``. Returns the model and a JSON-able summary for results.json.
 
@@ -115,8 +152,10 @@ def prepare_compressed_model(model: "nn.Module", args: Any) -> "tuple[nn.Module,
     qcfg = quant_config(args)
     if prune_dir:
         if is_bnb_loaded(model):
-            raise QuantError("--prune-dir cannot mask a bitsandbytes-quantized model; load the pruned model "
-                             "instead: --model PRUNE_DIR (its zeros survive quantization)")
+            raise QuantError(
+                "--prune-dir cannot mask a bitsandbytes-quantized model; load the pruned model "
+                "instead: --model PRUNE_DIR (its zeros survive quantization)"
+            )
         masks = load_masks(prune_dir)
         keep_pruned(model, masks)  # hooks live on the modules; nothing to keep a reference to
         report = Path(prune_dir) / REPORT_NAME

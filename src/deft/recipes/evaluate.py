@@ -1,6 +1,7 @@
 """A finished GLUE run, loaded back and scored: what ``deft compare`` (its thresholded curves) and ``deft skip``
 share. The model is rebuilt from ``results.json`` and ``adapter/``; its rows are chosen exactly as training
 chose them."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,12 @@ def load_run_model(run_dir: Path):
 
     res = json.loads((run_dir / "results.json").read_text())
     cfg = res["config"]
-    model, tok = load_model_and_tokenizer(cfg["model"], cfg["task"], trust_remote_code=cfg.get("trust_remote_code", False),
-                                          activation=cfg.get("activation"))
+    model, tok = load_model_and_tokenizer(
+        cfg["model"],
+        cfg["task"],
+        trust_remote_code=cfg.get("trust_remote_code", False),
+        activation=cfg.get("activation"),
+    )
     model = load_trainable(model, run_dir / "adapter", task_type="SEQ_CLS")
     return model.eval(), tok, res
 
@@ -29,13 +34,21 @@ def run_rows(run_cfg: dict[str, Any], **override: Any) -> tuple[list, list]:
 
     from ..tasks import glue_examples
 
-    fields_ = {"data_dir": None, "data_source": "auto", "max_train_samples": None, "max_eval_samples": None,
-               "seed": 0, **run_cfg, **override}
+    fields_ = {
+        "data_dir": None,
+        "data_source": "auto",
+        "max_train_samples": None,
+        "max_eval_samples": None,
+        "seed": 0,
+        **run_cfg,
+        **override,
+    }
     return glue_examples(SimpleNamespace(**fields_), run_cfg["task"])
 
 
-def labelled_batches(rows: list, tok, run_cfg: dict[str, Any], batch_size: int, *, by_length: bool = False
-                     ) -> list[dict[str, Any]]:
+def labelled_batches(
+    rows: list, tok, run_cfg: dict[str, Any], batch_size: int, *, by_length: bool = False
+) -> list[dict[str, Any]]:
     """Padded batches of ``rows`` at the run's ``max_length`` (see :func:`deft.tasks.glue_loader`)."""
     from ..tasks import glue_loader
 

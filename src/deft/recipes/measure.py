@@ -4,6 +4,7 @@
 ``thresholds.json``); ``energy`` prices the same pass on a dense vs a zero-skipping accelerator
 (:mod:`deft.analysis.energy`).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -33,8 +34,11 @@ class MeasureArgs:
     include_padding: bool = _h("count padded positions", default=False)
     sites: list[str] | None = _h("module-name globs for unknown model types", default=None)
     activation: str | None = _h("the activation the adapter was trained with (deft train --activation)", default=None)
-    use_thresholds: bool = _h("apply the adapter's thresholds.json when it has one (the effective density is then "
-                              "measured beside the exact-zero one)", default=True)
+    use_thresholds: bool = _h(
+        "apply the adapter's thresholds.json when it has one (the effective density is then "
+        "measured beside the exact-zero one)",
+        default=True,
+    )
     output: str | None = _h("write density.json here (a folder)", default=None)
     trust_remote_code: bool = _h("allow model code from the hub", default=False)
 
@@ -47,10 +51,14 @@ class EnergyArgs:
     model: str = _h("model alias, local path or hub id", default="minilm")
     task: str = _h("GLUE task whose dev set is run", default="sst2")
     adapter: str | None = _h("a run's adapter folder (RUN/adapter) to load on the model", default=None)
-    merge_lora: bool = _h("merge LoRA / IA3 weights into the model first, as deployed (else priced apart)",
-                          default=True)
-    use_thresholds: bool = _h("run under the adapter's thresholds.json when it has one: entries below a layer's "
-                              "threshold are priced as skipped (effective density)", default=True)
+    merge_lora: bool = _h(
+        "merge LoRA / IA3 weights into the model first, as deployed (else priced apart)", default=True
+    )
+    use_thresholds: bool = _h(
+        "run under the adapter's thresholds.json when it has one: entries below a layer's "
+        "threshold are priced as skipped (effective density)",
+        default=True,
+    )
     hardware: str | None = _h("YAML/JSON file of EnergyConfig fields (mac_pj, dram_pj, sram_pj, ...)", default=None)
     data_dir: str | None = _h("GLUE folder with TASK/{train,dev}.tsv", default=None)
     data_source: str = _h("auto, local, hub or builtin", default="auto")
@@ -59,8 +67,9 @@ class EnergyArgs:
     batch_size: int = _h("batch size (padding is not counted, so it does not change the result)", default=64)
     include_padding: bool = _h("count padded positions as computed", default=False)
     per_layer: bool = _h("also print the per-layer table", default=False)
-    output: str | None = _h("folder for energy.json, energy.md and the breakdown plot (a run folder: the "
-                            "report picks it up)", default=None)
+    output: str | None = _h(
+        "folder for energy.json, energy.md and the breakdown plot (a run folder: the report picks it up)", default=None
+    )
     activation: str | None = _h("the activation the adapter was trained with (deft train --activation)", default=None)
     trust_remote_code: bool = _h("allow model code from the hub", default=False)
 
@@ -73,8 +82,9 @@ def energy(args: EnergyArgs) -> EnergyReport:
     from ..tasks import drop_labels, glue_loader, glue_rows, load_model_and_tokenizer
 
     cfg = EnergyConfig.from_file(args.hardware) if args.hardware else EnergyConfig()  # fail before loading
-    model, tok = load_model_and_tokenizer(args.model, args.task, trust_remote_code=args.trust_remote_code,
-                                          activation=args.activation)
+    model, tok = load_model_and_tokenizer(
+        args.model, args.task, trust_remote_code=args.trust_remote_code, activation=args.activation
+    )
     if args.adapter:
         model = load_trainable(model, args.adapter, task_type="SEQ_CLS")
         if args.merge_lora:
@@ -91,8 +101,11 @@ def energy(args: EnergyArgs) -> EnergyReport:
         out = Path(args.output)
         write_json(out / "energy.json", {"energy": report.to_dict(), "args": asdict(args)})
         write_text(out / "energy.md", "```\n" + report.table(per_layer=True) + "\n```\n")
-        png, _ = energy_breakdown({Path(args.adapter).parent.name if args.adapter else args.model: report},
-                                  out / "energy_breakdown", title=f"{args.task}: dense vs zero-skip energy")
+        png, _ = energy_breakdown(
+            {Path(args.adapter).parent.name if args.adapter else args.model: report},
+            out / "energy_breakdown",
+            title=f"{args.task}: dense vs zero-skip energy",
+        )
         print(f"\nenergy: {out / 'energy.json'} (also energy.md)\nplot:   {png}")
     return report
 
@@ -104,19 +117,28 @@ def measure(args: MeasureArgs) -> DensityReport:
     from ..methods import load_trainable
     from ..tasks import drop_labels, glue_loader, glue_rows, load_model_and_tokenizer
 
-    model, tok = load_model_and_tokenizer(args.model, args.task, trust_remote_code=args.trust_remote_code,
-                                          activation=args.activation)
+    model, tok = load_model_and_tokenizer(
+        args.model, args.task, trust_remote_code=args.trust_remote_code, activation=args.activation
+    )
     if args.adapter:
         model = load_trainable(model, args.adapter, task_type="SEQ_CLS")
     th_file = find_thresholds(args.adapter) if args.adapter and args.use_thresholds else None
     if th_file and args.threshold:
-        raise ConfigError(f"--threshold {args.threshold:g} and {th_file} both set counting thresholds; drop "
-                          "--threshold or pass --no-use-thresholds")
+        raise ConfigError(
+            f"--threshold {args.threshold:g} and {th_file} both set counting thresholds; drop "
+            "--threshold or pass --no-use-thresholds"
+        )
     thresholds = load_thresholds(th_file, model, sites=args.sites) if th_file else None
     dev = glue_rows(args, args.task, "dev", args.max_eval_samples, 0)
     batches = map(drop_labels, glue_loader(dev, tok, args.max_length, args.batch_size))
-    report = measure_density(model, batches, threshold=args.threshold, include_padding=args.include_padding,
-                             sites=args.sites, thresholds=thresholds)
+    report = measure_density(
+        model,
+        batches,
+        threshold=args.threshold,
+        include_padding=args.include_padding,
+        sites=args.sites,
+        thresholds=thresholds,
+    )
     if th_file:
         print(f"per-layer thresholds: {th_file} (applied; density below is the effective density)")
     print(report.table())

@@ -1,5 +1,6 @@
 """``deft report``: one self-contained HTML page and a Markdown report from finished runs (the report itself
 is :mod:`deft.analysis.report`)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -15,8 +16,10 @@ class ReportArgs:
 
     run_dirs: list[str] = field(
         default_factory=list,
-        metadata={"help": "run, compare or sweep folders (results.json / compare.json / sweep.jsonl)",
-                  "positional": True},
+        metadata={
+            "help": "run, compare or sweep folders (results.json / compare.json / sweep.jsonl)",
+            "positional": True,
+        },
     )
     output: str = _h("folder for report.html, report.md and figures/", default="runs/report")
     title: str = _h("report title", default="DEFT report")

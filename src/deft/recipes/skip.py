@@ -1,6 +1,7 @@
 """``deft skip``: ADA-DEFT block skipping on a finished run. Choose the (nearly) silent MLP blocks whose
 removal costs at most ``max_drop`` points on the dev rows, then measure metric, runtime and freed weights
 (the mechanics are :mod:`deft.inference.skip`)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -57,9 +58,12 @@ def skip(args: SkipArgs) -> dict[str, Any]:
     density = None
     if thresholds:
         measured = measure_density(model, [drop_labels(b) for b in batches], thresholds=thresholds)
-        density = {"effective": measured.overall, "exact": measured.exact_overall, "thresholds": str(th_file)}
-        print(f"deft: evaluating under {th_file}: effective density {100 * measured.overall:.2f} %, "
-              f"exact-zero density {100 * measured.exact_overall:.2f} %")
+        exact = measured.exact_overall  # None only when no layer saw a token
+        density = {"effective": measured.overall, "exact": exact, "thresholds": str(th_file)}
+        print(
+            f"deft: evaluating under {th_file}: effective density {100 * measured.overall:.2f} %, "
+            f"exact-zero density {'n/a' if exact is None else f'{100 * exact:.2f}'} %"
+        )
         apply_thresholds(model, thresholds)
     base_metrics, base_time = evaluate_glue(model, batches, cfg["task"])
     choice = choose_skips(load, report, metric, max_drop=args.max_drop, baseline=100 * base_metrics[main])
@@ -67,21 +71,28 @@ def skip(args: SkipArgs) -> dict[str, Any]:
     skipped, info = skip_mlp_blocks(load(), report, 0.0, layers=choice["skip_layers"])
     skip_metrics, skip_time = evaluate_glue(skipped, batches, cfg["task"])
     out = {
-        "run": str(run_dir), "main_metric": main, "max_drop_points": args.max_drop,
-        "skipped_layers": choice["skip_layers"], "skipped_modules": info.skipped,
-        "layer_densities": [l.density for l in report.layers],
-        "metric_before": base_metrics[main], "metric_after": skip_metrics[main],
-        "model_seconds_before": base_time, "model_seconds_after": skip_time,
+        "run": str(run_dir),
+        "main_metric": main,
+        "max_drop_points": args.max_drop,
+        "skipped_layers": choice["skip_layers"],
+        "skipped_modules": info.skipped,
+        "layer_densities": [layer.density for layer in report.layers],
+        "metric_before": base_metrics[main],
+        "metric_after": skip_metrics[main],
+        "model_seconds_before": base_time,
+        "model_seconds_after": skip_time,
         "runtime_change_percent": 100 * (skip_time - base_time) / base_time if base_time else None,
-        "params_before": params_before, "params_freed": info.freed_params,
+        "params_before": params_before,
+        "params_freed": info.freed_params,
         "memory_change_percent": -100 * info.freed_params / params_before,
         "density_before": density,  # effective and exact-zero density under thresholds.json (None without)
         "trace": choice["trace"],
     }
     write_json(Path(args.output or run_dir) / "skip.json", out)
-    print(f"skipped MLP blocks {choice['skip_layers']} of {len(report.layers)}; {main}: "
-          f"{100 * out['metric_before']:.2f} -> {100 * out['metric_after']:.2f}; model time "
-          f"{base_time:.2f}s -> {skip_time:.2f}s; weights freed {info.freed_params:,} ({out['memory_change_percent']:.1f}%)")
+    print(
+        f"skipped MLP blocks {choice['skip_layers']} of {len(report.layers)}; {main}: "
+        f"{100 * out['metric_before']:.2f} -> {100 * out['metric_after']:.2f}; model time "
+        f"{base_time:.2f}s -> {skip_time:.2f}s; "
+        f"weights freed {info.freed_params:,} ({out['memory_change_percent']:.1f}%)"
+    )
     return out
-
-

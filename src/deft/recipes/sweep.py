@@ -9,6 +9,7 @@ Instead of a grid, suite files (``deft sweep benchmarks/suites/sst2-gpu.yaml --g
 of PEFT / DEFT runs, each trained into ``OUTPUT/GROUP/{peft,deft}-seedN`` (a ``deft compare`` folder); every
 job's options are checked before the first one starts (:func:`suite_points`).
 """
+
 from __future__ import annotations
 
 import csv
@@ -25,23 +26,38 @@ import subprocess
 import sys
 import time
 import typing
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from ..analysis.report import read_rows
-from ..fields import check_choices, field_type
+from ..fields import check_choices, field_default, field_type
 from ..fields import help_field as _h
 from ..io import write_json, write_text
 from .common import RunError
 from .train import TrainArgs
 
 GRID_AXES = {"methods": "method", "alphas": "alpha", "eps": "eps", "betas": "beta", "seeds": "seed"}
-ROW_KEYS = ("point", "dir", "model", "task", "method", "alpha", "loss", "eps", "beta", "seed", "main_metric",
-            "metric", "density", "union_density", "trainable_percent", "train_time_s")
-
-
+ROW_KEYS = (
+    "point",
+    "dir",
+    "model",
+    "task",
+    "method",
+    "alpha",
+    "loss",
+    "eps",
+    "beta",
+    "seed",
+    "main_metric",
+    "metric",
+    "density",
+    "union_density",
+    "trainable_percent",
+    "train_time_s",
+)
 
 
 @dataclass
@@ -51,9 +67,9 @@ class SweepArgs:
 
     base: str | dict[str, Any] | TrainArgs | None = _h(
         "the TrainArgs of every run: a YAML/JSON file of `deft train` options (a mapping or TrainArgs in Python)",
-        default=None)
-    set: list[str] | None = _h("KEY=VALUE overrides of base options, e.g. model=minilm task=rte epochs=1",
-                               default=None)
+        default=None,
+    )
+    set: list[str] | None = _h("KEY=VALUE overrides of base options, e.g. model=minilm task=rte epochs=1", default=None)
     alphas: list[float] | None = _h("density-loss weights to try (0 = the PEFT baseline)", default=None)
     eps: list[float] | None = _h("smooth-l0 eps values to try", default=None)
     betas: list[float] | None = _h("tanh slopes to try", default=None)
@@ -61,14 +77,22 @@ class SweepArgs:
     seeds: list[int] | None = _h("seeds to try", default=None)
     output: str = _h("sweep folder: one sub-folder per point, sweep.jsonl, sweep.csv", default="runs/sweep")
     dry_run: bool = _h("only list the points (and which are finished)", default=False)
-    suites: list[str] | None = field(default=None, metadata={
-        "help": "suite files (YAML, see benchmarks/suites/): named groups of PEFT/DEFT runs instead of a grid "
-                "(name them before list options such as --groups)",
-        "positional": True})
-    groups: list[str] | None = _h("with suite files: only these groups (names or patterns such as 'sst2-*')",
-                                  default=None)
-    workers: int = _h("points trained at once, each a `deft train` process logging to POINT/job.log "
-                      "(suite files always run so); a failed point does not stop the others", default=1)
+    suites: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "suite files (YAML, see benchmarks/suites/): named groups of PEFT/DEFT runs instead of a grid "
+            "(name them before list options such as --groups)",
+            "positional": True,
+        },
+    )
+    groups: list[str] | None = _h(
+        "with suite files: only these groups (names or patterns such as 'sst2-*')", default=None
+    )
+    workers: int = _h(
+        "points trained at once, each a `deft train` process logging to POINT/job.log "
+        "(suite files always run so); a failed point does not stop the others",
+        default=1,
+    )
 
 
 @dataclass(frozen=True)
@@ -151,13 +175,13 @@ def grid(args: SweepArgs) -> list[SweepPoint]:
     """Every point of the grid, in a stable order (methods, alphas, eps, betas, seeds)."""
     base = base_args(args)
     axes = [(GRID_AXES[k], list(getattr(args, k))) for k in GRID_AXES if getattr(args, k) is not None]
-    for key, values in axes:
-        if not values:
+    for key, listed in axes:
+        if not listed:
             raise RunError(f"--{key}s: the list is empty")
     out = Path(args.output)
     points, seen = [], set()
     for combo in itertools.product(*[v for _, v in axes]):
-        values = dict(zip([k for k, _ in axes], combo))
+        values = dict(zip([k for k, _ in axes], combo, strict=True))
         if values.get("alpha") == 0:
             # without the density loss its eps / beta change nothing: one PEFT baseline per method and seed
             values.pop("eps", None)
@@ -216,8 +240,10 @@ def _read_suites(paths: list[str]) -> dict[str, tuple[str, dict[str, Any]]]:
         data = read_mapping(path, "suite")
         extra = sorted(set(data) - {"defaults", "groups"})
         if extra or not isinstance(data.get("groups"), dict) or not isinstance(data.get("defaults") or {}, dict):
-            raise RunError(f"{path}: a suite file holds 'defaults' (options of every group) and 'groups' "
-                           f"(name: options), both mappings" + (f"; unknown key(s) {', '.join(extra)}" if extra else ""))
+            raise RunError(
+                f"{path}: a suite file holds 'defaults' (options of every group) and 'groups' "
+                f"(name: options), both mappings" + (f"; unknown key(s) {', '.join(extra)}" if extra else "")
+            )
         for name, opts in data["groups"].items():
             if not isinstance(opts or {}, dict):
                 raise RunError(f"{path}: group {name}: expected a mapping of options, got {opts!r}")
@@ -235,14 +261,17 @@ def suite_points(args: SweepArgs) -> list[SweepPoint]:
     with the same options and ``--output OUTPUT/GROUP`` only summarises them. ``--set`` overrides the files.
     """
     if args.base is not None or any(getattr(args, k) is not None for k in GRID_AXES):
-        raise RunError("suite files set every run themselves: --base and the grid lists (--alphas ...) "
-                       "go without them (use --set KEY=VALUE to override an option in every job)")
+        raise RunError(
+            "suite files set every run themselves: --base and the grid lists (--alphas ...) "
+            "go without them (use --set KEY=VALUE to override an option in every job)"
+        )
     groups = _read_suites(args.suites or [])
     patterns = args.groups or ["*"]
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(g, pattern) for g in groups):
-            raise RunError(f"--groups {pattern}: no such group in {', '.join(args.suites or [])}; "
-                           f"groups: {', '.join(groups)}")
+            raise RunError(
+                f"--groups {pattern}: no such group in {', '.join(args.suites or [])}; groups: {', '.join(groups)}"
+            )
     overrides = _set_values(args.set)
     out = Path(args.output)
     points = []
@@ -276,7 +305,7 @@ def train_command(a: TrainArgs) -> str:
     """``a`` as a ``deft train`` command line: model, task, method, alpha, seed and every option off its default."""
     words = ["deft", "train"]
     for f in fields(TrainArgs):
-        v, default = getattr(a, f.name), f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        v, default = getattr(a, f.name), field_default(f)
         flag = "--" + f.name.replace("_", "-")
         if v is None or (v == default and f.name not in ("model", "task", "method", "alpha", "seed")):
             continue
@@ -298,8 +327,12 @@ def _train_processes(points: list[SweepPoint], workers: int) -> Iterator[tuple[S
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "job.json", {**asdict(p.args), "quiet": True})
         with open(run_dir / "job.log", "w", encoding="utf-8") as log:
-            rc = subprocess.call([sys.executable, "-m", "deft", "train", "--config", str(run_dir / "job.json")],
-                                 stdout=log, stderr=subprocess.STDOUT, env=env)
+            rc = subprocess.call(
+                [sys.executable, "-m", "deft", "train", "--config", str(run_dir / "job.json")],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
         return p, rc, run_dir / "job.log", time.monotonic() - start
 
     pool = ThreadPoolExecutor(workers)
@@ -327,11 +360,22 @@ def _validate(points: list[SweepPoint]) -> None:
 def _row(point: SweepPoint, res: Mapping[str, Any]) -> dict[str, Any]:
     cfg = res["config"]
     return {
-        "point": point.name, "dir": point.name, "model": cfg["model"], "task": res["task"],
-        "method": cfg["method"], "alpha": cfg["alpha"], "loss": cfg["loss"], "eps": cfg["eps"],
-        "beta": cfg["beta"], "seed": cfg["seed"], "main_metric": res["main_metric"], "metric": res["metric"],
-        "density": res["density"]["overall"], "union_density": res["density"].get("union_overall"),
-        "trainable_percent": res.get("trainable_percent"), "train_time_s": res.get("train_time_s"),
+        "point": point.name,
+        "dir": point.name,
+        "model": cfg["model"],
+        "task": res["task"],
+        "method": cfg["method"],
+        "alpha": cfg["alpha"],
+        "loss": cfg["loss"],
+        "eps": cfg["eps"],
+        "beta": cfg["beta"],
+        "seed": cfg["seed"],
+        "main_metric": res["main_metric"],
+        "metric": res["metric"],
+        "density": res["density"]["overall"],
+        "union_density": res["density"].get("union_overall"),
+        "trainable_percent": res.get("trainable_percent"),
+        "train_time_s": res.get("train_time_s"),
     }
 
 
@@ -379,16 +423,23 @@ def sweep(args: SweepArgs) -> list[dict[str, Any]]:
     _validate(points)
     out = Path(args.output)
     jsonl, csv_path = out / "sweep.jsonl", out / "sweep.csv"
-    done = lambda p: (Path(p.args.output) / "results.json").exists()  # noqa: E731
+
+    def done(p: SweepPoint) -> bool:
+        return (Path(p.args.output) / "results.json").exists()
+
     print(f"deft sweep: {len(points)} points, {sum(map(done, points))} finished, in {out}")
     if args.dry_run:
         for p in points:
-            print(f"  {'done' if done(p) else 'todo'}  {p.name}" + (f": {train_command(p.args)}" if args.suites else ""))
+            print(
+                f"  {'done' if done(p) else 'todo'}  {p.name}" + (f": {train_command(p.args)}" if args.suites else "")
+            )
         return []
     out.mkdir(parents=True, exist_ok=True)
     base = {} if args.suites else {"base": asdict(base_args(args))}
-    write_json(out / "sweep_config.json", {"sweep": {k: v for k, v in asdict(args).items() if k != "base"},
-                                            **base, "points": [p.name for p in points]})
+    write_json(
+        out / "sweep_config.json",
+        {"sweep": {k: v for k, v in asdict(args).items() if k != "base"}, **base, "points": [p.name for p in points]},
+    )
     logged = {r["point"] for r in read_rows(jsonl)}
 
     def add_row(p: SweepPoint, res: Mapping[str, Any]) -> None:
@@ -413,8 +464,9 @@ def sweep(args: SweepArgs) -> list[dict[str, Any]]:
                 print(f"deft sweep: [{i}/{len(todo)}] {p.name} finished in {seconds:.0f} s")
             else:
                 failed.append((p, log))
-                print(f"deft sweep: [{i}/{len(todo)}] {p.name} FAILED (exit code {rc}) after {seconds:.0f} s; "
-                      f"log: {log}")
+                print(
+                    f"deft sweep: [{i}/{len(todo)}] {p.name} FAILED (exit code {rc}) after {seconds:.0f} s; log: {log}"
+                )
     else:
         for i, p in enumerate(points, 1):
             if done(p):
@@ -432,7 +484,11 @@ def sweep(args: SweepArgs) -> list[dict[str, Any]]:
     print(format_rows(rows))
     print(f"\nrows: {jsonl} (also {csv_path.name}); report: deft report {out} --output {out / 'report'}")
     if failed:
-        logs = ", ".join(str(log) for _, log in failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
-        raise RunError(f"{len(failed)} of {len(points)} points failed; logs: {logs} (rerun the same command to retry "
-                       "them: finished points are skipped)")
+        logs = ", ".join(str(log) for _, log in failed[:5]) + (
+            f" and {len(failed) - 5} more" if len(failed) > 5 else ""
+        )
+        raise RunError(
+            f"{len(failed)} of {len(points)} points failed; logs: {logs} (rerun the same command to retry "
+            "them: finished points are skipped)"
+        )
     return rows

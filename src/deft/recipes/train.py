@@ -4,11 +4,12 @@
 is the recipe: checkpoints / resume, results.json, the plot and the adapter, written atomically under
 ``output``. :func:`density_config` and :func:`method_config` turn the options into the library's configs.
 """
+
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,37 +27,58 @@ class TrainArgs:
     """Arguments of ``deft train`` (and of each run of ``deft compare``)."""
 
     model: str = _h("model alias (minilm, smollm2), local path or hub id", default="minilm")
-    task: str = _h("a GLUE task (sst2, mrpc, rte, cola, stsb, qnli, qqp, mnli), squad (use --max-length 384), "
-                   "image or lm-instruct", default="sst2")
-    method: str = _h("PEFT method: lora, prefix, prompt, ia3, bitfit, adapter, qlora", default="lora",
-                     choices=("lora", "prefix", "prompt", "ia3", "bitfit", "adapter", "qlora"))
+    task: str = _h(
+        "a GLUE task (sst2, mrpc, rte, cola, stsb, qnli, qqp, mnli), squad (use --max-length 384), "
+        "image or lm-instruct",
+        default="sst2",
+    )
+    method: str = _h(
+        "PEFT method: lora, prefix, prompt, ia3, bitfit, adapter, qlora",
+        default="lora",
+        choices=("lora", "prefix", "prompt", "ia3", "bitfit", "adapter", "qlora"),
+    )
     alpha: float = _h("density-loss weight (0 = plain PEFT)", default=3.0)
     loss: str = _h("density surrogate: l0 (smooth-l0, GELU/SiLU) or tanh (ReLU)", default="l0", choices=("l0", "tanh"))
     eps: float = _h("smooth-l0 eps", default=1e-7)
     beta: float = _h("tanh slope", default=10.0)
-    granularity: str = _h("token (per entry) or feature_map (the paper's batch feature map)", default="token",
-                          choices=("token", "feature_map"))
-    alpha_warmup: float = _h("fraction of training over which alpha ramps up from 0 (the task is learnt first)",
-                               default=0.5)
+    granularity: str = _h(
+        "token (per entry) or feature_map (the paper's batch feature map)",
+        default="token",
+        choices=("token", "feature_map"),
+    )
+    alpha_warmup: float = _h(
+        "fraction of training over which alpha ramps up from 0 (the task is learnt first)", default=0.5
+    )
     adaptive: bool = _h("ADA-DEFT: adaptive per-layer density weights (see docs/ada-deft.md)", default=False)
     include_padding: bool = _h("count padded positions in loss and metric (research-code behaviour)", default=False)
-    pad_to_max_length: int | None = _h("GLUE: pad every row to this many tokens, as the paper's research code did "
-                                       "(with --include-padding its density metric counts them)", default=None)
+    pad_to_max_length: int | None = _h(
+        "GLUE: pad every row to this many tokens, as the paper's research code did "
+        "(with --include-padding its density metric counts them)",
+        default=None,
+    )
     threshold: float = _h("density metric: |x| > threshold counts as non-zero", default=0.0)
-    target_density: float | None = _h("train under thresholds: mask |h| <= t_layer at every MLP down-projection input "
-                                      "so this share of units stays active (e.g. 0.05); writes adapter/thresholds.json",
-                                      default=None)
-    density_ramp: float = _h("--target-density: share of training over which the density goes from 1 to the target",
-                             default=0.6)
-    density_schedule: str = _h("--target-density: shape of that ramp, cosine or linear", default="cosine",
-                               choices=("cosine", "linear"))
+    target_density: float | None = _h(
+        "train under thresholds: mask |h| <= t_layer at every MLP down-projection input "
+        "so this share of units stays active (e.g. 0.05); writes adapter/thresholds.json",
+        default=None,
+    )
+    density_ramp: float = _h(
+        "--target-density: share of training over which the density goes from 1 to the target", default=0.6
+    )
+    density_schedule: str = _h(
+        "--target-density: shape of that ramp, cosine or linear", default="cosine", choices=("cosine", "linear")
+    )
     threshold_momentum: float = _h("--target-density: moving-average factor of the per-layer thresholds", default=0.9)
-    straight_through: bool = _h("--target-density: gradients pass through masked units (straight-through)",
-                                default=False)
+    straight_through: bool = _h(
+        "--target-density: gradients pass through masked units (straight-through)", default=False
+    )
     distill: float = _h("weight of a KL term to the same model's dense (unmasked) outputs (0 = off)", default=0.0)
     epochs: float = _h("training epochs", default=1.0)
-    eval_every: float | None = _h("evaluate every this share of training (e.g. 0.25; default: once per epoch); "
-                                  "deft tune prunes on these evaluations", default=None)
+    eval_every: float | None = _h(
+        "evaluate every this share of training (e.g. 0.25; default: once per epoch); "
+        "deft tune prunes on these evaluations",
+        default=None,
+    )
     lr: float = _h("peak learning rate (linear decay, warmup_ratio warm-up)", default=1e-3)
     warmup_ratio: float = _h("fraction of steps of learning-rate warm-up", default=0.06)
     weight_decay: float = _h("AdamW weight decay", default=0.0)
@@ -66,41 +88,66 @@ class TrainArgs:
     max_length: int = _h("maximum tokens per example", default=128)
     seed: int = _h("random seed", default=0)
     output: str = _h("run folder (results.json, plots, adapter, checkpoints)", default="runs/train")
-    data_dir: str | None = _h("GLUE root with TASK/{train,dev}.tsv (e.g. path/to/glue holding SST-2/train.tsv); squad: folder with "
-                              "dev-v1.1.json (+ train-v1.1.json); image: folder with train/CLASS/*.png and "
-                              "val/CLASS/*.png", default=None)
-    data_source: str = _h("auto, local, hub or builtin (the shipped SST-2 sample)", default="auto",
-                          choices=("auto", "local", "hub", "builtin"))
+    data_dir: str | None = _h(
+        "GLUE root with TASK/{train,dev}.tsv (e.g. path/to/glue holding SST-2/train.tsv); squad: folder with "
+        "dev-v1.1.json (+ train-v1.1.json); image: folder with train/CLASS/*.png and "
+        "val/CLASS/*.png",
+        default=None,
+    )
+    data_source: str = _h(
+        "auto, local, hub or builtin (the shipped SST-2 sample)",
+        default="auto",
+        choices=("auto", "local", "hub", "builtin"),
+    )
     max_train_samples: int | None = _h("use a seeded subset of the training set", default=None)
     max_eval_samples: int | None = _h("use a seeded subset of the dev set", default=None)
     lora_r: int = _h("LoRA rank", default=8)
     lora_alpha: float = _h("LoRA alpha (scale = lora_alpha / r)", default=16.0)
     lora_dropout: float = _h("LoRA dropout", default=0.0)
-    lora_bias: str = _h("biases LoRA also trains: none, lora_only (lets DEFT move MLP units below zero), all",
-                         default="lora_only", choices=("none", "lora_only", "all"))
-    target_modules: str = _h("LoRA targets: mlp+attention, mlp, attention, all-linear or a comma list",
-                             default="mlp+attention")
+    lora_bias: str = _h(
+        "biases LoRA also trains: none, lora_only (lets DEFT move MLP units below zero), all",
+        default="lora_only",
+        choices=("none", "lora_only", "all"),
+    )
+    target_modules: str = _h(
+        "LoRA targets: mlp+attention, mlp, attention, all-linear or a comma list", default="mlp+attention"
+    )
     num_virtual_tokens: int = _h("prefix / prompt tuning virtual tokens", default=20)
-    adapter_type: str = _h("bottleneck adapter: pfeiffer or houlsby", default="pfeiffer", choices=("pfeiffer", "houlsby"))
+    adapter_type: str = _h(
+        "bottleneck adapter: pfeiffer or houlsby", default="pfeiffer", choices=("pfeiffer", "houlsby")
+    )
     adapter_reduction_factor: int = _h("adapter bottleneck = hidden // factor", default=16)
-    train_pooler: bool = _h("classification: also train the backbone's pooler (BERT's dense + tanh on [CLS]) fully; "
-                            "needed when the checkpoint's pooler is untrained, as in all-MiniLM-L6-v2", default=False)
-    quantize: int | None = _h("quantize the frozen base weights to 8 or 4 bits (QLoRA-style)", default=None, choices=(8, 4))
-    quant_backend: str = _h("auto (bitsandbytes on CUDA, deft's int codes on CPU), deft or bnb", default="auto",
-                            choices=("auto", "deft", "bnb"))
+    train_pooler: bool = _h(
+        "classification: also train the backbone's pooler (BERT's dense + tanh on [CLS]) fully; "
+        "needed when the checkpoint's pooler is untrained, as in all-MiniLM-L6-v2",
+        default=False,
+    )
+    quantize: int | None = _h(
+        "quantize the frozen base weights to 8 or 4 bits (QLoRA-style)", default=None, choices=(8, 4)
+    )
+    quant_backend: str = _h(
+        "auto (bitsandbytes on CUDA, deft's int codes on CPU), deft or bnb",
+        default="auto",
+        choices=("auto", "deft", "bnb"),
+    )
     quant_group_size: int | None = _h("quantization group size (4-bit default 64)", default=None)
     prune_dir: str | None = _h("a `deft prune` folder whose WANDA masks are kept during training", default=None)
     logging_steps: int = _h("log every N optimizer steps", default=25)
-    report_to: list[str] = _h("also log to: tensorboard, wandb, ... (train_log.csv is always written)",
-                              default_factory=list)
+    report_to: list[str] = _h(
+        "also log to: tensorboard, wandb, ... (train_log.csv is always written)", default_factory=list
+    )
     resume: bool = _h("continue the interrupted run in --output from its last checkpoint", default=False)
     overwrite: bool = _h("start over even if --output holds a finished or interrupted run", default=False)
     gradient_checkpointing: bool = _h("recompute activations in backward to save memory", default=False)
-    activation: str | None = _h("replace every MLP activation by this one before training, e.g. relu "
-                                "('relufication' of a GELU/SiLU model; then --loss tanh applies)", default=None)
+    activation: str | None = _h(
+        "replace every MLP activation by this one before training, e.g. relu "
+        "('relufication' of a GELU/SiLU model; then --loss tanh applies)",
+        default=None,
+    )
     trust_remote_code: bool = _h("allow model code from the hub (off: only transformers' own classes)", default=False)
-    sites: list[str] | None = _h("module-name globs of the activations, for model types deft does not know",
-                                 default=None)
+    sites: list[str] | None = _h(
+        "module-name globs of the activations, for model types deft does not know", default=None
+    )
     quiet: bool = _h("no progress bars", default=False)
 
 
@@ -137,10 +184,10 @@ def density_config(args: TrainArgs):
 def _new_density_config(DensityConfig, args: TrainArgs):  # noqa: N803 - the class, passed in lazily
     return DensityConfig(
         alpha=args.alpha,
-        kind=args.loss,  # type: ignore[arg-type]
+        kind=args.loss,
         eps=args.eps,
         beta=args.beta,
-        granularity=args.granularity,  # type: ignore[arg-type]
+        granularity=args.granularity,
         include_padding=args.include_padding,
         threshold=args.threshold,
         sites=args.sites,
@@ -148,7 +195,7 @@ def _new_density_config(DensityConfig, args: TrainArgs):  # noqa: N803 - the cla
         adaptive=args.adaptive,
         target_density=args.target_density,
         density_ramp=args.density_ramp,
-        density_schedule=args.density_schedule,  # type: ignore[arg-type]
+        density_schedule=args.density_schedule,
         threshold_momentum=args.threshold_momentum,
         straight_through=args.straight_through,
         distill=args.distill,
@@ -162,8 +209,9 @@ def last_checkpoint(ckpt_dir: Path) -> str | None:
     return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
 
 
-def train_with_setup(args: Any, setup: TaskSetup | None = None, callbacks: Sequence[Any] | None = None
-                     ) -> dict[str, Any]:
+def train_with_setup(
+    args: Any, setup: TaskSetup | None = None, callbacks: Sequence[Any] | None = None
+) -> dict[str, Any]:
     """``deft train`` for any task: PEFT + density loss, checkpoints / resume, results.json, plot, adapter.
 
     ``args`` is a :class:`TrainArgs`. ``setup`` defaults to ``setup_task(args)``, built after
@@ -271,7 +319,9 @@ def train_with_setup(args: Any, setup: TaskSetup | None = None, callbacks: Seque
 
     main_process = trainer.is_world_process_zero()  # the other processes of a multi-process run write nothing
     if main_process:
-        save_trainable(trainer.model, out / "adapter", method_cfg, task_type=setup.task_type)
+        trained = trainer.model
+        assert trained is not None  # the model given to DeftTrainer
+        save_trainable(trained, out / "adapter", method_cfg, task_type=setup.task_type)
     thresholds = trainer.final_thresholds()
     if thresholds is not None and main_process:
         # part of the model: sparsify(mode="threshold", threshold=<this>) serves it as it was evaluated
@@ -279,8 +329,11 @@ def train_with_setup(args: Any, setup: TaskSetup | None = None, callbacks: Seque
 
         save_thresholds(out / "adapter", thresholds)
     if main_process:
-        layerwise_density({f"{args.method} alpha={args.alpha:g}": report}, out / "layerwise_density.png",
-                          title=f"{args.model} / {setup.task}")
+        layerwise_density(
+            {f"{args.method} alpha={args.alpha:g}": report},
+            out / "layerwise_density.png",
+            title=f"{args.model} / {setup.task}",
+        )
     results = {
         "config": asdict(args),
         "task": setup.task,
@@ -295,8 +348,8 @@ def train_with_setup(args: Any, setup: TaskSetup | None = None, callbacks: Seque
         "trainable_params": params.trainable,
         "total_params": params.total,
         "trainable_percent": params.percent,
-        "train_examples": len(setup.train_dataset),
-        "eval_examples": len(setup.eval_dataset),
+        "train_examples": len(setup.train_dataset) if isinstance(setup.train_dataset, Sized) else None,
+        "eval_examples": len(setup.eval_dataset) if isinstance(setup.eval_dataset, Sized) else None,
         "data": setup.data_label,
         "task_details": setup.details,
         "compression": compression,

@@ -26,11 +26,12 @@ Decisions, and why:
   workers that start together may both enqueue it: the later one becomes an ordinary search trial.
 * **Pruning** (``--prune``, on by default): Optuna's pruners do not support several objectives, so deft
   prunes by its own rule. At every evaluation before the last (``--eval-every``: half-way by default)
-  the trial's metric is compared with the baseline's at the same share of training (the baseline's latest evaluation at or before it): a trial more than
-  ``--prune-factor`` x ``--max-drop`` points below it is stopped. The question being answered is "how
-  sparse within max-drop of the baseline": a run that far behind has rarely caught up by its end, and
-  the factor (4 by default) leaves room for evaluation noise and for the density loss's warm-up. The
-  steps pruning saved (planned minus run) are summed in ``pareto.json``.
+  the trial's metric is compared with the baseline's at the same share of training (the baseline's
+  latest evaluation at or before it): a trial more than ``--prune-factor`` x ``--max-drop`` points below
+  it is stopped. The question being answered is "how sparse within max-drop of the baseline": a run
+  that far behind has rarely caught up by its end, and the factor (4 by default) leaves room for
+  evaluation noise and for the density loss's warm-up. The steps pruning saved (planned minus run) are
+  summed in ``pareto.json``.
 * **Interrupted trials**: every running trial sends a heartbeat to the storage. A trial whose process
   died (its heartbeat older than two minutes) is marked FAIL by the next worker to start a trial, and a
   trial stopped by Ctrl-C is marked FAIL at once; either way the same parameters are enqueued again and
@@ -43,6 +44,7 @@ Decisions, and why:
   workers, so rerunning the same command with a larger N adds the difference. Workers check it before
   every trial; two that start a trial at the same moment may overshoot it by one each.
 """
+
 from __future__ import annotations
 
 import csv
@@ -58,7 +60,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from ..errors import DeftError
 from ..fields import help_field as _h
@@ -84,26 +86,39 @@ class TuneArgs(TrainArgs):
     """Arguments of ``deft tune``: search ``deft train`` options for the best metric / density trade-off.
     Every ``deft train`` option sets what the searched ones do not; each trial trains into OUTPUT/trial-NNNN."""
 
-    output: str = _h("study folder: trial-NNNN run folders, study.db (default storage), pareto.json/csv/png",
-                     default="runs/tune")
-    alpha: float = _h("density-loss weight of every trial unless searched (0: the recommended recipe, training "
-                      "under thresholds alone)", default=0.0)
-    eval_every: float | None = _h("evaluate every this share of training; pruning decides at these evaluations",
-                                  default=0.5)
-    space: str | None = _h("YAML/JSON search space: OPTION: {low, high, log?, int?, step?} or {choices: [...]} "
-                           "(default: target_density, lr, density_ramp, straight_through)", default=None)
-    trials: int = _h("finished trials the study should reach, counting earlier runs and other workers",
-                     default=20)
+    output: str = _h(
+        "study folder: trial-NNNN run folders, study.db (default storage), pareto.json/csv/png", default="runs/tune"
+    )
+    alpha: float = _h(
+        "density-loss weight of every trial unless searched (0: the recommended recipe, training "
+        "under thresholds alone)",
+        default=0.0,
+    )
+    eval_every: float | None = _h(
+        "evaluate every this share of training; pruning decides at these evaluations", default=0.5
+    )
+    space: str | None = _h(
+        "YAML/JSON search space: OPTION: {low, high, log?, int?, step?} or {choices: [...]} "
+        "(default: target_density, lr, density_ramp, straight_through)",
+        default=None,
+    )
+    trials: int = _h("finished trials the study should reach, counting earlier runs and other workers", default=20)
     timeout: float | None = _h("start no new trial after this many seconds", default=None)
-    storage: str | None = _h("Optuna storage, any SQLAlchemy URL (e.g. postgresql://user:pw@host/db for many "
-                             "machines); default sqlite:///OUTPUT/study.db", default=None)
+    storage: str | None = _h(
+        "Optuna storage, any SQLAlchemy URL (e.g. postgresql://user:pw@host/db for many "
+        "machines); default sqlite:///OUTPUT/study.db",
+        default=None,
+    )
     study_name: str = _h("study name inside the storage", default="deft-tune")
-    max_drop: float = _h("the answer: sparsest trial within this many metric points of the PEFT baseline",
-                         default=0.5)
-    baseline: str | None = _h("a finished plain-PEFT run folder (default: the study trains one as its first trial)",
-                              default=None)
-    prune: bool = _h("stop trials whose metric at an evaluation before the last is more than prune-factor x "
-                     "max-drop points below the baseline's at the same share of training", default=True)
+    max_drop: float = _h("the answer: sparsest trial within this many metric points of the PEFT baseline", default=0.5)
+    baseline: str | None = _h(
+        "a finished plain-PEFT run folder (default: the study trains one as its first trial)", default=None
+    )
+    prune: bool = _h(
+        "stop trials whose metric at an evaluation before the last is more than prune-factor x "
+        "max-drop points below the baseline's at the same share of training",
+        default=True,
+    )
     prune_factor: float = _h("pruning margin in units of --max-drop", default=4.0)
     sampler_seed: int | None = _h("seed of the sampler (one worker: reproducible proposals)", default=None)
 
@@ -124,9 +139,10 @@ class Param:
     def suggest(self, trial: Any) -> Any:
         if self.choices is not None:
             return trial.suggest_categorical(self.name, list(self.choices))
+        if self.low is None or self.high is None:
+            raise TuneError(f"{self.name}: a numeric search range needs low and high")
         if self.int:
-            return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1),
-                                     log=self.log)
+            return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return trial.suggest_float(self.name, float(self.low), float(self.high), step=self.step, log=self.log)
 
     def to_dict(self) -> dict[str, Any]:
@@ -149,15 +165,16 @@ def _field_types() -> dict[str, tuple[type, bool]]:
     return out
 
 
-def _is_number(v: Any) -> bool:
+def _is_number(v: Any) -> TypeGuard[int | float]:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def parse_space(data: Mapping[str, Any], source: str = "--space") -> dict[str, Param]:
     """Check a search-space mapping (option name -> spec) against TrainArgs; one error per problem."""
     if not isinstance(data, Mapping) or not data:
-        raise TuneError(f"{source}: defines no option to search; give OPTION: {{low: .., high: ..}} or "
-                        "OPTION: {choices: [...]}")
+        raise TuneError(
+            f"{source}: defines no option to search; give OPTION: {{low: .., high: ..}} or OPTION: {{choices: [...]}}"
+        )
     types_ = _field_types()
     tunable = [f.name for f in fields(TrainArgs) if f.name not in NOT_TUNABLE]
     space: dict[str, Param] = {}
@@ -191,12 +208,18 @@ def _choices(where: str, name: str, spec: Mapping[str, Any], base: Any, optional
     if not isinstance(choices, (list, tuple)) or not choices:
         raise TuneError(f"{where}: choices must be a non-empty list, got {choices!r}")
     for c in choices:
-        ok = ((c is None and optional) or (base is bool and isinstance(c, bool))
-              or (base is str and isinstance(c, str)) or (base is int and _is_number(c) and float(c).is_integer())
-              or (base is float and _is_number(c)))
+        ok = (
+            (c is None and optional)
+            or (base is bool and isinstance(c, bool))
+            or (base is str and isinstance(c, str))
+            or (base is int and _is_number(c) and float(c).is_integer())
+            or (base is float and _is_number(c))
+        )
         if not ok:
-            raise TuneError(f"{where}: choice {c!r} is not a valid {getattr(base, '__name__', base)}"
-                            + (" (or null)" if optional else ""))
+            raise TuneError(
+                f"{where}: choice {c!r} is not a valid {getattr(base, '__name__', base)}"
+                + (" (or null)" if optional else "")
+            )
     if len(set(map(repr, choices))) != len(choices):
         raise TuneError(f"{where}: choices list a value twice: {list(choices)!r}")
     return Param(name, choices=tuple(choices))
@@ -239,10 +262,12 @@ def default_space() -> dict[str, Param]:
     default of ``deft tune``): target_density (log 0.01..0.3), lr (log 3e-4..3e-3), density_ramp
     (0.3..0.9) and straight_through. The paper's exact-zero DEFT is searched with a --space file, e.g.
     ``alpha: {low: 0.1, high: 10, log: true}``."""
-    return {"target_density": Param("target_density", low=0.01, high=0.3, log=True),
-            "lr": Param("lr", low=3e-4, high=3e-3, log=True),
-            "density_ramp": Param("density_ramp", low=0.3, high=0.9),
-            "straight_through": Param("straight_through", choices=(False, True))}
+    return {
+        "target_density": Param("target_density", low=0.01, high=0.3, log=True),
+        "lr": Param("lr", low=3e-4, high=3e-3, log=True),
+        "density_ramp": Param("density_ramp", low=0.3, high=0.9),
+        "straight_through": Param("straight_through", choices=(False, True)),
+    }
 
 
 def load_space(path: str | os.PathLike | None) -> dict[str, Param]:
@@ -277,8 +302,11 @@ def eval_curve(results: Mapping[str, Any]) -> list[list[float]]:
     history = results.get("log_history") or []
     steps = [h["step"] for h in history if isinstance(h.get("step"), (int, float))]
     last = max(steps, default=0)
-    curve = {round(h["step"] / last, 9): float(h[key]) for h in history
-             if last and _is_number(h.get(key)) and isinstance(h.get("step"), (int, float))}
+    curve = {
+        round(h["step"] / last, 9): float(h[key])
+        for h in history
+        if last and _is_number(h.get(key)) and isinstance(h.get("step"), (int, float))
+    }
     if _is_number(results.get("metric")):
         curve[1.0] = float(results["metric"])
     return [[f, m] for f, m in sorted(curve.items())]
@@ -297,14 +325,22 @@ def pareto_front(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     """Rows (with ``metric`` and ``density``) no other row beats on both (higher metric, lower density),
     sorted by density; rows equal on both are all kept."""
     ok = [r for r in rows if _is_number(r.get("metric")) and _is_number(r.get("density"))]
-    front = [r for r in ok if not any(
-        s["metric"] >= r["metric"] and s["density"] <= r["density"]
-        and (s["metric"] > r["metric"] or s["density"] < r["density"]) for s in ok)]
+    front = [
+        r
+        for r in ok
+        if not any(
+            s["metric"] >= r["metric"]
+            and s["density"] <= r["density"]
+            and (s["metric"] > r["metric"] or s["density"] < r["density"])
+            for s in ok
+        )
+    ]
     return sorted(front, key=lambda r: (r["density"], -r["metric"], r.get("number", 0)))
 
 
-def pick_answer(rows: Sequence[Mapping[str, Any]], reference: float, max_drop_points: float
-                ) -> Mapping[str, Any] | None:
+def pick_answer(
+    rows: Sequence[Mapping[str, Any]], reference: float, max_drop_points: float
+) -> Mapping[str, Any] | None:
     """The sparsest row whose metric (a fraction) is within ``max_drop_points`` of ``reference``; among
     rows at that density the best metric, then the lowest trial number. None when no row is within."""
     from ..analysis.tradeoff import lowest_density_within
@@ -347,8 +383,13 @@ def open_storage(url: str):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
-                                                  grace_period=GRACE_S, heartbeat_stale_trial_callback=_requeue)
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=HEARTBEAT_S,
+                    grace_period=GRACE_S,
+                    heartbeat_stale_trial_callback=_requeue,
+                )
         except Exception as e:  # noqa: BLE001 -- SQLAlchemy's ArgumentError / OperationalError, a missing driver
             # workers started together race to create the tables of a new database: the loser retries
             if attempt < 2 and any(w in str(e) for w in ("already exists", "locked", "UNIQUE constraint")):
@@ -356,8 +397,9 @@ def open_storage(url: str):
                 continue
             msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
             hint = " (install the database driver, e.g. psycopg2 for PostgreSQL)" if isinstance(e, ImportError) else ""
-            raise TuneError(f"--storage {_safe_url(url)}: cannot be opened: {type(e).__name__}: {msg[:200]}{hint}"
-                            ) from None
+            raise TuneError(
+                f"--storage {_safe_url(url)}: cannot be opened: {type(e).__name__}: {msg[:200]}{hint}"
+            ) from None
     raise AssertionError("unreachable")
 
 
@@ -365,9 +407,14 @@ def _requeue(study: Any, failed: Any) -> None:
     """Enqueue an interrupted trial (a Trial or FrozenTrial) again: same parameters, same run folder
     (resumed from its checkpoint)."""
     role = failed.user_attrs.get("role", "search")
-    study.enqueue_trial(dict(failed.params) if role == "search" else {},
-                        user_attrs={"role": role, "resumes": failed.number,
-                                    "run_name": failed.user_attrs.get("run_name", f"trial-{failed.number:04d}")})
+    study.enqueue_trial(
+        dict(failed.params) if role == "search" else {},
+        user_attrs={
+            "role": role,
+            "resumes": failed.number,
+            "run_name": failed.user_attrs.get("run_name", f"trial-{failed.number:04d}"),
+        },
+    )
 
 
 def _counted(trials: Sequence[Any]) -> int:
@@ -375,8 +422,10 @@ def _counted(trials: Sequence[Any]) -> int:
     from optuna.trial import TrialState
 
     resumed = {t.user_attrs.get("resumes") for t in trials}
-    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-               or (t.state == TrialState.FAIL and t.number not in resumed) for t in trials)
+    return sum(
+        t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (t.state == TrialState.FAIL and t.number not in resumed)
+        for t in trials
+    )
 
 
 def _running(trials: Sequence[Any]) -> int:
@@ -415,11 +464,13 @@ def _prune_callback(trial: Any, key: str, curve: Sequence[Sequence[float]] | Non
             trial.set_user_attr("evals", evals)
             fraction = state.global_step / state.max_steps
             floor = prune_floor(curve, fraction, margin) if margin is not None else None
-            if fraction < 1 and floor is not None and value < floor:
+            if fraction < 1 and floor is not None and margin is not None and value < floor:
                 trial.set_user_attr("steps_run", int(state.global_step))
-                raise optuna.TrialPruned(f"{key} {100 * value:.2f} % at step {state.global_step}/{state.max_steps} "
-                                         f"is below the baseline's {100 * (floor + margin):.2f} % minus "
-                                         f"{100 * margin:.2f} points")
+                raise optuna.TrialPruned(
+                    f"{key} {100 * value:.2f} % at step {state.global_step}/{state.max_steps} "
+                    f"is below the baseline's {100 * (floor + margin):.2f} % minus "
+                    f"{100 * margin:.2f} points"
+                )
             return control
 
     return _Watch()
@@ -427,8 +478,9 @@ def _prune_callback(trial: Any, key: str, curve: Sequence[Sequence[float]] | Non
 
 # ---------------------------------------------------------------------------------------------- the study
 class _Tuner:
-    def __init__(self, args: TuneArgs, space: dict[str, Param], baseline: dict[str, Any] | None,
-                 storage_url: str) -> None:
+    def __init__(
+        self, args: TuneArgs, space: dict[str, Param], baseline: dict[str, Any] | None, storage_url: str
+    ) -> None:
         self.args = args
         self.storage_url = storage_url
         self.space = space
@@ -447,17 +499,24 @@ class _Tuner:
 
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             if t.user_attrs.get("role") == "baseline":
-                return {"trial": t.number, "run_dir": t.user_attrs.get("run_dir"), "metric": t.values[0],
-                        "density": t.values[1], "density_kind": t.user_attrs.get("density_kind"),
-                        "curve": t.user_attrs.get("curve")}
+                return {
+                    "trial": t.number,
+                    "run_dir": t.user_attrs.get("run_dir"),
+                    "metric": t.values[0],
+                    "density": t.values[1],
+                    "density_kind": t.user_attrs.get("density_kind"),
+                    "curve": t.user_attrs.get("curve"),
+                }
         return None
 
     def _other_baseline(self, study: Any, number: int) -> bool:
         """An earlier baseline trial that is waiting, running or done (so this one is a duplicate)."""
         from optuna.trial import TrialState
 
-        return any(t.user_attrs.get("role") == "baseline" and t.number < number and t.state != TrialState.FAIL
-                   for t in study.get_trials(deepcopy=False))
+        return any(
+            t.user_attrs.get("role") == "baseline" and t.number < number and t.state != TrialState.FAIL
+            for t in study.get_trials(deepcopy=False)
+        )
 
     # -------------------------------------------------------------------- one trial
     def objective(self, trial: Any) -> tuple[float, float]:
@@ -466,7 +525,9 @@ class _Tuner:
         from .train import train_with_setup
 
         role = trial.user_attrs.get("role", "search")
-        if role == "baseline" and (self.external_baseline is not None or self._other_baseline(trial.study, trial.number)):
+        if role == "baseline" and (
+            self.external_baseline is not None or self._other_baseline(trial.study, trial.number)
+        ):
             role = "search"  # a second worker enqueued the baseline too: search instead of training it twice
         if role == "baseline":
             overrides = {k: v for k, v in BASELINE_OVERRIDES.items() if k in self.base}
@@ -474,20 +535,34 @@ class _Tuner:
             overrides = {name: p.suggest(trial) for name, p in self.space.items()}
         run_name = trial.user_attrs.get("run_name") or f"trial-{trial.number:04d}"
         run_dir = self.out / run_name
-        for k, v in {"role": role, "run_name": run_name, "run_dir": str(run_dir.resolve()), "worker": self.worker,
-                     "overrides": overrides}.items():
+        for k, v in {
+            "role": role,
+            "run_name": run_name,
+            "run_dir": str(run_dir.resolve()),
+            "worker": self.worker,
+            "overrides": overrides,
+        }.items():
             trial.set_user_attr(k, v)
         resumed = trial.user_attrs.get("resumes")
-        print(f"deft tune: trial {trial.number} ({role}{f', resumes trial {resumed}' if resumed is not None else ''})"
-              f" -> {run_dir}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                              for k, v in overrides.items()))
+        print(
+            f"deft tune: trial {trial.number} ({role}{f', resumes trial {resumed}' if resumed is not None else ''})"
+            f" -> {run_dir}: "
+            + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in overrides.items())
+        )
         try:
             if resumed is not None and (run_dir / "results.json").exists():
                 # the interrupted process finished training but not the bookkeeping: keep its run
                 res = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
             else:
-                targs = TrainArgs(**{**self.base, **overrides, "output": str(run_dir), "overwrite": False,
-                                     "resume": (run_dir / "checkpoints").is_dir()})
+                targs = TrainArgs(
+                    **{
+                        **self.base,
+                        **overrides,
+                        "output": str(run_dir),
+                        "overwrite": False,
+                        "resume": (run_dir / "checkpoints").is_dir(),
+                    }
+                )
                 callbacks = []
                 if self.key is not None:
                     # the baseline as it stands when the trial starts (another worker may still be training it)
@@ -512,10 +587,16 @@ class _Tuner:
             trial.set_user_attr("error", f"results.json has no {res.get('main_metric')} value")
             raise TuneError(f"{run_dir}: results.json has no {res.get('main_metric')} value")
         density, kind = run_density(res)
-        steps = max((h["step"] for h in res.get("log_history", []) if isinstance(h.get("step"), (int, float))),
-                    default=None)
-        attrs = {"metric": float(metric), "density": density, "density_kind": kind,
-                 "main_metric": res.get("main_metric"), "curve": eval_curve(res)}
+        steps = max(
+            (h["step"] for h in res.get("log_history", []) if isinstance(h.get("step"), (int, float))), default=None
+        )
+        attrs = {
+            "metric": float(metric),
+            "density": density,
+            "density_kind": kind,
+            "main_metric": res.get("main_metric"),
+            "curve": eval_curve(res),
+        }
         if steps is not None:
             attrs.update(steps_run=int(steps), steps_planned=int(steps))
         for k, v in attrs.items():
@@ -528,13 +609,23 @@ class _Tuner:
         for t in study.get_trials(deepcopy=False):
             u = t.user_attrs
             params = dict(u.get("overrides") or t.params)
-            rows.append({
-                "number": t.number, "state": t.state.name, "role": u.get("role", "search"),
-                "metric": t.values[0] if t.values else None, "density": t.values[1] if t.values else None,
-                "density_kind": u.get("density_kind"), "params": params, "run_dir": u.get("run_dir"),
-                "worker": u.get("worker"), "error": u.get("error"), "resumes": u.get("resumes"),
-                "steps_planned": u.get("steps_planned"), "steps_run": u.get("steps_run"),
-            })
+            rows.append(
+                {
+                    "number": t.number,
+                    "state": t.state.name,
+                    "role": u.get("role", "search"),
+                    "metric": t.values[0] if t.values else None,
+                    "density": t.values[1] if t.values else None,
+                    "density_kind": u.get("density_kind"),
+                    "params": params,
+                    "run_dir": u.get("run_dir"),
+                    "worker": u.get("worker"),
+                    "error": u.get("error"),
+                    "resumes": u.get("resumes"),
+                    "steps_planned": u.get("steps_planned"),
+                    "steps_run": u.get("steps_run"),
+                }
+            )
         return rows
 
     def summary(self, study: Any) -> dict[str, Any]:
@@ -546,18 +637,32 @@ class _Tuner:
         if base is not None:
             candidates = list(complete)
             if self.external_baseline is not None:  # the baseline itself answers when no trial is close enough
-                candidates.append({"number": None, "role": "baseline", "metric": base["metric"],
-                                   "density": base["density"], "density_kind": base.get("density_kind"),
-                                   "params": {}, "run_dir": base.get("run_dir")})
+                candidates.append(
+                    {
+                        "number": None,
+                        "role": "baseline",
+                        "metric": base["metric"],
+                        "density": base["density"],
+                        "density_kind": base.get("density_kind"),
+                        "params": {},
+                        "run_dir": base.get("run_dir"),
+                    }
+                )
             answer = pick_answer(candidates, base["metric"], self.args.max_drop)
         pruned = [r for r in rows if r["state"] == "PRUNED"]
-        saved = sum(max(0, (r["steps_planned"] or 0) - (r["steps_run"] or 0)) for r in pruned
-                    if r["steps_planned"] is not None and r["steps_run"] is not None)
+        saved = sum(
+            max(0, (r["steps_planned"] or 0) - (r["steps_run"] or 0))
+            for r in pruned
+            if r["steps_planned"] is not None and r["steps_run"] is not None
+        )
         states = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
         return {
-            "study": study.study_name, "storage": _safe_url(self.storage_url),
-            "objectives": [{"name": self.key or "metric", "direction": "maximize"},
-                           {"name": "density", "direction": "minimize"}],
+            "study": study.study_name,
+            "storage": _safe_url(self.storage_url),
+            "objectives": [
+                {"name": self.key or "metric", "direction": "maximize"},
+                {"name": "density", "direction": "minimize"},
+            ],
             "sampler": type(study.sampler).__name__,
             "space": {k: p.to_dict() for k, p in self.space.items()},
             "max_drop_points": self.args.max_drop,
@@ -565,9 +670,13 @@ class _Tuner:
             "answer": answer,
             "front": front,
             "trials": {s.lower(): n for s, n in states.items()},
-            "pruning": {"enabled": self.args.prune, "factor": self.args.prune_factor,
-                        "margin_points": self.args.prune_factor * self.args.max_drop,
-                        "pruned_trials": len(pruned), "steps_saved": saved},
+            "pruning": {
+                "enabled": self.args.prune,
+                "factor": self.args.prune_factor,
+                "margin_points": self.args.prune_factor * self.args.max_drop,
+                "pruned_trials": len(pruned),
+                "steps_saved": saved,
+            },
             "all_trials": rows,
         }
 
@@ -579,8 +688,17 @@ class _Tuner:
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["trial", "role", "metric", "density", "density_kind", *names, "run_dir"])
         for r in s["front"]:
-            w.writerow([r["number"], r["role"], r["metric"], r["density"], r["density_kind"],
-                        *[r["params"].get(k, "") for k in names], r["run_dir"]])
+            w.writerow(
+                [
+                    r["number"],
+                    r["role"],
+                    r["metric"],
+                    r["density"],
+                    r["density_kind"],
+                    *[r["params"].get(k, "") for k in names],
+                    r["run_dir"],
+                ]
+            )
         write_text(self.out / "pareto.csv", buf.getvalue())
         if plot:
             pareto_plot(s, self.out / "pareto.png")
@@ -597,22 +715,45 @@ def pareto_plot(summary: Mapping[str, Any], path: str | os.PathLike) -> Path | N
         return None
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.scatter([100 * r["density"] for r in rows], [100 * r["metric"] for r in rows], color="0.65", s=22,
-               label=f"trials ({len(rows)})", zorder=2)
+    ax.scatter(
+        [100 * r["density"] for r in rows],
+        [100 * r["metric"] for r in rows],
+        color="0.65",
+        s=22,
+        label=f"trials ({len(rows)})",
+        zorder=2,
+    )
     front = summary["front"]
-    ax.step([100 * r["density"] for r in front], [100 * r["metric"] for r in front], where="post", color="C0",
-            zorder=3)
-    ax.scatter([100 * r["density"] for r in front], [100 * r["metric"] for r in front], color="C0", s=34,
-               label="Pareto front", zorder=4)
+    ax.step([100 * r["density"] for r in front], [100 * r["metric"] for r in front], where="post", color="C0", zorder=3)
+    ax.scatter(
+        [100 * r["density"] for r in front],
+        [100 * r["metric"] for r in front],
+        color="C0",
+        s=34,
+        label="Pareto front",
+        zorder=4,
+    )
     base = summary.get("baseline")
     if base:
-        ax.axhline(100 * base["metric"] - summary["max_drop_points"], color="C3", ls="--", lw=1,
-                   label=f"baseline - {summary['max_drop_points']:g} points")
+        ax.axhline(
+            100 * base["metric"] - summary["max_drop_points"],
+            color="C3",
+            ls="--",
+            lw=1,
+            label=f"baseline - {summary['max_drop_points']:g} points",
+        )
     ans = summary.get("answer")
     if ans:
-        ax.scatter([100 * ans["density"]], [100 * ans["metric"]], marker="*", s=220, color="C1", edgecolor="k",
-                   label=f"chosen (trial {ans['number']})" if ans.get("number") is not None else "chosen (baseline)",
-                   zorder=5)
+        ax.scatter(
+            [100 * ans["density"]],
+            [100 * ans["metric"]],
+            marker="*",
+            s=220,
+            color="C1",
+            edgecolor="k",
+            label=f"chosen (trial {ans['number']})" if ans.get("number") is not None else "chosen (baseline)",
+            zorder=5,
+        )
     metric = summary["objectives"][0]["name"]
     kinds = {r.get("density_kind") for r in rows}
     ax.set_xlabel(f"{'effective ' if kinds == {'effective'} else ''}MLP activation density (%)")
@@ -652,8 +793,13 @@ def _read_baseline(path: str, task: str) -> dict[str, Any]:
     alpha = (res.get("config") or {}).get("alpha")
     if alpha:
         print(f"deft tune: note: --baseline {run_dir} was trained with alpha={alpha:g}, not as plain PEFT")
-    return {"run_dir": str(run_dir.resolve()), "metric": float(metric), "density": density, "density_kind": kind,
-            "curve": eval_curve(res)}
+    return {
+        "run_dir": str(run_dir.resolve()),
+        "metric": float(metric),
+        "density": density,
+        "density_kind": kind,
+        "curve": eval_curve(res),
+    }
 
 
 def _validate(args: TuneArgs) -> None:
@@ -673,16 +819,20 @@ def _check_study(study: Any, args: TuneArgs, space: dict[str, Param], url: str) 
     """A study found in the storage must be the same search: same objectives, task and space."""
     where = f"study {args.study_name!r} in {_safe_url(url)}"
     if [d.name.lower() for d in study.directions] != list(DIRECTIONS):
-        raise TuneError(f"{where} is not a deft tune study (objectives {[d.name for d in study.directions]}); "
-                        "pass another --study-name")
+        raise TuneError(
+            f"{where} is not a deft tune study (objectives {[d.name for d in study.directions]}); "
+            "pass another --study-name"
+        )
     mine = {"task": args.task, "space": {k: p.to_dict() for k, p in space.items()}}
     theirs = study.user_attrs.get("deft")
     if theirs is None:
         study.set_user_attr("deft", mine)
     elif theirs != json.loads(json.dumps(mine)):
         diff = [k for k in mine if json.loads(json.dumps(mine[k])) != theirs.get(k)]
-        raise TuneError(f"{where} was started with another {' and '.join(diff)} ({theirs}); rerun with the same "
-                        "--task / --space or pass another --study-name")
+        raise TuneError(
+            f"{where} was started with another {' and '.join(diff)} ({theirs}); rerun with the same "
+            "--task / --space or pass another --study-name"
+        )
 
 
 def tune(args: TuneArgs) -> dict[str, Any]:
@@ -704,10 +854,12 @@ def tune(args: TuneArgs) -> dict[str, Any]:
     url = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     storage = open_storage(url)
     tuner = _Tuner(args, space, baseline, url)
-    sampler = optuna.samplers.TPESampler(seed=args.sampler_seed, n_startup_trials=max(2, min(10, args.trials // 3)),
-                                         constant_liar=True)
-    study = optuna.create_study(storage=storage, study_name=args.study_name, directions=list(DIRECTIONS),
-                                sampler=sampler, load_if_exists=True)
+    sampler = optuna.samplers.TPESampler(
+        seed=args.sampler_seed, n_startup_trials=max(2, min(10, args.trials // 3)), constant_liar=True
+    )
+    study = optuna.create_study(
+        storage=storage, study_name=args.study_name, directions=list(DIRECTIONS), sampler=sampler, load_if_exists=True
+    )
     _check_study(study, args, space, url)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -718,8 +870,10 @@ def tune(args: TuneArgs) -> dict[str, Any]:
     if baseline is None and not any(t.user_attrs.get("role") == "baseline" for t in trials):
         study.enqueue_trial({}, user_attrs={"role": "baseline"})
     done = _counted(trials)
-    print(f"deft tune: study {args.study_name!r} in {_safe_url(url)}: {done} of {args.trials} trials finished"
-          f"{f', {_running(trials)} running elsewhere' if _running(trials) else ''}")
+    print(
+        f"deft tune: study {args.study_name!r} in {_safe_url(url)}: {done} of {args.trials} trials finished"
+        f"{f', {_running(trials)} running elsewhere' if _running(trials) else ''}"
+    )
 
     def enough(study: Any, _trial: Any = None) -> bool:
         ts = study.get_trials(deepcopy=False)
@@ -732,16 +886,22 @@ def tune(args: TuneArgs) -> dict[str, Any]:
 
     if not enough(study):
         try:
-            study.optimize(tuner.objective, timeout=args.timeout, catch=(Exception,), callbacks=[after_trial],
-                           gc_after_trial=True)
+            study.optimize(
+                tuner.objective, timeout=args.timeout, catch=(Exception,), callbacks=[after_trial], gc_after_trial=True
+            )
         except KeyboardInterrupt:
-            print("deft tune: interrupted; the stopped trial is enqueued again and resumes from its checkpoint "
-                  "when the same command runs again", flush=True)
+            print(
+                "deft tune: interrupted; the stopped trial is enqueued again and resumes from its checkpoint "
+                "when the same command runs again",
+                flush=True,
+            )
             tuner.write(study)
             raise
     elif _running(trials):
-        print(f"deft tune: nothing to start; {_running(trials)} trial(s) still RUNNING count towards --trials. "
-              f"A trial whose worker died is re-run by the next worker once its heartbeat is {GRACE_S} s old.")
+        print(
+            f"deft tune: nothing to start; {_running(trials)} trial(s) still RUNNING count towards --trials. "
+            f"A trial whose worker died is re-run by the next worker once its heartbeat is {GRACE_S} s old."
+        )
     summary = tuner.write(study, plot=True)
     _print_summary(summary, out)
     return summary
@@ -750,8 +910,10 @@ def tune(args: TuneArgs) -> dict[str, Any]:
 def _print_summary(s: Mapping[str, Any], out: Path) -> None:
     metric = s["objectives"][0]["name"]
     t = s["trials"]
-    print(f"\ndeft tune: {t['complete']} complete, {t['pruned']} pruned ({s['pruning']['steps_saved']} steps saved), "
-          f"{t['fail']} failed" + (f", {t['running']} still running elsewhere" if t["running"] else ""))
+    print(
+        f"\ndeft tune: {t['complete']} complete, {t['pruned']} pruned ({s['pruning']['steps_saved']} steps saved), "
+        f"{t['fail']} failed" + (f", {t['running']} still running elsewhere" if t["running"] else "")
+    )
     if s["front"]:
         print(f"Pareto front ({metric} up, density down):")
         print(f"| {'trial':>5} | {metric + ' %':>12} | {'density %':>9} | parameters")
@@ -762,11 +924,16 @@ def _print_summary(s: Mapping[str, Any], out: Path) -> None:
     if base is None:
         print("no finished PEFT baseline yet: no answer to the max-drop question")
     elif ans is None:
-        print(f"no trial within {s['max_drop_points']:g} points of the PEFT baseline ({metric} "
-              f"{100 * base['metric']:.2f} %)")
+        print(
+            f"no trial within {s['max_drop_points']:g} points of the PEFT baseline ({metric} "
+            f"{100 * base['metric']:.2f} %)"
+        )
     else:
         who = f"trial {ans['number']}" if ans.get("number") is not None else "the baseline itself"
-        print(f"sparsest within {s['max_drop_points']:g} points of the PEFT baseline ({metric} {100 * base['metric']:.2f} %): "
-              f"{who}, {ans['density_kind'] or ''} density {100 * ans['density']:.2f} %, {metric} "
-              f"{100 * ans['metric']:.2f} % -> {ans['run_dir']}")
+        print(
+            f"sparsest within {s['max_drop_points']:g} points of the PEFT baseline "
+            f"({metric} {100 * base['metric']:.2f} %): "
+            f"{who}, {ans['density_kind'] or ''} density {100 * ans['density']:.2f} %, {metric} "
+            f"{100 * ans['metric']:.2f} % -> {ans['run_dir']}"
+        )
     print(f"front: {out / 'pareto.json'} (also pareto.csv, pareto.png); report: deft report {out}")

@@ -9,6 +9,7 @@
 
 The CUDA kernel (:mod:`deft.sparse.triton_gemv`) is imported only when a CUDA tensor meets it.
 """
+
 from __future__ import annotations
 
 from ..core.threshold import (

@@ -5,9 +5,11 @@ name matches the family's ``down`` pattern is wrapped in a :class:`SparseDown` u
 ``deft.ActivationProbe(point="down_input")`` and ``state_dict`` keep working. Site names (the keys of a
 per-layer threshold dict) are the module names relative to the transformers model, as the probe uses.
 """
+
 from __future__ import annotations
 
-from typing import Any, Iterable, Literal, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -126,7 +128,9 @@ def sparsify(
     elif isinstance(threshold, Mapping):
         unknown = sorted(set(threshold) - set(names))
         if unknown:
-            raise UnknownNameError(f"threshold names no sparsified layer ({targets=}): {unknown}; the sites are: {names}")
+            raise UnknownNameError(
+                f"threshold names no sparsified layer ({targets=}): {unknown}; the sites are: {names}"
+            )
         per_site = {n: float(threshold.get(n, 0.0)) for n in names}
     else:
         per_site = dict.fromkeys(names, float(threshold))
@@ -139,8 +143,14 @@ def sparsify(
         )
         parent_name, child = _split(name)
         parent = top.get_submodule(parent_name)
-        if (mode == "exact" and gate_skip and targets == "down" and gated and child == "down_proj"
-                and eligible_gated_mlp(parent)):
+        if (
+            mode == "exact"
+            and gate_skip
+            and targets == "down"
+            and gated
+            and child == "down_proj"
+            and eligible_gated_mlp(parent)
+        ):
             set_submodule(top, parent_name, SparseGatedMLP(parent, sparse, max_density=max_density))
         else:
             set_submodule(top, name, sparse)
@@ -176,7 +186,7 @@ def _restore_params(sparse: SparseDown) -> None:
     # the wrapper's Parameters are the ones users may have replaced (load_state_dict(assign=True), .to())
     base = sparse.base_layer
     base.weight = sparse.weight
-    base.bias = sparse.bias
+    base.register_parameter("bias", sparse.bias)  # what `base.bias = ...` does, also for None
 
 
 class _Subsample:
@@ -235,8 +245,15 @@ def calibrate_thresholds(
     sees the raw input of the down-projection). When a layer already has more exact zeros than
     ``1 - target_density`` its threshold is 0 and its density stays below the target.
     """
-    return calibrate_threshold_curve(model, batches, [target_density], include_padding=include_padding,
-                                     max_values=max_values, seed=seed, targets=targets)[target_density]
+    return calibrate_threshold_curve(
+        model,
+        batches,
+        [target_density],
+        include_padding=include_padding,
+        max_values=max_values,
+        seed=seed,
+        targets=targets,
+    )[target_density]
 
 
 def calibrate_threshold_curve(
@@ -277,8 +294,9 @@ def calibrate_threshold_curve(
     return out
 
 
-def _input_values(model: nn.Module, batches: Iterable[Mapping[str, Any]], *, include_padding: bool, max_values: int,
-                  seed: int) -> dict[str, _Subsample]:
+def _input_values(
+    model: nn.Module, batches: Iterable[Mapping[str, Any]], *, include_padding: bool, max_values: int, seed: int
+) -> dict[str, _Subsample]:
     """|input| of every block linear layer (targets="all"), padded positions left out via attention_mask.
 
     A layer whose input has one row per token of the batch is masked with the batch's attention mask;
@@ -298,6 +316,7 @@ def _input_values(model: nn.Module, batches: Iterable[Mapping[str, Any]], *, inc
             if m is not None and not include_padding and m.numel() == rows.shape[0]:
                 rows = rows[m.reshape(-1).bool().to(rows.device)]
             values[name].add(rows.reshape(-1).cpu())
+
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in sites]

@@ -15,6 +15,7 @@ Both return the dense result up to float reassociation (exact mode) or the dense
 magnitude-thresholded input (threshold mode, TEAL-style). Above ``max_density`` active units the dense
 kernel is used instead, because gathering then costs more than it saves.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..arch import conv1d_type
+from ..arch import conv1d_type, module_bias, module_weight, weight_out_in
 from ..errors import ConfigError
 
 Regime = Literal["auto", "decode", "batched"]
@@ -44,8 +45,12 @@ FEW_TOKENS = 64
 # unless max_density is given explicitly. The density itself is not checked on CUDA (that needs a sync).
 CUDA_MIN_WEIGHTS = 1 << 24  # 16.8 M weights: a 4096 x 4096 projection and up
 # an integer dtype of the same width, to find non-zero floats by their bits (see SparseDown._per_token)
-_SAME_SIZE_INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
-                  torch.float64: torch.int64}
+_SAME_SIZE_INT = {
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+    torch.float64: torch.int64,
+}
 
 
 @dataclass
@@ -93,6 +98,10 @@ class SparseDown(nn.Module):
         track_stats: count skipped work in :attr:`stats` (costs a host sync per call on GPU).
     """
 
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    base_layer: nn.Module  # a plain attribute, not a submodule (see above)
+
     def __init__(
         self,
         base: nn.Module,
@@ -109,7 +118,7 @@ class SparseDown(nn.Module):
             self.in_features, self.out_features = base.in_features, base.out_features
         elif conv1d is not None and type(base) is conv1d:
             self.layout = "conv1d"  # weight (in, out): already the transposed layout the gather wants
-            self.in_features, self.out_features = base.nx, base.nf
+            self.out_features, self.in_features = weight_out_in(base).shape  # Conv1D's nf, nx
         else:
             raise TypeError(
                 f"cannot sparsify a down-projection of type {type(base).__name__}: only nn.Linear and "
@@ -123,8 +132,11 @@ class SparseDown(nn.Module):
         if max_density is not None and not 0.0 <= max_density <= 1.0:
             raise ConfigError(f"max_density must be in [0, 1], got {max_density!r}")
         # the same Parameter objects under the same names: state dicts and optimisers see no change
-        self.register_parameter("weight", base.weight)
-        self.register_parameter("bias", base.bias)
+        weight, bias = base.weight, getattr(base, "bias", None)
+        if not isinstance(weight, nn.Parameter) or not (bias is None or isinstance(bias, nn.Parameter)):
+            raise TypeError(f"{type(base).__name__}: weight and bias must be Parameters to be shared")
+        self.register_parameter("weight", weight)
+        self.register_parameter("bias", bias)
         object.__setattr__(self, "base_layer", base)
         self.threshold = float(threshold)
         self.regime: Regime = regime
@@ -162,7 +174,8 @@ class SparseDown(nn.Module):
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == "linear":
             return F.linear(x, self.weight, self.bias)
-        return torch.addmm(self.bias, x, self.weight)
+        # a Conv1D without a bias (as _union already allows): torch.addmm(None, ...) would raise
+        return torch.mm(x, self.weight) if self.bias is None else torch.addmm(self.bias, x, self.weight)
 
     def _add_bias(self, out: torch.Tensor) -> torch.Tensor:
         if self.bias is None:
@@ -237,9 +250,7 @@ class SparseDown(nn.Module):
             cols = nz - rows * self.in_features
             counts = torch.bincount(rows, minlength=n)
             offsets = counts.cumsum(0) - counts  # start of each token's bag
-        out = F.embedding_bag(
-            cols, self._weight_t(), offsets, mode="sum", per_sample_weights=flat.index_select(0, nz)
-        )
+        out = F.embedding_bag(cols, self._weight_t(), offsets, mode="sum", per_sample_weights=flat.index_select(0, nz))
         if self.track_stats:
             self._count(n, nnz, dense=False)
         return self._add_bias(out)
@@ -278,13 +289,15 @@ class SparseGatedMLP(nn.Module):
     Exact mode only: a magnitude threshold on ``h`` cannot be checked before ``up`` is known.
     """
 
+    base_layer: nn.Module  # a plain attribute, not a submodule
+
     def __init__(self, mlp: nn.Module, down: SparseDown, *, max_density: float | None = None) -> None:
         super().__init__()
         if not eligible_gated_mlp(mlp):
             raise TypeError(f"{type(mlp).__name__} is not a gate_proj/up_proj/act_fn/down_proj MLP of nn.Linear")
-        self.gate_proj = mlp.gate_proj
-        self.up_proj = mlp.up_proj
-        self.act_fn = mlp.act_fn
+        self.gate_proj = mlp.get_submodule("gate_proj")
+        self.up_proj = mlp.get_submodule("up_proj")
+        self.act_fn = mlp.get_submodule("act_fn")
         self.down_proj = down
         object.__setattr__(self, "base_layer", mlp)
         self.max_density = max_density
@@ -306,9 +319,9 @@ class SparseGatedMLP(nn.Module):
         if xf.is_cuda or idx.numel() > limit * g.shape[-1]:
             h = g * self.up_proj(xf)
         else:
-            up = self.up_proj
-            bias = None if up.bias is None else up.bias.index_select(0, idx)
-            u = F.linear(xf, up.weight.index_select(0, idx), bias)
+            up_bias = module_bias(self.up_proj)
+            bias = None if up_bias is None else up_bias.index_select(0, idx)
+            u = F.linear(xf, module_weight(self.up_proj).index_select(0, idx), bias)
             h = torch.zeros_like(g).index_copy_(1, idx, g.index_select(1, idx) * u)
         out = self.down_proj(h)
         return out.reshape(*lead, out.shape[-1])

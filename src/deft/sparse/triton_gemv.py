@@ -20,6 +20,7 @@ latency-bound at 0.04 ms for the 7B down-projection at any density, slower than 
 Registered with ``torch.library.custom_op`` so ``torch.compile`` treats it as one opaque op (inference
 only: no autograd formula; :class:`SparseDown` does not call it when gradients are needed).
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -70,15 +71,18 @@ def _gather_gemv(
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     offs = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     rows = tl.load(idx_ptr + offs, mask=offs < count, other=0)
-    for kb in range(pid_k, tl.cdiv(count, BLOCK_K), split):
+    for _kb in range(pid_k, tl.cdiv(count, BLOCK_K), split):
         valid = offs < count
         # the next block's indices are requested before this block's weights are used: the index load's
         # round trip overlaps the weight load instead of adding to it
         offs_next = offs + split * BLOCK_K
         rows_next = tl.load(idx_ptr + offs_next, mask=offs_next < count, other=0)
         x = tl.load(x_ptr + rows, mask=valid, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wk + offs_n[None, :],
-                    mask=valid[:, None] & n_in[None, :], other=0.0)
+        w = tl.load(
+            w_ptr + rows[:, None].to(tl.int64) * stride_wk + offs_n[None, :],
+            mask=valid[:, None] & n_in[None, :],
+            other=0.0,
+        )
         acc += tl.sum(w.to(tl.float32) * x[:, None], axis=0)
         offs, rows = offs_next, rows_next
     tl.atomic_add(acc_ptr + offs_n, acc, mask=n_in)
@@ -90,8 +94,14 @@ def _gather_gemv(
 _CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "PROGRAMS_PER_SM": pps}, num_warps=w, num_stages=s)
     for bn, bk, pps, w, s in (
-        (128, 32, 4, 4, 3), (256, 32, 4, 8, 3), (128, 64, 8, 4, 3), (256, 16, 8, 4, 4),
-        (64, 64, 8, 4, 3), (512, 32, 4, 8, 2), (128, 32, 16, 4, 4), (256, 64, 4, 8, 3),
+        (128, 32, 4, 4, 3),
+        (256, 32, 4, 8, 3),
+        (128, 64, 8, 4, 3),
+        (256, 16, 8, 4, 4),
+        (64, 64, 8, 4, 3),
+        (512, 32, 4, 8, 2),
+        (128, 32, 16, 4, 4),
+        (256, 64, 4, 8, 3),
     )
 ]
 _gather_gemv_tuned = triton.autotune(configs=_CONFIGS, key=["K", "N"], restore_value=["acc_ptr"])(_gather_gemv)
@@ -106,13 +116,16 @@ def _grid(N: int, K: int, sms: int):
     def grid(meta):
         n_blocks = triton.cdiv(N, meta["BLOCK_N"])
         # sized for the worst case (every unit active); programs past the active blocks exit at once
-        return n_blocks, max(1, min(triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(meta["PROGRAMS_PER_SM"] * sms, n_blocks)))
+        return n_blocks, max(
+            1, min(triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(meta["PROGRAMS_PER_SM"] * sms, n_blocks))
+        )
 
     return grid
 
 
-def launch(x: torch.Tensor, weight_t: torch.Tensor, threshold: float, config: dict | None = None,
-           sms: int | None = None) -> torch.Tensor:
+def launch(
+    x: torch.Tensor, weight_t: torch.Tensor, threshold: float, config: dict | None = None, sms: int | None = None
+) -> torch.Tensor:
     """Run both kernels; returns the fp32 result (N,). ``config`` fixes the tile sizes (no autotuning)."""
     K, N = weight_t.shape
     idx = torch.empty(K, device=x.device, dtype=torch.int32)

@@ -19,6 +19,7 @@ One module per family (:mod:`deft.tasks.glue`, :mod:`~deft.tasks.squad`, :mod:`~
 the families share is in :mod:`deft.tasks.base` and :mod:`deft.tasks.generation`. Training itself is a
 recipe: :func:`deft.recipes.train.train_with_setup`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -53,8 +54,10 @@ def find_setup(task: str) -> Callable[[TaskArgs], TaskSetup]:
     if name not in TASKS and _is_glue(name):
         name = name.replace("-", "").replace("_", "")
     if name not in TASKS:
-        raise DataError(f"unknown task {task!r}: not a GLUE task ({', '.join(GLUE_TASKS)}) "
-                        f"nor {', '.join(OTHER_TASKS[:-1])} or {OTHER_TASKS[-1]}")
+        raise DataError(
+            f"unknown task {task!r}: not a GLUE task ({', '.join(GLUE_TASKS)}) "
+            f"nor {', '.join(OTHER_TASKS[:-1])} or {OTHER_TASKS[-1]}"
+        )
     return TASKS[name]
 
 

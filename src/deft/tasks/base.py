@@ -1,6 +1,7 @@
 """What every task family shares: the arguments a task reads (:class:`TaskArgs`), what it builds
 (:class:`TaskSetup`), datasets of pre-tokenized features and their collator, seeded subsets, and loading
 a tokenizer or model quietly."""
+
 from __future__ import annotations
 
 import functools
@@ -67,7 +68,7 @@ def pad_rows(rows: Sequence[Sequence[int]], value: int, left: bool = False) -> t
     for i, r in enumerate(rows):
         if len(r):
             start = width - len(r) if left else 0
-            out[i, start: start + len(r)] = torch.as_tensor(r, dtype=torch.long)
+            out[i, start : start + len(r)] = torch.as_tensor(r, dtype=torch.long)
     return out
 
 
@@ -135,4 +136,3 @@ def load_tokenizer(path: str, trust_remote_code: bool):
         # decoder-only models ship no pad token; padded positions are masked (and -100 in labels) anyway
         tok.pad_token = tok.eos_token
     return tok
-

@@ -1,5 +1,6 @@
 """Generation for the task families that answer in words (SQuAD with seq2seq or decoder-only models,
 lm-instruct): prompts and targets as token ids, teacher-forced features, greedy decoding for the metrics."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -33,8 +34,9 @@ def teacher_forced(items: Sequence[Prompted], max_length: int, causal: bool) -> 
             labels = ([-100] * len(it.prompt_ids) + it.target_ids)[:max_length]
             feats.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
         else:
-            feats.append({"input_ids": it.prompt_ids, "attention_mask": [1] * len(it.prompt_ids),
-                          "labels": it.target_ids})
+            feats.append(
+                {"input_ids": it.prompt_ids, "attention_mask": [1] * len(it.prompt_ids), "labels": it.target_ids}
+            )
     return FeatureDataset(feats)
 
 
@@ -56,17 +58,23 @@ def greedy_generate(trainer: Any, tok: Any, prompts: Sequence[list[int]], max_ne
     try:
         bs = max(1, trainer.args.per_device_eval_batch_size)
         for i in range(0, len(prompts), bs):
-            chunk = prompts[i: i + bs]
+            chunk = prompts[i : i + bs]
             # decoder-only models continue the last position, so prompts are padded on the left
             ids = pad_rows(chunk, tok.pad_token_id, left=decoder_only)
             mask = pad_rows([[1] * len(p) for p in chunk], 0, left=decoder_only)
             with torch.no_grad():
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                     num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                                     eos_token_id=tok.eos_token_id)
+                out = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    do_sample=False,
+                    num_beams=1,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id,
+                )
             out = out.cpu()
             if decoder_only and out.shape[1] >= ids.shape[1] and torch.equal(out[:, : ids.shape[1]], ids):
-                out = out[:, ids.shape[1]:]  # most models echo the prompt; some peft paths return only new tokens
+                out = out[:, ids.shape[1] :]  # most models echo the prompt; some peft paths return only new tokens
             for row in tok.batch_decode(out, skip_special_tokens=True):
                 texts.append(row.strip().split("\n")[0].strip())
     finally:
@@ -96,8 +104,9 @@ class CausalPrompter:
 
     def _encode_prompt(self, prompt: str) -> list[int]:
         if self.chat:
-            text = self.tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                add_generation_prompt=True)
+            text = self.tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
             return self.tok(text, add_special_tokens=False)["input_ids"]
         return self.tok(prompt)["input_ids"]
 
@@ -132,4 +141,3 @@ def causal_model(path: str, tok: Any, trust_remote_code: bool):
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     return model
-

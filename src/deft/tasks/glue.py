@@ -1,5 +1,6 @@
 """GLUE tasks (sst2, mrpc, ...): sequence classification, the rows a run trains and is scored on, and the
 model + tokenizer every GLUE recipe loads."""
+
 from __future__ import annotations
 
 import random
@@ -18,8 +19,9 @@ from .base import TaskArgs, TaskSetup, load_tokenizer, loads_model, seeded_subse
 
 
 @loads_model
-def load_model_and_tokenizer(name: str, task: str, *, trust_remote_code: bool = False, activation: str | None = None,
-                             **load_kwargs: Any):
+def load_model_and_tokenizer(
+    name: str, task: str, *, trust_remote_code: bool = False, activation: str | None = None, **load_kwargs: Any
+):
     """Tokenizer and sequence-classification model for a GLUE ``task`` (pad token set for decoders).
 
     ``activation`` swaps the MLP activations (see :func:`deft.inference.activations.swap_activation`)."""
@@ -59,15 +61,18 @@ def glue_data_label(args: TaskArgs, task: str = "sst2") -> str:
         return "builtin SST-2 sample (3,000 train rows, full dev)"
     if _dev_only(args, task):
         pct = round(100 * GLUE_DEV_SPLIT_EVAL_FRACTION)
-        return (f"local GLUE dev file in {args.data_dir} split {100 - pct}/{pct} (seed {GLUE_DEV_SPLIT_SEED}): "
-                "no train file, so scores are on a held-out part of dev, not comparable with published dev scores")
+        return (
+            f"local GLUE dev file in {args.data_dir} split {100 - pct}/{pct} (seed {GLUE_DEV_SPLIT_SEED}): "
+            "no train file, so scores are on a held-out part of dev, not comparable with published dev scores"
+        )
     if args.data_dir:
         return f"local GLUE files in {args.data_dir}"
     return "Hugging Face hub (glue)"
 
 
-def split_dev(dev: list, eval_fraction: float = GLUE_DEV_SPLIT_EVAL_FRACTION, seed: int = GLUE_DEV_SPLIT_SEED
-              ) -> tuple[list, list]:
+def split_dev(
+    dev: list, eval_fraction: float = GLUE_DEV_SPLIT_EVAL_FRACTION, seed: int = GLUE_DEV_SPLIT_SEED
+) -> tuple[list, list]:
     """A seeded (train, eval) split of one labelled file, both parts kept in file order."""
     n_eval = round(eval_fraction * len(dev))
     held = set(random.Random(seed).sample(range(len(dev)), n_eval))
@@ -97,20 +102,31 @@ def setup(args: TaskArgs) -> TaskSetup:
 
     spec = glue_task(args.task)
     # bitsandbytes quantizes while loading (GLUE models only); deft's own int codes are applied after loading
-    model, tok = load_model_and_tokenizer(args.model, spec.name, trust_remote_code=args.trust_remote_code,
-                                          **compression_load_kwargs(args))
+    model, tok = load_model_and_tokenizer(
+        args.model, spec.name, trust_remote_code=args.trust_remote_code, **compression_load_kwargs(args)
+    )
     train, dev = glue_examples(args, spec.name)
     pad_to = getattr(args, "pad_to_max_length", None)
     # the research code pads every row to a fixed length; with --include-padding those positions then
     # count in its density metric and loss, which is how its numbers must be reproduced
     max_len = args.max_length if pad_to is None else min(args.max_length, pad_to)
-    collator = (DataCollatorWithPadding(tok) if pad_to is None
-                else DataCollatorWithPadding(tok, padding="max_length", max_length=pad_to))
+    collator = (
+        DataCollatorWithPadding(tok)
+        if pad_to is None
+        else DataCollatorWithPadding(tok, padding="max_length", max_length=pad_to)
+    )
     return TaskSetup(
-        task=spec.name, task_type="SEQ_CLS", model=model, tokenizer_or_processor=tok,
-        train_dataset=GlueDataset(train, tok, max_len), eval_dataset=GlueDataset(dev, tok, max_len),
-        data_collator=collator, compute_metrics=partial(_glue_metrics, spec.name),
-        evaluate_fn=None, main_metric=spec.main_metric, data_label=glue_data_label(args, spec.name),
+        task=spec.name,
+        task_type="SEQ_CLS",
+        model=model,
+        tokenizer_or_processor=tok,
+        train_dataset=GlueDataset(train, tok, max_len),
+        eval_dataset=GlueDataset(dev, tok, max_len),
+        data_collator=collator,
+        compute_metrics=partial(_glue_metrics, spec.name),
+        evaluate_fn=None,
+        main_metric=spec.main_metric,
+        data_label=glue_data_label(args, spec.name),
         details={"family": "glue"},
     )
 
@@ -127,7 +143,8 @@ def glue_loader(rows: list, tok: Any, max_length: int, batch_size: int, *, by_le
     from transformers import DataCollatorWithPadding
 
     ds = GlueDataset(rows, tok, max_length)
+    data: torch.utils.data.Dataset = ds
     if by_length and len(ds):
         ids = ds.encodings["input_ids"]
-        ds = torch.utils.data.Subset(ds, sorted(range(len(ds)), key=lambda i: len(ids[i])))
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=DataCollatorWithPadding(tok))
+        data = torch.utils.data.Subset(ds, sorted(range(len(ds)), key=lambda i: len(ids[i])))
+    return torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=DataCollatorWithPadding(tok))

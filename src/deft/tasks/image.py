@@ -1,4 +1,5 @@
 """``image``: image classification from ``DIR/{train,val}/CLASS/*.png``."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -56,12 +57,17 @@ def setup(args: TaskArgs) -> TaskSetup:
         return ds if len(idx) == len(ds) else Subset(ds, idx)
 
     return TaskSetup(
-        task="image", task_type="IMAGE_CLS", model=model, tokenizer_or_processor=processor,
+        task="image",
+        task_type="IMAGE_CLS",
+        model=model,
+        tokenizer_or_processor=processor,
         train_dataset=subset(train, args.max_train_samples, args.seed),
         eval_dataset=subset(val, args.max_eval_samples, 0),
-        data_collator=default_data_collator, compute_metrics=_accuracy, evaluate_fn=None, main_metric="accuracy",
+        data_collator=default_data_collator,
+        compute_metrics=_accuracy,
+        evaluate_fn=None,
+        main_metric="accuracy",
         data_label=f"image folders {root}/train and {root}/val ({len(train.classes)} classes: "
         f"{', '.join(train.classes)})",
         details={"family": "image", "classes": train.classes},
     )
-

@@ -1,5 +1,6 @@
 """``lm-instruct``: SST-2 as instruction-style generation for decoder-only models ("...Review: TEXT\nSentiment:"
 -> "positive" / "negative"), scored on the first label word the model generates."""
+
 from __future__ import annotations
 
 import re
@@ -26,7 +27,7 @@ def sentiment_accuracy(generated: Sequence[str], labels: Sequence[int]) -> dict[
     and how often a generation contained a label word at all."""
     found = [[w for w in re.findall(r"[a-z]+", g.lower()) if w in SENTIMENT_WORDS] for g in generated]
     words = [f[0] if f else "" for f in found]
-    correct = sum(w == SENTIMENT_WORDS[y] for w, y in zip(words, labels))
+    correct = sum(w == SENTIMENT_WORDS[y] for w, y in zip(words, labels, strict=True))
     valid = sum(w in SENTIMENT_WORDS for w in words)
     n = max(len(labels), 1)
     return {"accuracy": correct / n, "valid_answer_rate": valid / n}
@@ -39,8 +40,10 @@ def setup(args: TaskArgs) -> TaskSetup:
     path = resolve(args.model)
     config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
     if qa_mode(config) != "causal":
-        raise DataError(f"--task lm-instruct trains a decoder-only LM; {args.model} is a "
-                        f"{config.model_type} model (use --task sst2 for classification)")
+        raise DataError(
+            f"--task lm-instruct trains a decoder-only LM; {args.model} is a "
+            f"{config.model_type} model (use --task sst2 for classification)"
+        )
     tok = load_tokenizer(path, args.trust_remote_code)
     model = causal_model(path, tok, args.trust_remote_code)
     prompter = CausalPrompter(tok, args.max_length)
@@ -60,12 +63,17 @@ def setup(args: TaskArgs) -> TaskSetup:
         return sentiment_accuracy(said, [int(r.label) for r in dev])
 
     return TaskSetup(
-        task="lm-instruct", task_type="CAUSAL_LM", model=model, tokenizer_or_processor=tok,
+        task="lm-instruct",
+        task_type="CAUSAL_LM",
+        model=model,
+        tokenizer_or_processor=tok,
         train_dataset=teacher_forced(items(train), args.max_length, causal=True),
         eval_dataset=teacher_forced(eval_items, args.max_length, causal=True),
-        data_collator=PadCollator(tok.pad_token_id), compute_metrics=None, evaluate_fn=evaluate,
-        main_metric="accuracy", data_label=f"{glue_data_label(args, 'sst2')}, as generation: "
+        data_collator=PadCollator(tok.pad_token_id),
+        compute_metrics=None,
+        evaluate_fn=evaluate,
+        main_metric="accuracy",
+        data_label=f"{glue_data_label(args, 'sst2')}, as generation: "
         "'...Review: TEXT\\nSentiment:' -> 'positive' / 'negative'",
         details={"family": "lm-instruct", "prompt_format": prompter.format},
     )
-

@@ -1,5 +1,6 @@
 """``squad``: SQuAD v1.1 question answering, extractive span prediction for encoders (BERT, RoBERTa, ...),
 generation for seq2seq (T5, BART) and decoder-only (Llama, GPT-2, SmolLM2) models."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -28,10 +29,25 @@ SQUAD_EVAL_FRACTION = 0.2
 SQUAD_SPLIT_SEED = 0  # fixed, not --seed: runs with different seeds must be scored on the same questions
 QA_NEW_TOKENS = 16
 # Encoders whose config would also map to a *ForCausalLM class (BertLMHeadModel, ...): for QA they are span models.
-ENCODER_TYPES = frozenset({
-    "albert", "bert", "camembert", "deberta", "deberta-v2", "distilbert", "electra", "ernie", "mobilebert",
-    "modernbert", "mpnet", "roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl",
-})
+ENCODER_TYPES = frozenset(
+    {
+        "albert",
+        "bert",
+        "camembert",
+        "deberta",
+        "deberta-v2",
+        "distilbert",
+        "electra",
+        "ernie",
+        "mobilebert",
+        "modernbert",
+        "mpnet",
+        "roberta",
+        "roberta-prelayernorm",
+        "xlm-roberta",
+        "xlm-roberta-xl",
+    }
+)
 
 
 def load_squad_data(data_dir: str | None) -> tuple[list[QAExample], list[QAExample], str]:
@@ -52,9 +68,11 @@ def load_squad_data(data_dir: str | None) -> tuple[list[QAExample], list[QAExamp
     train, dev = split_squad(load_squad(dev_file), SQUAD_EVAL_FRACTION, seed=SQUAD_SPLIT_SEED)
     n_art = (len({e.title for e in train}), len({e.title for e in dev}))
     pct = round(100 * SQUAD_EVAL_FRACTION)
-    label = (f"SQuAD v1.1 dev-v1.1.json split by article (seed {SQUAD_SPLIT_SEED}): {100 - pct}% train / {pct}% "
-             f"eval — a split of one file ({n_art[0]} / {n_art[1]} articles, {len(train)} / {len(dev)} questions, "
-             f"from {root}); not comparable with official SQuAD dev scores")
+    label = (
+        f"SQuAD v1.1 dev-v1.1.json split by article (seed {SQUAD_SPLIT_SEED}): {100 - pct}% train / {pct}% "
+        f"eval — a split of one file ({n_art[0]} / {n_art[1]} articles, {len(train)} / {len(dev)} questions, "
+        f"from {root}); not comparable with official SQuAD dev scores"
+    )
     return train, dev, label
 
 
@@ -75,15 +93,21 @@ def qa_mode(config: Any) -> str:
         return "causal"
     if model_type in MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES:
         return "extractive"
-    raise DataError(f"model_type {model_type!r} has neither a question-answering nor a language-model head "
-                    "in transformers; --task squad cannot use it")
+    raise DataError(
+        f"model_type {model_type!r} has neither a question-answering nor a language-model head "
+        "in transformers; --task squad cannot use it"
+    )
 
 
 def squad_scores(predictions: dict[str, str], examples: Sequence[QAExample]) -> dict[str, float]:
     """F1 / EM as fractions (the main metric, comparable in scale to GLUE accuracy) and in percent."""
     pct = squad_metrics(predictions, examples)
-    return {"f1": pct["f1"] / 100, "exact_match": pct["exact_match"] / 100,
-            "f1_percent": pct["f1"], "exact_match_percent": pct["exact_match"]}
+    return {
+        "f1": pct["f1"] / 100,
+        "exact_match": pct["exact_match"] / 100,
+        "f1_percent": pct["f1"],
+        "exact_match_percent": pct["exact_match"],
+    }
 
 
 def setup(args: TaskArgs) -> TaskSetup:
@@ -123,11 +147,18 @@ def _extractive_qa(args: TaskArgs, path: str, train_ex: list[QAExample], eval_ex
         assert feat["input_ids"] == lab["input_ids"]
         feat["start_positions"], feat["end_positions"] = lab["start_positions"], lab["end_positions"]
     return TaskSetup(
-        task="squad", task_type="QUESTION_ANS", model=model, tokenizer_or_processor=tok,
-        train_dataset=FeatureDataset(train), eval_dataset=FeatureDataset(features),
+        task="squad",
+        task_type="QUESTION_ANS",
+        model=model,
+        tokenizer_or_processor=tok,
+        train_dataset=FeatureDataset(train),
+        eval_dataset=FeatureDataset(features),
         data_collator=PadCollator(tok.pad_token_id, drop=EXTRACTIVE_META_KEYS),
-        compute_metrics=partial(_extractive_metrics, features, eval_ex), evaluate_fn=None,
-        main_metric="f1", data_label="", details={"stride": stride},
+        compute_metrics=partial(_extractive_metrics, features, eval_ex),
+        evaluate_fn=None,
+        main_metric="f1",
+        data_label="",
+        details={"stride": stride},
     )
 
 
@@ -141,20 +172,27 @@ def _seq2seq_qa(args: TaskArgs, path: str, train_ex: list[QAExample], eval_ex: l
         pairs = generative_pairs(examples, style="t5")  # "question: ... context: ...": truncation cuts the context
         src = tok([s for s, _ in pairs], truncation=True, max_length=args.max_length)["input_ids"]
         tgt = tok(text_target=[t for _, t in pairs], truncation=True, max_length=ANSWER_MAX_TOKENS)["input_ids"]
-        return [Prompted(s, t, e.id) for s, t, e in zip(src, tgt, examples)]
+        return [Prompted(s, t, e.id) for s, t, e in zip(src, tgt, examples, strict=True)]
 
     eval_items = items(eval_ex)
 
     def evaluate(trainer: Any) -> dict[str, float]:
         answers = greedy_generate(trainer, tok, [it.prompt_ids for it in eval_items], QA_NEW_TOKENS)
-        return squad_scores({it.key: a for it, a in zip(eval_items, answers)}, eval_ex)
+        return squad_scores({it.key: a for it, a in zip(eval_items, answers, strict=True)}, eval_ex)
 
     return TaskSetup(
-        task="squad", task_type="SEQ_2_SEQ_LM", model=model, tokenizer_or_processor=tok,
+        task="squad",
+        task_type="SEQ_2_SEQ_LM",
+        model=model,
+        tokenizer_or_processor=tok,
         train_dataset=teacher_forced(items(train_ex), args.max_length, causal=False),
         eval_dataset=teacher_forced(eval_items, args.max_length, causal=False),
-        data_collator=PadCollator(tok.pad_token_id, decoder_mask=True), compute_metrics=None,
-        evaluate_fn=evaluate, main_metric="f1", data_label="", details={"prompt_format": "t5"},
+        data_collator=PadCollator(tok.pad_token_id, decoder_mask=True),
+        compute_metrics=None,
+        evaluate_fn=evaluate,
+        main_metric="f1",
+        data_label="",
+        details={"prompt_format": "t5"},
     )
 
 
@@ -175,18 +213,24 @@ def _causal_qa(args: TaskArgs, path: str, train_ex: list[QAExample], eval_ex: li
 
     def evaluate(trainer: Any) -> dict[str, float]:
         answers = greedy_generate(trainer, tok, [it.prompt_ids for it in eval_items], QA_NEW_TOKENS)
-        return squad_scores({it.key: a for it, a in zip(eval_items, answers)}, eval_ex)
+        return squad_scores({it.key: a for it, a in zip(eval_items, answers, strict=True)}, eval_ex)
 
     return TaskSetup(
-        task="squad", task_type="CAUSAL_LM", model=model, tokenizer_or_processor=tok,
+        task="squad",
+        task_type="CAUSAL_LM",
+        model=model,
+        tokenizer_or_processor=tok,
         train_dataset=teacher_forced(items(train_ex), args.max_length, causal=True),
         eval_dataset=teacher_forced(eval_items, args.max_length, causal=True),
-        data_collator=PadCollator(tok.pad_token_id), compute_metrics=None, evaluate_fn=evaluate,
-        main_metric="f1", data_label="", details={"prompt_format": prompter.format},
+        data_collator=PadCollator(tok.pad_token_id),
+        compute_metrics=None,
+        evaluate_fn=evaluate,
+        main_metric="f1",
+        data_label="",
+        details={"prompt_format": prompter.format},
     )
 
 
 def _qa_prompt(example: QAExample, context: str) -> str:
     # the data module's instruction format ("...\n\nContext: ...\nQuestion: ...\nAnswer:"), with a cut context
     return generative_pairs([replace(example, context=context)], style="chat")[0][0]
-

@@ -5,6 +5,7 @@ and TRL's trainers (:mod:`deft.train.integrations`, optional: import it yourself
 
 Importing this package imports ``transformers.Trainer``; ``import deft`` does not.
 """
+
 from __future__ import annotations
 
 from .loop import DensityTerm, density

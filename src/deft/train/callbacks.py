@@ -8,6 +8,7 @@ TensorBoard needs nothing from deft: ``TrainingArguments(report_to=["tensorboard
 ``TENSORBOARD_LOGGING_DIR`` environment variable moves them): ``tensorboard --logdir RUN/checkpoints/runs``.
 :class:`DensityCSVCallback` writes the same dicts to a CSV without any extra dependency.
 """
+
 from __future__ import annotations
 
 import csv
@@ -123,8 +124,12 @@ class RunProgressCallback(TrainerCallback):
         if "train_density" in logs:
             self.postfix["density"] = f"{logs['train_density']:.4g}"
         for k, v in logs.items():
-            if k.startswith("eval_") and k != "eval_loss" and isinstance(v, (int, float)) \
-                    and not any(h in k for h in self._HIDDEN):
+            if (
+                k.startswith("eval_")
+                and k != "eval_loss"
+                and isinstance(v, (int, float))
+                and not any(h in k for h in self._HIDDEN)
+            ):
                 self.postfix[k] = f"{v:.4g}"
         self.bar.set_postfix(self.postfix, refresh=True)
         return control

@@ -5,10 +5,12 @@ TRL is an optional extra (``pip install 'deft-sparsity[trl]'``); importing this 
 
     class DeftDPO(deft.DensityMixin, trl.DPOTrainer): ...
 """
+
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from ..errors import MissingExtraError
 from .trainer import DensityMixin
@@ -19,14 +21,18 @@ def require_trl() -> ModuleType:
     try:
         return importlib.import_module("trl")
     except ImportError as e:
-        raise MissingExtraError(f"this needs TRL, which is not installed ({e}): "
-                                "pip install 'deft-sparsity[trl]'") from e
+        raise MissingExtraError(
+            f"this needs TRL, which is not installed ({e}): pip install 'deft-sparsity[trl]'"
+        ) from e
 
 
-_trl = require_trl()
+if TYPE_CHECKING:
+    from trl import SFTTrainer as _SFTTrainer
+else:
+    _SFTTrainer = require_trl().SFTTrainer
 
 
-class DeftSFTTrainer(DensityMixin, _trl.SFTTrainer):
+class DeftSFTTrainer(DensityMixin, _SFTTrainer):
     """``trl.SFTTrainer`` + the density loss and metrics; extra keyword ``density`` (:class:`deft.DensityConfig`).
 
     The task loss is SFTTrainer's own (completion-only, packed, DFT, ...), ``alpha * density`` is added on

@@ -15,6 +15,7 @@ It is the probe and loss :class:`deft.DeftTrainer` uses (:class:`deft.Activation
 :class:`deft.DensityLoss`), without a trainer around them: ``d.loss()`` is the same density term
 DeftTrainer adds for a gradient-accumulation step of one micro-batch.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,13 +52,20 @@ class DensityTerm:
         for name, off in _TRAINER_ONLY.items():
             if getattr(config, name) != off:
                 hint = " (set d.alpha yourself as training goes on)" if name == "alpha_warmup" else ""
-                raise ConfigError(f"DensityConfig.{name} needs a trainer (deft.DeftTrainer / deft.DensityMixin); "
-                                  f"deft.density() does not apply it{hint}")
+                raise ConfigError(
+                    f"DensityConfig.{name} needs a trainer (deft.DeftTrainer / deft.DensityMixin); "
+                    f"deft.density() does not apply it{hint}"
+                )
         self.config = config
         self.model = model
         self.loss_fn = config.make_loss()
-        self.probe = ActivationProbe(model, sites=config.sites, point=config.point, threshold=config.threshold,
-                                     include_padding=config.include_padding)
+        self.probe = ActivationProbe(
+            model,
+            sites=config.sites,
+            point=config.point,
+            threshold=config.threshold,
+            include_padding=config.include_padding,
+        )
         self.alpha = config.alpha
         self.probe.attach()
 
@@ -67,8 +75,9 @@ class DensityTerm:
 
     @alpha.setter
     def alpha(self, value: float) -> None:
-        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
-                and math.isfinite(value)):
+        if not (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 and math.isfinite(value)
+        ):
             raise ConfigError(f"alpha must be a finite number >= 0, got {value!r}")
         self._alpha = float(value)
         # alpha = 0: nothing needs the loss partials, so their cost is skipped (the counting goes on)
@@ -87,8 +96,10 @@ class DensityTerm:
             device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
             return torch.zeros((), device=device)
         if not any(s.partials for s in self.probe.sites):
-            raise DensityLossError("deft.density: loss() found no forward pass with grad to take the density of; "
-                                   "run the model with grad enabled, inside the with-block, first")
+            raise DensityLossError(
+                "deft.density: loss() found no forward pass with grad to take the density of; "
+                "run the model with grad enabled, inside the with-block, first"
+            )
         return self._alpha * self.loss_fn(self.probe, num_tokens=num_tokens)
 
     def report(self) -> DensityReport:

@@ -1,4 +1,5 @@
-"""DeftTrainer: a drop-in ``transformers.Trainer`` that adds the density loss; DensityMixin: the same for its subclasses.
+"""DeftTrainer: a drop-in ``transformers.Trainer`` that adds the density loss; DensityMixin: the same for its
+subclasses.
 
 ``total = task_loss + alpha * density_loss``. Both terms are normalised over the *whole optimizer step*
 (all gradient-accumulation micro-batches, all DDP processes), so one step is the same for GA=1 and
@@ -7,12 +8,15 @@ that for every model: a model whose forward accepts ``**kwargs`` is assumed to s
 ``num_items_in_batch`` itself, which e.g. sequence classification heads do not, so GA=2 doubles the
 update. DeftTrainer computes its own normalisation and sets ``loss_is_scaled_for_ga = True``.
 """
+
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -56,8 +60,10 @@ class DensityConfig:
     adaptive_every: int = field(default=10, metadata={"help": "ADA-DEFT: update the weights every N optimizer steps"})
     target_density: float | None = field(
         default=None,
-        metadata={"help": "train under the sparsity the model is served with: mask |h| <= t_layer at every W2 input, "
-                          "t_layer lowered so this share of units stays active (see deft.core.threshold)"},
+        metadata={
+            "help": "train under the sparsity the model is served with: mask |h| <= t_layer at every W2 input, "
+            "t_layer lowered so this share of units stays active (see deft.core.threshold)"
+        },
     )
     density_ramp: float = field(
         default=0.6, metadata={"help": "target-density mode: share of training over which the density goes 1 -> target"}
@@ -96,8 +102,9 @@ class DensityConfig:
             if not 0.0 <= self.threshold_momentum < 1.0:
                 raise ConfigError(f"threshold_momentum must be in [0, 1), got {self.threshold_momentum!r}")
         if not (self.distill >= 0 and math.isfinite(self.distill)) or not self.distill_temperature > 0:
-            raise ConfigError(f"distill must be >= 0 and distill_temperature > 0, got {self.distill!r}, "
-                              f"{self.distill_temperature!r}")
+            raise ConfigError(
+                f"distill must be >= 0 and distill_temperature > 0, got {self.distill!r}, {self.distill_temperature!r}"
+            )
         self.make_loss()  # validates kind / eps / beta / granularity
 
     def make_loss(self) -> DensityLoss:
@@ -114,7 +121,14 @@ def _batch_size(batch: dict[str, Any]) -> int:
     return 1
 
 
-class DensityMixin:
+if TYPE_CHECKING:
+    # to the type checker the mixin is the Trainer it is mixed into (its attributes, super() methods)
+    _TrainerBase = Trainer
+else:
+    _TrainerBase = object
+
+
+class DensityMixin(_TrainerBase):
     """Density loss + density metrics for any ``transformers.Trainer`` subclass.
 
     Put it first among the bases: ``class MySFT(deft.DensityMixin, trl.SFTTrainer)``, then pass the
@@ -143,10 +157,15 @@ class DensityMixin:
         super().__init__(*args, **kwargs)
         self.density = density or DensityConfig()
         if self.uses_parent_loss and self.density.distill > 0:
-            raise ConfigError(f"DensityConfig.distill needs DeftTrainer's own task loss; "
-                              f"{type(self).__name__} uses its parent's compute_loss: set distill=0")
+            raise ConfigError(
+                f"DensityConfig.distill needs DeftTrainer's own task loss; "
+                f"{type(self).__name__} uses its parent's compute_loss: set distill=0"
+            )
         self.density_loss = self.density.make_loss()
-        targeted = self.density.target_density is not None
+        target = self.density.target_density
+        targeted = target is not None
+        if self.model is None:  # Trainer sets it from model= or model_init()
+            raise ConfigError(f"{type(self).__name__} needs a model")
         self.probe = ActivationProbe(
             self.model,
             sites=self.density.sites,
@@ -159,10 +178,13 @@ class DensityMixin:
         self.probe.track(self.density_loss if self.density.alpha > 0 else None)
         self.probe.attach()
         self.thresholds: ThresholdTracker | None = None
-        if targeted:
+        if target is not None:
             self.thresholds = ThresholdTracker(
-                self.probe, target=float(self.density.target_density), ramp=self.density.density_ramp,  # type: ignore[arg-type]
-                schedule=self.density.density_schedule, momentum=self.density.threshold_momentum,
+                self.probe,
+                target=float(target),
+                ramp=self.density.density_ramp,
+                schedule=self.density.density_schedule,
+                momentum=self.density.threshold_momentum,
                 straight_through=self.density.straight_through,
             )
             self.add_callback(_SaveThresholds(self))
@@ -208,24 +230,26 @@ class DensityMixin:
             out["decoder"] = count("decoder_attention_mask", ("decoder_input_ids", "labels"))
         else:
             out["all"] = count("attention_mask", ("input_ids",))
-        if any(out.get(g) is None for g in groups):
-            return None
-        return {g: int(out[g]) for g in groups}  # type: ignore[arg-type]
+        known = {g: n for g in groups if (n := out.get(g)) is not None}
+        return known if len(known) == len(groups) else None
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         totals: dict[str, Any] = {"task": sum(self._task_items(b) for b in batch_samples), "density": None}
         per_batch = [self._density_tokens(b) for b in batch_samples]
-        if per_batch and all(p is not None for p in per_batch):
-            groups = sorted(per_batch[0])  # type: ignore[arg-type]
-            totals["density"] = {g: sum(p[g] for p in per_batch) for g in groups}  # type: ignore[index]
+        counted = [p for p in per_batch if p is not None]
+        if counted and len(counted) == len(per_batch):
+            groups = sorted(counted[0])
+            totals["density"] = {g: sum(p[g] for p in counted) for g in groups}
         if self.args.world_size > 1:
             # every process needs the global counts: gather and sum them
             keys = ["task"] + ([f"d:{g}" for g in sorted(totals["density"])] if totals["density"] else [])
-            vals = [totals["task"]] + ([totals["density"][g] for g in sorted(totals["density"])] if totals["density"] else [])
+            vals = [totals["task"]] + (
+                [totals["density"][g] for g in sorted(totals["density"])] if totals["density"] else []
+            )
             t = torch.tensor(vals, dtype=torch.float64, device=device)
             g = self.accelerator.gather(t.unsqueeze(0)).sum(dim=0).tolist()
-            totals = {"task": g[0], "density": {k[2:]: v for k, v in zip(keys[1:], g[1:])} or None}
+            totals = {"task": g[0], "density": {k[2:]: v for k, v in zip(keys[1:], g[1:], strict=True)} or None}
         self._step_totals = totals
         return batch_samples, num_items
 
@@ -277,20 +301,24 @@ class DensityMixin:
         training = model.training and torch.is_grad_enabled()
         if training and self.thresholds is not None:
             self._threshold_step()
-        result = super().compute_loss(  # type: ignore[misc]
+        result = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
         if not training:
             return result
-        loss, outputs = result if return_outputs else (result, None)
+        if return_outputs:
+            loss, outputs = result
+        else:
+            loss, outputs = result, None
         ga = max(1, self.current_gradient_accumulation_steps)
         # Trainer.training_step divides the returned loss by the accumulation steps unless the loss is
         # already normalised over the whole step: the same test it makes, so the density term can be
         # pre-multiplied to come out of that division normalised over the step too
         scaled = getattr(self, "loss_is_scaled_for_ga", None)
         if scaled is None:
-            scaled = (bool(getattr(self, "model_accepts_loss_kwargs", False)) and num_items_in_batch is not None) \
-                or getattr(self, "compute_loss_func", None) is not None
+            scaled = (
+                bool(getattr(self, "model_accepts_loss_kwargs", False)) and num_items_in_batch is not None
+            ) or getattr(self, "compute_loss_func", None) is not None
         # logged on the scale of Trainer's own "loss": averaging (ga x a step-normalised share) over the
         # micro-batches gives the step's mean
         self._log_sums["task_loss"] += float(loss.detach()) * (ga if scaled else 1)
@@ -313,7 +341,7 @@ class DensityMixin:
             names = sorted(pending)
             v = torch.tensor([pending[n] for n in names], dtype=torch.float64, device=self.args.device)
             torch.distributed.all_reduce(v)
-            pending = {n: float(x) / self.args.world_size for n, x in zip(names, v.tolist())}
+            pending = {n: float(x) / self.args.world_size for n, x in zip(names, v.tolist(), strict=True)}
         progress = self.state.global_step / self.state.max_steps if self.state.max_steps else 1.0
         self.thresholds.step(progress, pending)
 
@@ -372,7 +400,9 @@ class DensityMixin:
         if self._ada_density is None:
             self._ada_density = [1.0 if math.isnan(d) else d for d in dens]
         else:  # smooth over updates: a single micro-batch is a noisy estimate
-            self._ada_density = [p if math.isnan(d) else 0.7 * p + 0.3 * d for p, d in zip(self._ada_density, dens)]
+            self._ada_density = [
+                p if math.isnan(d) else 0.7 * p + 0.3 * d for p, d in zip(self._ada_density, dens, strict=True)
+            ]
         v = [(1.0 - d + 1e-3) ** self.density.adaptive_gamma for d in self._ada_density]
         n, total = len(v), sum(v)
         mix = self.density.adaptive_mix
@@ -395,16 +425,17 @@ class DensityMixin:
                 warnings.warn(
                     "deft: the token count seen by the MLPs differs from the inputs' attention mask "
                     f"(seen {seen}, predicted {predicted}); the density term is averaged per micro-batch instead "
-                    "of over the whole accumulated batch"
+                    "of over the whole accumulated batch",
+                    stacklevel=2,
                 )
             return dens_mean / ga
         totals = self._step_totals["density"]
         # per-layer sums divided by the step's token count: summing micro-batches gives the step mean
         per = self.density_loss.per_layer(self.probe, num_tokens=1.0)
-        vals = [v / float(totals[s.group]) for v, s in zip(per, self.probe.sites) if v is not None]
+        vals = [v / float(totals[s.group]) for v, s in zip(per, self.probe.sites, strict=True) if v is not None]
         weights = self.density_loss.weight_vector(len(per), dens_mean.device)
         used = [i for i, v in enumerate(per) if v is not None]
-        total = sum(w * v for w, v in zip([weights[i] for i in used], vals))
+        total = functools.reduce(operator.add, [w * v for w, v in zip([weights[i] for i in used], vals, strict=True)])
         return total / len(used) * ws
 
     # ------------------------------------------------------------------ logging & evaluation
@@ -412,7 +443,7 @@ class DensityMixin:
         return [(s.nonzero, s.entries, s.tokens, s.units, s.union_sum, s.union_batches) for s in self.probe.sites]
 
     def _restore_snapshot(self, snap) -> None:
-        for s, (nz, en, tok, un, us, ub) in zip(self.probe.sites, snap):
+        for s, (nz, en, tok, un, us, ub) in zip(self.probe.sites, snap, strict=True):
             s.nonzero, s.entries, s.tokens, s.units, s.union_sum, s.union_batches = nz, en, tok, un, us, ub
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
@@ -449,13 +480,15 @@ class DensityMixin:
             self._restore_snapshot(train_counts)
         prefix = kwargs.get("metric_key_prefix", args[3] if len(args) > 3 else "eval")
         self.last_density_report = report
-        output.metrics[f"{prefix}_density"] = report.overall
-        output.metrics[f"{prefix}_union_density"] = report.union_overall
+        metrics = output.metrics
+        assert metrics is not None  # Trainer.evaluation_loop always returns a dict of metrics
+        metrics[f"{prefix}_density"] = report.overall
+        metrics[f"{prefix}_union_density"] = report.union_overall
         for g, v in report.groups.items():
             if g != "all":
-                output.metrics[f"{prefix}_density_{g}"] = v
+                metrics[f"{prefix}_density_{g}"] = v
         for i, layer in enumerate(report.layers):
-            output.metrics[f"{prefix}_density_layer_{i}"] = layer.density
+            metrics[f"{prefix}_density_layer_{i}"] = layer.density
         return output
 
 
