@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -340,3 +341,141 @@ def test_glue_folder_without_train_file_splits_dev_once(tmp_path):
     (d / "train.tsv").write_text("\n".join(rows[:11]) + "\n", encoding="utf-8")
     train2, dev2 = glue_examples(TrainArgs(task="qnli", data_dir=str(tmp_path)), "qnli")
     assert len(train2) == 10 and len(dev2) == 50
+
+
+# ------------------------------------------------------------------------------------- measure / energy / prune
+@pytest.fixture(scope="module")
+def vit_images(tmp_path_factory) -> tuple[Path, Path]:
+    """(tiny ViT checkpoint, image folder with 4 train / 2 val pictures of each of 3 colours)."""
+    d = tmp_path_factory.mktemp("vit")
+    make_synthetic_images(d / "images" / "train", 4, seed=0)
+    make_synthetic_images(d / "images" / "val", 2, seed=1)
+    torch.manual_seed(0)
+    AutoModel.from_config(tiny_config("vit")).save_pretrained(d / "model")
+    return d / "model", d / "images"
+
+
+def _count_flags(command: str, model: Path, task: str, data_dir: Path | None, out: Path, *extra: str) -> list[str]:
+    flags = [command, "--model", str(model), "--task", task, "--batch-size", "3", "--output", str(out), *extra]
+    return flags + (["--data-dir", str(data_dir)] if data_dir else ["--data-source", "builtin"])
+
+
+def _padded_positions(lengths: list[int], batch_size: int) -> int:
+    chunks = [lengths[i : i + batch_size] for i in range(0, len(lengths), batch_size)]
+    return sum(len(c) * max(c) for c in chunks)
+
+
+@pytest.mark.parametrize("family", ["squad-bert", "squad-t5", "lm-instruct", "image"])
+def test_measure_and_energy_work_for_every_task_family(
+    family, tiny_model_dir, squad_dir, t5_dir, llama_dir, vit_images, tmp_path
+):
+    from transformers import AutoConfig
+
+    from deft import cli
+
+    model, task, data_dir = {
+        "squad-bert": (tiny_model_dir, "squad", squad_dir),
+        "squad-t5": (t5_dir, "squad", squad_dir),
+        "lm-instruct": (llama_dir, "lm-instruct", None),
+        "image": (vit_images[0], "image", vit_images[1]),
+    }[family]
+    extra = ["--max-eval-samples", "5", "--max-length", "48"]
+    assert cli.main(_count_flags("measure", model, task, data_dir, tmp_path / "m", *extra)) == 0
+    assert cli.main(_count_flags("energy", model, task, data_dir, tmp_path / "e", *extra)) == 0
+    density = json.loads((tmp_path / "m" / "density.json").read_text())["density"]
+    report = json.loads((tmp_path / "e" / "energy.json").read_text())["energy"]
+
+    # the expectation, independently: every MLP of the model, and the real (unpadded) positions of the
+    # eval rows deft train would evaluate on, never the padding the batches of 3 add
+    config = AutoConfig.from_pretrained(model)
+    groups = {"encoder": config.num_layers, "decoder": config.num_decoder_layers} if family == "squad-t5" else None
+    n_layers = sum(groups.values()) if groups else config.num_hidden_layers
+    assert len(density["layers"]) == n_layers
+    assert sorted({layer["group"] for layer in density["layers"]}) == (sorted(groups) if groups else ["all"])
+    setup = setup_task(_args(model, task, data_dir, tmp_path, max_eval_samples=5, max_length=48, max_train_samples=1))
+    feats = [setup.eval_dataset[i] for i in range(len(setup.eval_dataset))]
+    assert report["examples"] == len(feats) >= 4
+    if family == "image":
+        per_image = (config.image_size // config.patch_size) ** 2 + 1  # patches + [CLS]
+        assert all(layer["tokens"] == len(feats) * per_image for layer in density["layers"])
+        return
+    lengths = [len(f["input_ids"]) for f in feats]
+    assert _padded_positions(lengths, 3) > sum(lengths)  # the batches really hold padding
+    assert report["tokens"] == sum(lengths)
+    for layer in density["layers"]:
+        if layer["group"] == "decoder":  # T5's decoder runs on the answer tokens only
+            assert layer["tokens"] == sum(len(f["labels"]) for f in feats)
+        else:
+            assert layer["tokens"] == sum(lengths), layer["name"]
+        assert 0 < layer["density"] <= 1
+
+
+def test_measure_of_a_trained_lm_instruct_adapter_gives_back_its_density(llama_dir, tmp_path):
+    from deft import cli
+
+    out = tmp_path / "run"
+    res = train_with_setup(_args(llama_dir, "lm-instruct", None, out, data_source="builtin"))
+    flags = ["--max-eval-samples", "4", "--max-length", "64", "--adapter", str(out / "adapter")]
+    assert cli.main(_count_flags("measure", llama_dir, "lm-instruct", None, tmp_path / "m", *flags)) == 0
+    measured = json.loads((tmp_path / "m" / "density.json").read_text())["density"]
+    assert measured["overall"] == pytest.approx(res["density"]["overall"], abs=1e-9)
+    assert [layer["tokens"] for layer in measured["layers"]] == [layer["tokens"] for layer in res["density"]["layers"]]
+
+
+def test_glue_measure_energy_and_prune_count_what_the_glue_loader_gives(tiny_relu_model_dir, glue_dir, tmp_path):
+    """The registry path gives GLUE the numbers it had: dev rows (seed 0), DataCollatorWithPadding, no labels."""
+    from deft import cli
+    from deft.analysis.energy import estimate_energy
+    from deft.compress.prune import PruneConfig, load_masks, wanda_prune
+    from deft.core.report import measure_density
+    from deft.recipes.compress import PruneArgs, prune
+    from deft.tasks import drop_labels, glue_loader, glue_rows, load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(str(tiny_relu_model_dir), "sst2")
+    dev = glue_rows(SimpleNamespace(data_dir=str(glue_dir), data_source="auto"), "sst2", "dev", 20, 0)
+    batches = [drop_labels(b) for b in glue_loader(dev, tok, 32, 8)]
+    flags = ["--data-dir", str(glue_dir), "--max-eval-samples", "20", "--max-length", "32", "--batch-size", "8"]
+    common = ["--model", str(tiny_relu_model_dir), "--task", "sst2", *flags]
+    assert cli.main(["measure", *common, "--output", str(tmp_path / "m")]) == 0
+    assert cli.main(["energy", *common, "--output", str(tmp_path / "e")]) == 0
+    measured = json.loads((tmp_path / "m" / "density.json").read_text())["density"]
+    assert measured == json.loads(json.dumps(measure_density(model, batches).to_dict()))
+    priced = json.loads((tmp_path / "e" / "energy.json").read_text())["energy"]
+    assert priced == json.loads(json.dumps(estimate_energy(model, batches).to_dict()))
+    assert measured["overall"] < 1  # ReLU: real zeros were counted
+
+    # prune: 2 batches of 8 of the training rows --seed 3 picks
+    calib_args = dict(calib_batches=2, calib_batch_size=8, max_length=32, seed=3, save_model=False)
+    prune(PruneArgs(model=str(tiny_relu_model_dir), data_dir=str(glue_dir), output=str(tmp_path / "p"), **calib_args))
+    train = glue_rows(SimpleNamespace(data_dir=str(glue_dir), data_source="auto"), "sst2", "train", 16, 3)
+    calib = [drop_labels(b) for b in glue_loader(train, tok, 32, 8)]
+    expected = wanda_prune(load_model_and_tokenizer(str(tiny_relu_model_dir), "sst2")[0], calib, PruneConfig()).masks
+    saved = load_masks(tmp_path / "p")
+    assert sorted(saved) == sorted(expected)
+    assert all(torch.equal(saved[n].cpu(), expected[n].cpu()) for n in expected)
+
+
+def test_prune_calibrates_on_an_lm_instruct_task_and_keeps_the_lm_head(llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from deft.recipes.compress import PruneArgs, prune
+
+    out = tmp_path / "p"
+    calib = dict(calib_batches=2, calib_batch_size=4, max_length=64)
+    res = prune(PruneArgs(model=str(llama_dir), task="lm-instruct", data_source="builtin", output=str(out), **calib))
+    assert res["calib_batches"] == 2 and res["overall"] == pytest.approx(0.5)
+    original = AutoModelForCausalLM.from_pretrained(llama_dir)
+    pruned = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(pruned.lm_head.weight, original.lm_head.weight)  # saved, not re-initialised
+    assert not torch.equal(pruned.model.layers[0].mlp.down_proj.weight, original.model.layers[0].mlp.down_proj.weight)
+
+
+def test_skip_names_the_task_it_cannot_score(tmp_path, capsys):
+    from deft import cli
+
+    from conftest import one_error_line
+
+    (tmp_path / "results.json").write_text(json.dumps({"config": {"task": "squad"}}))
+    assert cli.main(["skip", "--run", str(tmp_path)]) == 2
+    line = one_error_line(capsys, "skip")
+    assert "GLUE runs only" in line and "'squad' run" in line

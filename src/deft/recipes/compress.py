@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..fields import help_field as _h
 from ..io import write_json
 from .common import RunError, versions
+from .evaluate import DATA_DIR_HELP, TASK_NAMES, input_batches, task_setup
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -35,8 +35,8 @@ class PruneArgs:
     """Arguments of ``deft prune``: WANDA-prune a model on calibration batches of a task's training set."""
 
     model: str = _h("model alias (minilm, smollm2), local path or hub id", default="minilm")
-    task: str = _h("GLUE task whose training sentences calibrate the pruning", default="sst2")
-    data_dir: str | None = _h("GLUE folder with TASK/{train,dev}.tsv", default=None)
+    task: str = _h(f"task whose training examples calibrate the pruning: {TASK_NAMES}", default="sst2")
+    data_dir: str | None = _h(DATA_DIR_HELP, default=None)
     data_source: str = _h("auto, local, hub or builtin (the shipped SST-2 sample)", default="auto")
     sparsity: float = _h("fraction of each output row's weights to zero (unstructured)", default=0.5)
     nm: str | None = _h("N:M semi-structured sparsity instead, e.g. 2:4", default=None)
@@ -66,46 +66,18 @@ class PruneArgs:
         )
 
 
-def calibration_batches(
-    tok,
-    task: str,
-    *,
-    n_batches: int,
-    batch_size: int,
-    max_length: int,
-    seed: int,
-    data_dir: str | None = None,
-    data_source: str = "auto",
-) -> list[dict]:
-    """``n_batches`` padded batches (no labels) of a seeded subset of ``task``'s training sentences."""
-    from ..tasks import drop_labels, glue_loader, glue_rows
-
-    picked = glue_rows(
-        SimpleNamespace(data_dir=data_dir, data_source=data_source), task, "train", n_batches * batch_size, seed
-    )
-    return [drop_labels(b) for b in glue_loader(picked, tok, max_length, batch_size)]
-
-
 def prune(args: PruneArgs) -> dict[str, Any]:
     """Run ``deft prune``; returns (and writes) the prune report."""
     from ..compress.prune import MASKS_NAME, save_masks, wanda_prune, weight_sparsity
-    from ..tasks import load_model_and_tokenizer
 
     cfg = args.config()  # validate before loading anything heavy
     out = Path(args.output)
     if (out / REPORT_NAME).exists() and not args.overwrite:
         raise RunError(f"{out} already holds a prune run ({REPORT_NAME}); pass --overwrite or another --output")
-    model, tok = load_model_and_tokenizer(args.model, args.task, trust_remote_code=args.trust_remote_code)
-    batches = calibration_batches(
-        tok,
-        args.task,
-        n_batches=args.calib_batches,
-        batch_size=args.calib_batch_size,
-        max_length=args.max_length,
-        seed=args.seed,
-        data_dir=args.data_dir,
-        data_source=args.data_source,
-    )
+    setup = task_setup(args, max_train_samples=args.calib_batches * args.calib_batch_size, max_eval_samples=1)
+    model, tok = setup.model, setup.tokenizer_or_processor
+    # calib_batches batches of a seeded subset (--seed) of the training set, collated as deft train collates them
+    batches = list(input_batches(setup, args.calib_batch_size, setup.train_dataset))
     report = wanda_prune(model, batches, cfg)
     result = {
         **report.to_dict(),
@@ -116,8 +88,10 @@ def prune(args: PruneArgs) -> dict[str, Any]:
     }
     out.mkdir(parents=True, exist_ok=True)
     if args.save_model:
-        # the backbone only: the classifier head was freshly initialised, not pruned, and task-specific
-        model.base_model.save_pretrained(out, safe_serialization=True)
+        # the backbone only: a classification / span / image head was freshly initialised, not pruned, and is
+        # task-specific; a language model's head is the checkpoint's own and stays
+        lm = setup.task_type in ("CAUSAL_LM", "SEQ_2_SEQ_LM")
+        (model if lm else model.base_model).save_pretrained(out, safe_serialization=True)
         tok.save_pretrained(out)
     save_masks(
         report.masks,

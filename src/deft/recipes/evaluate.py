@@ -1,13 +1,59 @@
 """A finished GLUE run, loaded back and scored: what ``deft compare`` (its thresholded curves) and ``deft skip``
 share. The model is rebuilt from ``results.json`` and ``adapter/``; its rows are chosen exactly as training
-chose them."""
+chose them.
+
+Also the task registry as the counting commands (``deft measure``, ``deft energy``, ``deft prune``) use it, for
+every task family: :func:`task_setup` builds a task from a command's options, :func:`input_batches` turns one
+of its datasets into batches of model inputs."""
 
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..tasks import TaskSetup
+
+TASK_NAMES = "a GLUE task (sst2, mrpc, ...), squad, image or lm-instruct"  # for help texts
+DATA_DIR_HELP = "data folder: GLUE's with TASK/{train,dev}.tsv, SQuAD's dev-v1.1.json, or image DIR/{train,val}/CLASS/"
+# what a task's collator adds for the loss: a density or energy count runs the forward without them
+LABEL_KEYS = frozenset({"labels", "start_positions", "end_positions"})
+
+
+def task_setup(args: Any, **override: Any) -> TaskSetup:
+    """:func:`deft.tasks.setup_task` with a command's options (``model``, ``task``, ``data_dir``, ``data_source``,
+    ``max_eval_samples``, ``max_length``, ``trust_remote_code``, ``seed`` where it has them; ``override`` wins),
+    then ``args.activation`` swapped in as ``deft train`` does. A command that reads only the eval set gets one
+    training example prepared (``max_train_samples=1``), not the whole training split."""
+    from types import SimpleNamespace
+
+    from ..tasks import setup_task
+
+    names = ("model", "task", "data_dir", "data_source", "max_eval_samples", "max_length", "trust_remote_code", "seed")
+    fields_ = {"data_dir": None, "data_source": "auto", "max_eval_samples": None, "trust_remote_code": False, "seed": 0}
+    fields_.update({n: getattr(args, n) for n in names if hasattr(args, n)})
+    setup = setup_task(SimpleNamespace(**{**fields_, "max_train_samples": 1, **override}))
+    if getattr(args, "activation", None):
+        from ..inference.activations import swap_activation
+
+        swap_activation(setup.model, args.activation)
+    return setup
+
+
+def input_batches(setup: TaskSetup, batch_size: int, dataset: Any = None):
+    """Batches (in order, one pass) of ``dataset`` (default: the setup's eval set) as its collator builds them for
+    training, less the keys only the loss reads (:data:`LABEL_KEYS`). An encoder-decoder keeps ``labels``: its
+    forward makes the decoder's inputs from them (and ``decoder_attention_mask`` marks their real positions)."""
+    from torch.utils.data import DataLoader
+
+    enc_dec = getattr(getattr(setup.model, "config", None), "is_encoder_decoder", False)
+    drop = LABEL_KEYS - {"labels"} if enc_dec else LABEL_KEYS
+    loader = DataLoader(
+        setup.eval_dataset if dataset is None else dataset, batch_size=batch_size, collate_fn=setup.data_collator
+    )
+    return ({k: v for k, v in b.items() if k not in drop} for b in loader)
 
 
 def load_run_model(run_dir: Path):

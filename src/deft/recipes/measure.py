@@ -3,19 +3,25 @@
 ``measure`` reports the activation density per layer (the effective density under the adapter's
 ``thresholds.json``); ``energy`` prices the same pass on a dense vs a zero-skipping accelerator
 (:mod:`deft.analysis.energy`).
+
+Any task of the registry (:mod:`deft.tasks`: GLUE, squad, image, lm-instruct) works: the model, the eval
+rows and the batches are the ones ``deft train`` evaluates on, less the loss's label keys.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from ..analysis.energy import EnergyConfig, EnergyReport, estimate_energy
 from ..core.report import DensityReport
 from ..errors import ConfigError
 from ..fields import help_field as _h
 from ..io import write_json, write_text
-from .evaluate import merge_adapter
+from .evaluate import DATA_DIR_HELP, TASK_NAMES, input_batches, merge_adapter, task_setup
+
+TASK_HELP = f"task whose eval set is run: {TASK_NAMES}"
 
 
 @dataclass
@@ -23,12 +29,12 @@ class MeasureArgs:
     """Arguments of ``deft measure``: activation density of a model or trained adapter on a task's dev set."""
 
     model: str = _h("model alias, local path or hub id", default="minilm")
-    task: str = _h("GLUE task whose dev set is measured", default="sst2")
+    task: str = _h(TASK_HELP, default="sst2")
     adapter: str | None = _h("a run's adapter folder (RUN/adapter) to load on the model", default=None)
-    data_dir: str | None = _h("GLUE folder with TASK/{train,dev}.tsv", default=None)
+    data_dir: str | None = _h(DATA_DIR_HELP, default=None)
     data_source: str = _h("auto, local, hub or builtin", default="auto", choices=("auto", "local", "hub", "builtin"))
-    max_eval_samples: int | None = _h("seeded subset of the dev set", default=None)
-    max_length: int = _h("maximum tokens per example", default=128)
+    max_eval_samples: int | None = _h("seeded subset of the eval set", default=None)
+    max_length: int = _h("maximum tokens per example (text tasks)", default=128)
     batch_size: int = _h("batch size", default=64)
     threshold: float = _h("|x| > threshold counts as non-zero", default=0.0)
     include_padding: bool = _h("count padded positions", default=False)
@@ -49,7 +55,7 @@ class EnergyArgs:
     vs a zero-skipping accelerator (Sponge-style 45 nm cost model; --hardware changes the prices)."""
 
     model: str = _h("model alias, local path or hub id", default="minilm")
-    task: str = _h("GLUE task whose dev set is run", default="sst2")
+    task: str = _h(TASK_HELP, default="sst2")
     adapter: str | None = _h("a run's adapter folder (RUN/adapter) to load on the model", default=None)
     merge_lora: bool = _h(
         "merge LoRA / IA3 weights into the model first, as deployed (else priced apart)", default=True
@@ -60,10 +66,10 @@ class EnergyArgs:
         default=True,
     )
     hardware: str | None = _h("YAML/JSON file of EnergyConfig fields (mac_pj, dram_pj, sram_pj, ...)", default=None)
-    data_dir: str | None = _h("GLUE folder with TASK/{train,dev}.tsv", default=None)
+    data_dir: str | None = _h(DATA_DIR_HELP, default=None)
     data_source: str = _h("auto, local, hub or builtin", default="auto")
-    max_eval_samples: int | None = _h("seeded subset of the dev set", default=None)
-    max_length: int = _h("maximum tokens per example", default=128)
+    max_eval_samples: int | None = _h("seeded subset of the eval set", default=None)
+    max_length: int = _h("maximum tokens per example (text tasks)", default=128)
     batch_size: int = _h("batch size (padding is not counted, so it does not change the result)", default=64)
     include_padding: bool = _h("count padded positions as computed", default=False)
     per_layer: bool = _h("also print the per-layer table", default=False)
@@ -74,25 +80,36 @@ class EnergyArgs:
     trust_remote_code: bool = _h("allow model code from the hub", default=False)
 
 
+def _load(args: MeasureArgs | EnergyArgs, merge: bool) -> tuple[Any, Any, Path | None, dict[str, float] | None]:
+    """(task setup, its model with ``args.adapter`` loaded (merged for ``merge``), the adapter's thresholds.json
+    where it is used, its thresholds)."""
+    from ..core.threshold import find_thresholds, load_thresholds
+    from ..methods import load_trainable
+
+    setup = task_setup(args)
+    model = setup.model
+    if args.adapter:
+        model = load_trainable(model, args.adapter, task_type=setup.task_type)
+        if merge:
+            model = merge_adapter(model)
+    th_file = find_thresholds(args.adapter) if args.adapter and args.use_thresholds else None
+    threshold = getattr(args, "threshold", 0.0)
+    if th_file and threshold:
+        raise ConfigError(
+            f"--threshold {threshold:g} and {th_file} both set counting thresholds; drop "
+            "--threshold or pass --no-use-thresholds"
+        )
+    thresholds = load_thresholds(th_file, model, sites=getattr(args, "sites", None)) if th_file else None
+    return setup, model, th_file, thresholds
+
+
 def energy(args: EnergyArgs) -> EnergyReport:
     """Run the dev set through the model with the energy counters attached; print and save the report."""
     from ..analysis.report_plots import energy_breakdown
-    from ..core.threshold import find_thresholds, load_thresholds
-    from ..methods import load_trainable
-    from ..tasks import drop_labels, glue_loader, glue_rows, load_model_and_tokenizer
 
     cfg = EnergyConfig.from_file(args.hardware) if args.hardware else EnergyConfig()  # fail before loading
-    model, tok = load_model_and_tokenizer(
-        args.model, args.task, trust_remote_code=args.trust_remote_code, activation=args.activation
-    )
-    if args.adapter:
-        model = load_trainable(model, args.adapter, task_type="SEQ_CLS")
-        if args.merge_lora:
-            model = merge_adapter(model)
-    th_file = find_thresholds(args.adapter) if args.adapter and args.use_thresholds else None
-    thresholds = load_thresholds(th_file, model) if th_file else None  # names hold before and after merging
-    dev = glue_rows(args, args.task, "dev", args.max_eval_samples, 0)
-    batches = map(drop_labels, glue_loader(dev, tok, args.max_length, args.batch_size))
+    setup, model, th_file, thresholds = _load(args, merge=args.merge_lora)  # names hold before and after merging
+    batches = input_batches(setup, args.batch_size)
     report = estimate_energy(model, batches, cfg, include_padding=args.include_padding, thresholds=thresholds)
     if th_file:
         print(f"per-layer thresholds: {th_file} (applied; W2 inputs at or below them priced as skipped)")
@@ -111,26 +128,11 @@ def energy(args: EnergyArgs) -> EnergyReport:
 
 
 def measure(args: MeasureArgs) -> DensityReport:
-    """Density of a model (optionally with a trained adapter) on a GLUE dev set."""
+    """Density of a model (optionally with a trained adapter) on a task's eval set."""
     from ..core.report import measure_density
-    from ..core.threshold import find_thresholds, load_thresholds
-    from ..methods import load_trainable
-    from ..tasks import drop_labels, glue_loader, glue_rows, load_model_and_tokenizer
 
-    model, tok = load_model_and_tokenizer(
-        args.model, args.task, trust_remote_code=args.trust_remote_code, activation=args.activation
-    )
-    if args.adapter:
-        model = load_trainable(model, args.adapter, task_type="SEQ_CLS")
-    th_file = find_thresholds(args.adapter) if args.adapter and args.use_thresholds else None
-    if th_file and args.threshold:
-        raise ConfigError(
-            f"--threshold {args.threshold:g} and {th_file} both set counting thresholds; drop "
-            "--threshold or pass --no-use-thresholds"
-        )
-    thresholds = load_thresholds(th_file, model, sites=args.sites) if th_file else None
-    dev = glue_rows(args, args.task, "dev", args.max_eval_samples, 0)
-    batches = map(drop_labels, glue_loader(dev, tok, args.max_length, args.batch_size))
+    setup, model, th_file, thresholds = _load(args, merge=False)
+    batches = input_batches(setup, args.batch_size)
     report = measure_density(
         model,
         batches,

@@ -27,6 +27,21 @@ class SkipArgs:
     output: str | None = _h("write skip.json here (default: the run folder)", default=None)
 
 
+def _check_glue_run(run_dir: Path) -> None:
+    """A RunError unless ``run_dir`` is a GLUE run: choosing the blocks to skip needs the dev metric after each
+    candidate, and only GLUE's is computed here today."""
+    import json
+
+    from ..tasks import find_setup, glue
+
+    task = json.loads((run_dir / "results.json").read_text())["config"]["task"]
+    if find_setup(task) is not glue.setup:
+        raise RunError(
+            f"deft skip scores GLUE runs only (sst2, mrpc, ...: their dev metric after each skipped block); "
+            f"{run_dir} is a {task!r} run"
+        )
+
+
 def skip(args: SkipArgs) -> dict[str, Any]:
     """Choose MLP blocks to skip under ``max_drop``, then measure metric, runtime and weights of the result."""
     from ..core.report import measure_density
@@ -38,6 +53,7 @@ def skip(args: SkipArgs) -> dict[str, Any]:
     run_dir = Path(args.run)
     if not (run_dir / "results.json").exists():
         raise RunError(f"{run_dir} has no results.json: pass a finished run folder to --run")
+    _check_glue_run(run_dir)
     model, tok, res = load_run_model(run_dir)
     cfg, main = res["config"], res["main_metric"]
     batches = eval_loader(cfg, tok, args.max_eval_samples, args.batch_size)
