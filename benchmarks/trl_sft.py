@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     out = write_json(f"{args.output}/results.json", results)
     print(
-        f"accuracy {accuracy:.2%}  exact-zero density {exact.overall:.2%}  "
+        # trained under thresholds, the count is taken through the trainer's masks: the effective density
+        f"accuracy {accuracy:.2%}  {'effective' if args.target_density else 'exact-zero'} density {exact.overall:.2%}  "
         + "  ".join(
             f"effective@{r['target_density']:g}: {r['effective_density']:.2%} (acc {r['accuracy']:.2%})"
             for r in thresholded
