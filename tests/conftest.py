@@ -46,6 +46,15 @@ def sst2_folder(root: Path, train: str, dev: str = "sentence\tlabel\nok\t1\n") -
     return root
 
 
+def tiny_run_flags(model_dir, glue: Path, out: Path, *extra: str) -> list[str]:
+    """The options of a seconds-long `deft train` / `compare` run on the tiny model and the small SST-2 folder."""
+    # lr 1e-2 and eps 1e-3: the density term moves the tiny model within its few steps
+    return [
+        "--model", str(model_dir), "--task", "sst2", "--data-dir", str(glue), "--output", str(out),
+        "--epochs", "1", "--batch-size", "16", "--lr", "1e-2", "--eps", "1e-3", *extra,
+    ]  # fmt: skip
+
+
 def _save_tiny_bert(d: Path, **overrides) -> Path:
     from transformers import AutoModel, AutoTokenizer, BertConfig
 

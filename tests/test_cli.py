@@ -10,31 +10,11 @@ from deft import cli
 from deft.recipes.common import RunError
 from deft.recipes.train import train
 
-from conftest import sst2_folder
+from conftest import sst2_folder, tiny_run_flags
 
 
 def _train_flags(model_dir, glue, out, *extra):
-    return [
-        "train",
-        "--model",
-        str(model_dir),
-        "--task",
-        "sst2",
-        "--data-dir",
-        str(glue),
-        "--output",
-        str(out),
-        "--epochs",
-        "1",
-        "--batch-size",
-        "16",
-        "--lr",
-        "1e-2",
-        "--eps",
-        "1e-3",
-        "--quiet",
-        *extra,
-    ]
+    return ["train", *tiny_run_flags(model_dir, glue, out, "--quiet", *extra)]
 
 
 def test_train_writes_results_plot_and_adapter(tiny_model_dir, glue_dir, tmp_path, capsys):

@@ -29,6 +29,8 @@ from deft.sparse import (
 )
 from deft.testing import tiny_config
 
+from conftest import tiny_run_flags
+
 DOWN = ["encoder.layer.0.output.dense", "encoder.layer.1.output.dense"]
 
 
@@ -353,26 +355,7 @@ class _CalibrationSpy:
 
 
 def _flags(model_dir, glue, out, *extra):
-    return [
-        "--model",
-        str(model_dir),
-        "--task",
-        "sst2",
-        "--data-dir",
-        str(glue),
-        "--output",
-        str(out),
-        "--epochs",
-        "1",
-        "--batch-size",
-        "16",
-        "--lr",
-        "1e-2",
-        "--eps",
-        "1e-3",
-        "--quiet",
-        *extra,
-    ]
+    return tiny_run_flags(model_dir, glue, out, "--quiet", *extra)
 
 
 @pytest.fixture(scope="module")

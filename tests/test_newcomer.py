@@ -23,32 +23,13 @@ from deft.console import cli_session, quiet_loading
 from deft.errors import DeftError
 from deft.recipes.common import RunError
 
-from conftest import one_error_line, sst2_folder
+from conftest import one_error_line, sst2_folder, tiny_run_flags
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _train_flags(model_dir, glue, out, *extra):
-    return [
-        "train",
-        "--model",
-        str(model_dir),
-        "--task",
-        "sst2",
-        "--data-dir",
-        str(glue),
-        "--output",
-        str(out),
-        "--epochs",
-        "1",
-        "--batch-size",
-        "16",
-        "--lr",
-        "1e-2",
-        "--eps",
-        "1e-3",
-        *extra,
-    ]
+    return ["train", *tiny_run_flags(model_dir, glue, out, *extra)]
 
 
 def _deft(*argv: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
