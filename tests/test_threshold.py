@@ -228,3 +228,34 @@ def test_resume_keeps_thresholds(tiny_model_dir, glue_dir, tmp_path):
     ckpts = sorted((out / "checkpoints").glob("checkpoint-*"))
     assert ckpts and (ckpts[-1] / "thresholds.json").exists()
     assert read_thresholds(ckpts[-1]) == read_thresholds(out / "adapter")
+
+
+def test_distillation_from_a_teacher_model(tiny_model_dir, tmp_path):
+    """A teacher model replaces the student's own dense outputs as the KL target; it stays frozen and dense."""
+    from transformers import TrainingArguments
+
+    from deft import DeftTrainer, DensityConfig
+    from deft.train.trainer import distill_loss
+
+    student, batch = _tiny(tiny_model_dir)
+    torch.manual_seed(1)
+    teacher, _ = _tiny(tiny_model_dir)
+    with torch.no_grad():  # a teacher that differs from the student's own dense forward
+        teacher.classifier.weight.mul_(-3.0)
+    targs = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    batch = {**batch, "labels": torch.tensor([1, 0])}
+    with pytest.raises(ConfigError, match="distill"):
+        DeftTrainer(student, targs, density=DensityConfig(alpha=0.0, target_density=0.5), teacher=teacher)
+    cfg = DensityConfig(alpha=0.0, target_density=0.5, distill=1.0)
+    trainer = DeftTrainer(student, targs, density=cfg, teacher=teacher)
+    with torch.no_grad():
+        expected = teacher(**batch).logits
+        own = trainer._teacher_outputs(student, batch)
+    torch.testing.assert_close(own, expected)
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    # without a teacher the target is the student's own unmasked output, which differs from the teacher's
+    self_trainer = DeftTrainer(student, targs, density=cfg)
+    with torch.no_grad():
+        mine = self_trainer._teacher_outputs(student, batch)
+    assert (mine - expected).abs().max() > 1e-2
+    assert float(distill_loss(own, expected, batch)) == pytest.approx(0.0, abs=1e-7)

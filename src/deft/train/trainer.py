@@ -153,7 +153,13 @@ class DensityMixin(_TrainerBase):
     #: True: the task loss is the parent class's ``compute_loss``; False: the mixin runs the model itself
     uses_parent_loss = True
 
-    def __init__(self, *args: Any, density: DensityConfig | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        density: DensityConfig | None = None,
+        teacher: torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.density = density or DensityConfig()
         if self.uses_parent_loss and self.density.distill > 0:
@@ -161,6 +167,13 @@ class DensityMixin(_TrainerBase):
                 f"DensityConfig.distill needs DeftTrainer's own task loss; "
                 f"{type(self).__name__} uses its parent's compute_loss: set distill=0"
             )
+        if teacher is not None and not self.density.distill > 0:
+            raise ConfigError("a teacher model is only used by distillation: set DensityConfig.distill > 0")
+        # the model distillation holds the student to: a separate, frozen (typically dense PEFT) model, or
+        # None for the student's own unmasked outputs
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.requires_grad_(False).eval().to(self.args.device)
         self.density_loss = self.density.make_loss()
         target = self.density.target_density
         targeted = target is not None
@@ -346,7 +359,11 @@ class DensityMixin(_TrainerBase):
         self.thresholds.step(progress, pending)
 
     def _teacher_outputs(self, model, inputs) -> torch.Tensor:
-        """Logits of the same model, dense (no masking) and without dropout: what distillation holds on to."""
+        """The logits distillation holds on to: the teacher model's, or else the same model's run dense (no
+        masking) and without dropout."""
+        if self.teacher is not None:
+            with torch.no_grad():
+                return self.teacher(**inputs)["logits"].detach()
         snap = self._density_snapshot()
         masks = self.probe.thresholds_in_use()
         target, self.probe.target = self.probe.target, None
