@@ -355,6 +355,20 @@ def vit_images(tmp_path_factory) -> tuple[Path, Path]:
     return d / "model", d / "images"
 
 
+FAMILIES = ("squad-bert", "squad-t5", "lm-instruct", "image")  # the task families besides GLUE, by model kind
+
+
+@pytest.fixture
+def family_tasks(tiny_model_dir, squad_dir, t5_dir, llama_dir, vit_images) -> dict[str, tuple[Path, str, Path | None]]:
+    """(tiny model, task, data folder or None for the builtin sample) of each of :data:`FAMILIES`."""
+    return {
+        "squad-bert": (tiny_model_dir, "squad", squad_dir),
+        "squad-t5": (t5_dir, "squad", squad_dir),
+        "lm-instruct": (llama_dir, "lm-instruct", None),
+        "image": (vit_images[0], "image", vit_images[1]),
+    }
+
+
 def _count_flags(command: str, model: Path, task: str, data_dir: Path | None, out: Path, *extra: str) -> list[str]:
     flags = [command, "--model", str(model), "--task", task, "--batch-size", "3", "--output", str(out), *extra]
     return flags + (["--data-dir", str(data_dir)] if data_dir else ["--data-source", "builtin"])
@@ -365,20 +379,13 @@ def _padded_positions(lengths: list[int], batch_size: int) -> int:
     return sum(len(c) * max(c) for c in chunks)
 
 
-@pytest.mark.parametrize("family", ["squad-bert", "squad-t5", "lm-instruct", "image"])
-def test_measure_and_energy_work_for_every_task_family(
-    family, tiny_model_dir, squad_dir, t5_dir, llama_dir, vit_images, tmp_path
-):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_measure_and_energy_work_for_every_task_family(family, family_tasks, tmp_path):
     from transformers import AutoConfig
 
     from deft import cli
 
-    model, task, data_dir = {
-        "squad-bert": (tiny_model_dir, "squad", squad_dir),
-        "squad-t5": (t5_dir, "squad", squad_dir),
-        "lm-instruct": (llama_dir, "lm-instruct", None),
-        "image": (vit_images[0], "image", vit_images[1]),
-    }[family]
+    model, task, data_dir = family_tasks[family]
     extra = ["--max-eval-samples", "5", "--max-length", "48"]
     assert cli.main(_count_flags("measure", model, task, data_dir, tmp_path / "m", *extra)) == 0
     assert cli.main(_count_flags("energy", model, task, data_dir, tmp_path / "e", *extra)) == 0
@@ -470,12 +477,57 @@ def test_prune_calibrates_on_an_lm_instruct_task_and_keeps_the_lm_head(llama_dir
     assert not torch.equal(pruned.model.layers[0].mlp.down_proj.weight, original.model.layers[0].mlp.down_proj.weight)
 
 
-def test_skip_names_the_task_it_cannot_score(tmp_path, capsys):
+def test_skip_needs_a_finished_run(tmp_path, capsys):
     from deft import cli
 
     from conftest import one_error_line
 
-    (tmp_path / "results.json").write_text(json.dumps({"config": {"task": "squad"}}))
     assert cli.main(["skip", "--run", str(tmp_path)]) == 2
-    line = one_error_line(capsys, "skip")
-    assert "GLUE runs only" in line and "'squad' run" in line
+    assert "has no results.json" in one_error_line(capsys, "skip")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_skip_scores_every_task_family_as_train_did(family, family_tasks, tmp_path):
+    from deft import cli
+
+    model, task, data_dir = family_tasks[family]
+    run = tmp_path / "run"
+    kw = {"data_source": "builtin"} if family == "lm-instruct" else {}
+    res = train_with_setup(_args(model, task, data_dir, run, max_eval_samples=5, **kw))
+    # the rows and batches train evaluated on: its 5 eval rows (image: all 6 pictures) in batches of 8
+    flags = ["skip", "--run", str(run), "--max-eval-samples", "5", "--batch-size", "8"]
+
+    # no drop allowed: whatever is skipped, the model before skipping is the run's own, scored as train scored it
+    assert cli.main([*flags, "--max-drop", "0", "--output", str(tmp_path / "s0")]) == 0
+    kept = json.loads((tmp_path / "s0" / "skip.json").read_text())
+    assert kept["task"] == res["task"] and kept["main_metric"] == res["main_metric"]
+    assert kept["metric_before"] == pytest.approx(res["metric"], abs=1e-6)
+    assert kept["eval_examples"] == res["eval_examples"]
+    assert kept["model_seconds_before"] > 0
+
+    # any drop allowed: every block goes, and the weights with them
+    assert cli.main([*flags, "--max-drop", "100", "--output", str(tmp_path / "s")]) == 0
+    skipped = json.loads((tmp_path / "s" / "skip.json").read_text())
+    densities = [layer["density"] for layer in res["density"]["layers"]]
+    assert skipped["skipped_layers"] == sorted(range(len(densities)), key=densities.__getitem__)  # sparsest first
+    assert skipped["params_freed"] > 0 and skipped["memory_change_percent"] < 0
+    assert skipped["metric_before"] == kept["metric_before"]
+    # the model measured after choosing is the one the choice scored last: all blocks skipped
+    assert 100 * skipped["metric_after"] == pytest.approx(skipped["trace"][-1]["metric"])
+    assert 0 <= skipped["metric_after"] <= 1
+
+
+def test_score_of_a_generation_task_reads_what_the_model_generates(llama_dir, tmp_path):
+    from deft.recipes.evaluate import score
+
+    args = _args(llama_dir, "lm-instruct", None, tmp_path, data_source="builtin", max_eval_samples=5)
+    setup = setup_task(args)
+    tok, model = setup.tokenizer_or_processor, setup.model
+    # a random model says no label word; this one says "positive" whatever it reads
+    boost = torch.zeros(len(tok))
+    boost[tok.convert_tokens_to_ids("positive")] = 100.0
+    model.lm_head.register_forward_hook(lambda _m, _i, logits: logits + boost)
+    labels = [int(r.label) for r in glue_examples(args, "sst2")[1]]
+    metrics, seconds = score(model, setup, batch_size=2)  # 3 batches, left-padded
+    assert metrics == {"accuracy": pytest.approx(sum(labels) / 5), "valid_answer_rate": 1.0}
+    assert 0 < sum(labels) < 5 and seconds > 0

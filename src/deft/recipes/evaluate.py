@@ -1,17 +1,25 @@
-"""A finished GLUE run, loaded back and scored: what ``deft compare`` (its thresholded curves) and ``deft skip``
-share. The model is rebuilt from ``results.json`` and ``adapter/``; its rows are chosen exactly as training
-chose them.
+"""A finished run, loaded back and scored.
 
-Also the task registry as the counting commands (``deft measure``, ``deft energy``, ``deft prune``) use it, for
-every task family: :func:`task_setup` builds a task from a command's options, :func:`input_batches` turns one
-of its datasets into batches of model inputs."""
+For GLUE runs, what ``deft compare`` (its thresholded curves) uses: :func:`load_run_model`, :func:`run_rows`,
+:func:`evaluate_glue`; the rows are chosen exactly as training chose them.
+
+For every task family, the task registry as the other commands use it: :func:`task_setup` builds a task from
+a command's options (``deft measure``, ``deft energy``, ``deft prune``), :func:`load_run` rebuilds a finished
+run's task and model from its ``results.json`` and ``adapter/`` (``deft skip``), :func:`input_batches` turns
+one of a task's datasets into batches of model inputs, and :func:`score` computes a task's dev metrics for
+any model, as ``deft train`` computed them."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
+
+from .common import RunError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..tasks import TaskSetup
@@ -27,8 +35,6 @@ def task_setup(args: Any, **override: Any) -> TaskSetup:
     ``max_eval_samples``, ``max_length``, ``trust_remote_code``, ``seed`` where it has them; ``override`` wins),
     then ``args.activation`` swapped in as ``deft train`` does. A command that reads only the eval set gets one
     training example prepared (``max_train_samples=1``), not the whole training split."""
-    from types import SimpleNamespace
-
     from ..tasks import setup_task
 
     names = ("model", "task", "data_dir", "data_source", "max_eval_samples", "max_length", "trust_remote_code", "seed")
@@ -56,6 +62,111 @@ def input_batches(setup: TaskSetup, batch_size: int, dataset: Any = None):
     return ({k: v for k, v in b.items() if k not in drop} for b in loader)
 
 
+def load_adapter(setup: TaskSetup, adapter: str | Path, *, merge: bool):
+    """``setup.model`` with the trained method in ``adapter`` loaded on it, merged into the weights for
+    ``merge`` (as deployed; see :func:`merge_adapter`)."""
+    from ..methods import load_trainable
+
+    model = load_trainable(setup.model, adapter, task_type=setup.task_type)
+    return merge_adapter(model) if merge else model
+
+
+def load_run(run_dir: Path, **override: Any) -> tuple[TaskSetup, Any, dict[str, Any]]:
+    """(task setup, trained model in eval mode, results.json) of a finished run of any task family. The task is
+    rebuilt from the run's stored options (``results.json["config"]``) through the registry, as ``deft train``
+    built it; ``override`` replaces some of them (e.g. ``max_eval_samples``).
+
+    The adapter is loaded, not merged: the model then runs the code path it was trained and evaluated through.
+    That matters beyond float noise: peft's question-answering wrapper does not pass ``token_type_ids`` on to
+    the model, so an extractive SQuAD adapter never saw segment ids, and its merged model (which gets them)
+    answers differently."""
+    res = json.loads((run_dir / "results.json").read_text())
+    cfg = res["config"]
+    # a GLUE run trained on rows padded (and cut) to a fixed length is scored on the same rows
+    setup = task_setup(SimpleNamespace(**cfg), pad_to_max_length=cfg.get("pad_to_max_length"), **override)
+    return setup, load_adapter(setup, run_dir / "adapter", merge=False).eval(), res
+
+
+# the keys a Trainer hands to compute_metrics as label_ids, in its order (one array, or a tuple of them)
+_LABEL_ORDER = ("labels", "start_positions", "end_positions")
+
+
+def score(model, setup: TaskSetup, batch_size: int) -> tuple[dict[str, float], float]:
+    """(dev metrics of ``setup``'s eval set, seconds spent inside ``model``) for ``model``: what ``deft train``
+    reported for the same rows and model. Metrics from logits (GLUE, image, extractive SQuAD) go through the
+    task's ``compute_metrics``, with predictions and labels gathered as the Trainer gathers them; metrics that
+    need generation (generative SQuAD, lm-instruct) come from its ``evaluate_fn``."""
+    model.eval()
+    with _model_clock(model) as seconds:
+        if setup.evaluate_fn is not None:
+            # evaluate_fn reads the model and the eval batch size of the Trainer (greedy_generate also detaches
+            # the Trainer's density probe, of which a scoring pass has none)
+            trainer = SimpleNamespace(model=model, args=SimpleNamespace(per_device_eval_batch_size=batch_size))
+            metrics = setup.evaluate_fn(trainer)
+        elif setup.compute_metrics is not None:
+            metrics = setup.compute_metrics(_predict(model, setup, batch_size))
+        else:  # no family of the registry builds such a task; a new one must say how it is scored
+            raise RunError(f"task {setup.task!r} has neither compute_metrics nor evaluate_fn: it cannot be scored")
+    return {k: float(v) for k, v in metrics.items()}, seconds()
+
+
+def _predict(model, setup: TaskSetup, batch_size: int):
+    """The ``EvalPrediction`` the Trainer's evaluation hands to ``compute_metrics``: every model output but the
+    loss (one array when there is one) and the label keys of the batches, each concatenated over the eval set,
+    rows of different widths (extractive QA's logits per token) padded with -100 as the Trainer pads them."""
+    import torch
+    from torch.utils.data import DataLoader
+    from transformers import EvalPrediction
+    from transformers.trainer_pt_utils import nested_concat, nested_numpify
+
+    def one(t: tuple) -> Any:
+        return t[0] if len(t) == 1 else t
+
+    device = next(model.parameters()).device
+    preds: Any = None
+    labels: Any = None
+    with torch.no_grad():
+        for b in DataLoader(setup.eval_dataset, batch_size=batch_size, collate_fn=setup.data_collator):
+            out = model(**{k: v.to(device) for k, v in b.items() if k not in LABEL_KEYS})
+            p = one(tuple(v.cpu() for k, v in out.items() if k != "loss"))
+            lab = one(tuple(b[k] for k in _LABEL_ORDER if k in b))
+            preds = p if preds is None else nested_concat(preds, p, padding_index=-100)
+            labels = lab if labels is None else nested_concat(labels, lab, padding_index=-100)
+    return EvalPrediction(predictions=nested_numpify(preds), label_ids=nested_numpify(labels))
+
+
+@contextmanager
+def _model_clock(model) -> Iterator[Callable[[], float]]:
+    """Times the calls into ``model`` while open; the callable it gives returns their seconds so far. Only model
+    time counts: not collating, decoding generated ids to text nor computing a metric. A seq2seq generation
+    runs its encoder once outside the model's forward, so the encoder's calls are timed too; a depth count keeps
+    calls nested inside a timed one (the encoder inside a forward) from being counted twice."""
+    from ..arch import unwrap_model
+
+    inner: Any = unwrap_model(model)  # a transformers model: get_encoder is a method there
+    timed = [inner]
+    if getattr(getattr(inner, "config", None), "is_encoder_decoder", False):
+        timed.append(inner.get_encoder())
+    state = {"depth": 0, "start": 0.0, "total": 0.0}
+
+    def enter(*_: Any) -> None:
+        if state["depth"] == 0:
+            state["start"] = time.perf_counter()
+        state["depth"] += 1
+
+    def leave(*_: Any) -> None:
+        state["depth"] -= 1
+        if state["depth"] == 0:
+            state["total"] += time.perf_counter() - state["start"]
+
+    handles = [h for m in timed for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    try:
+        yield lambda: state["total"]
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def load_run_model(run_dir: Path):
     """(model in eval mode, tokenizer, results.json) of a finished GLUE run folder."""
     from ..methods import load_trainable
@@ -76,8 +187,6 @@ def load_run_model(run_dir: Path):
 def run_rows(run_cfg: dict[str, Any], **override: Any) -> tuple[list, list]:
     """(training rows, evaluation rows) of a GLUE run, chosen exactly as its training chose them: where a
     local folder has only a dev file, the rows it trained on are kept out of the evaluation rows."""
-    from types import SimpleNamespace
-
     from ..tasks import glue_examples
 
     fields_ = {

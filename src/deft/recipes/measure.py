@@ -19,7 +19,7 @@ from ..core.report import DensityReport
 from ..errors import ConfigError
 from ..fields import help_field as _h
 from ..io import write_json, write_text
-from .evaluate import DATA_DIR_HELP, TASK_NAMES, input_batches, merge_adapter, task_setup
+from .evaluate import DATA_DIR_HELP, TASK_NAMES, input_batches, load_adapter, task_setup
 
 TASK_HELP = f"task whose eval set is run: {TASK_NAMES}"
 
@@ -84,14 +84,9 @@ def _load(args: MeasureArgs | EnergyArgs, merge: bool) -> tuple[Any, Any, Path |
     """(task setup, its model with ``args.adapter`` loaded (merged for ``merge``), the adapter's thresholds.json
     where it is used, its thresholds)."""
     from ..core.threshold import find_thresholds, load_thresholds
-    from ..methods import load_trainable
 
     setup = task_setup(args)
-    model = setup.model
-    if args.adapter:
-        model = load_trainable(model, args.adapter, task_type=setup.task_type)
-        if merge:
-            model = merge_adapter(model)
+    model = load_adapter(setup, args.adapter, merge=merge) if args.adapter else setup.model
     th_file = find_thresholds(args.adapter) if args.adapter and args.use_thresholds else None
     threshold = getattr(args, "threshold", 0.0)
     if th_file and threshold:
