@@ -31,7 +31,7 @@ def test_every_shipped_suite_parses_and_validates(tmp_path):
         assert points and all(p.source == str(path) for p in points)
         assert all(p.args.resume and p.args.output.startswith(str(tmp_path / p.name.split("/")[0])) for p in points)
         names += [p.name for p in points]
-    assert len(names) == len(set(names)) == 194  # the jobs behind docs/RESULTS.md's multi-seed tables
+    assert len(names) == len(set(names)) == 224  # the jobs behind docs/RESULTS.md's multi-seed tables
     # all files at once, with a group selection: the dry run lists the jobs as deft train command lines
     assert (
         cli.main(
