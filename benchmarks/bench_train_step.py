@@ -35,9 +35,9 @@ import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
 import deft.core.probe
+from deft.fields import build
 from deft.methods import apply_method
-from deft.recipes.train import TrainArgs
-from deft.recipes.train import method_config as _method_config
+from deft.recipes.train import TrainArgs, task_args
 from deft.tasks import setup_task
 from deft.train.trainer import DeftTrainer, DensityConfig
 
@@ -149,17 +149,20 @@ def main(argv: list[str] | None = None) -> None:
     if "PEFT" not in names or any(s not in SIDES for s in names):
         raise SystemExit(f"--sides: PEFT plus any of {', '.join(SIDES)}")
 
-    run_args = TrainArgs(model="minilm", task="sst2", method="lora", batch_size=8, max_length=128, seed=0)
+    run_args = build(
+        TrainArgs,
+        dict(model="minilm", task="sst2", method="lora", lora_bias="lora_only", batch_size=8, max_length=128, lr=1e-3),
+    )
     set_seed(0)
-    setup = setup_task(run_args)
-    base = apply_method(setup.model, _method_config(run_args), task_type=setup.task_type)
+    setup = setup_task(task_args(run_args))
+    base = apply_method(setup.model, run_args.peft, task_type=setup.task_type)
     data = setup.train_dataset
     batches = [setup.data_collator([data[i] for i in range(8 * b, 8 * b + 8)]) for b in range(n_batches)]
     tokens = [int(b["attention_mask"].sum()) for b in batches]
     lengths = [int(b["input_ids"].shape[1]) for b in batches]
 
     tmp = tempfile.TemporaryDirectory()
-    trainers = {n: make_trainer(copy.deepcopy(base), SIDES[n], f"{tmp.name}/{n}", run_args.lr) for n in names}
+    trainers = {n: make_trainer(copy.deepcopy(base), SIDES[n], f"{tmp.name}/{n}", run_args.optim.lr) for n in names}
     for i in range(warmup):  # first calls: allocator, lazy inits, the first quantiles replacing t = 0
         for tr in trainers.values():
             one_step(tr, batches[i % n_batches])

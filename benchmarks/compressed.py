@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from deft.core.report import density_change
+from deft.fields import build
 from deft.io import write_json, write_text
 from deft.recipes import train as run
 from deft.recipes.common import versions
@@ -64,7 +65,7 @@ def one_run(
     if (run_dir / "results.json").exists() and row_file.exists() and not args.overwrite:
         print(f"reusing {run_dir}")
         return json.loads(row_file.read_text())
-    train_args = run.TrainArgs(
+    options = dict(
         model=args.model,
         task="sst2",
         method="lora",
@@ -83,6 +84,7 @@ def one_run(
         quantize=quantize,
         quant_backend="deft",
     )
+    train_args = build(run.TrainArgs, options)
     print(f"training {name} alpha={alpha:g} -> {run_dir}")
     t0 = time.time()
     res = run.train(train_args)
@@ -145,14 +147,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-train-samples", type=int, default=None)
     p.add_argument("--max-eval-samples", type=int, default=None)
     p.add_argument("--calib-batches", type=int, default=None)
-    p.add_argument("--alpha", type=float, default=run.TrainArgs.alpha, help="DEFT density-loss weight")
+    p.add_argument("--alpha", type=float, default=run.TrainArgs().density.alpha, help="DEFT density-loss weight")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--logging-steps", type=int, default=25)
     p.add_argument("--compressions", default=",".join(COMPRESSIONS), help=f"subset of {','.join(COMPRESSIONS)}")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     quick = dict(epochs=1.0, max_train_samples=128, max_eval_samples=128, calib_batches=4) if args.quick else {}
-    defaults = dict(epochs=run.TrainArgs.epochs, max_train_samples=None, max_eval_samples=None, calib_batches=8)
+    defaults = dict(epochs=run.TrainArgs().optim.epochs, max_train_samples=None, max_eval_samples=None, calib_batches=8)
     for k, v in {**defaults, **quick}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)

@@ -80,7 +80,7 @@ def test_interrupted_run_resumes(tiny_model_dir, glue_dir, tmp_path, monkeypatch
 
     with pytest.raises(RunError, match="--resume"):
         train(args)
-    args.resume = True
+    args.run.resume = True
     res = train(args)
     steps = [h["step"] for h in res["log_history"] if "eval_accuracy" in h]
     assert steps == [3, 6]  # epoch 1 (before the crash, kept) and epoch 2 (after resuming); 48 rows / 16
@@ -124,7 +124,7 @@ def test_config_file(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("task: rte\nalpha: 2.5\nseeds: [0, 1]\n")
     cmd, args = cli.parse(["compare", "--config", str(cfg), "--alpha", "3"])
-    assert (cmd, args.task, args.alpha, args.seeds) == ("compare", "rte", 3.0, [0, 1])
+    assert (cmd, args.data.task, args.density.alpha, args.seeds) == ("compare", "rte", 3.0, [0, 1])
     bad = tmp_path / "bad.yaml"
     bad.write_text("tsak: rte\n")
     assert cli.main(["train", "--config", str(bad)]) == 2
@@ -142,4 +142,4 @@ def test_help_lists_documented_options(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])
     text = capsys.readouterr().out
-    assert "--alpha" in text and "density-loss weight" in text and "--granularity" in text
+    assert "--alpha" in text and "weight of the density loss" in text and "--granularity" in text

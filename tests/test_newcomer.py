@@ -202,8 +202,9 @@ def test_choices_are_checked_for_flags_and_config_files(tmp_path, capsys):
 
 
 def test_negative_numbers_are_values():
-    args = cli.parse(["train", "--eps", "-1e-7", "--threshold", "-.5", "--alpha", "-2"])[1]
-    assert (args.eps, args.threshold, args.alpha) == (-1e-7, -0.5, -2.0)
+    # the parser's reading (the density options then refuse -1e-7 and -2 themselves, naming the option)
+    ns = cli.build_parser().parse_args(["train", "--eps", "-1e-7", "--threshold", "-.5", "--alpha", "-2"])
+    assert (ns.eps, ns.threshold, ns.alpha) == (-1e-7, -0.5, -2.0)
     args = cli.parse(["compare", "--baseline-densities", "0.5", "-1E-3", "--seeds", "-1", "2"])[1]
     assert args.baseline_densities == [0.5, -0.001] and args.seeds == [-1, 2]
     with pytest.raises(SystemExit):

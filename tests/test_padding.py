@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from deft import ConfigError
+from deft.fields import build
 from deft.recipes.train import TrainArgs, train
 
 
@@ -19,7 +20,7 @@ def _args(tiny_model_dir, glue_dir, tmp_path, **kw):
         output=str(tmp_path / "run"),
         quiet=True,
     )
-    return TrainArgs(**{**base, **kw})
+    return build(TrainArgs, {**base, **kw})
 
 
 @pytest.mark.parametrize("include_padding", [False, True])

@@ -16,6 +16,7 @@ import torch
 from deft import cli
 from deft.analysis.report import build_report
 from deft.analysis.report_plots import pareto_front
+from deft.fields import build
 from deft.recipes import train as train_recipe
 from deft.recipes.common import RunError
 from deft.recipes.compare import CompareArgs, compare
@@ -54,9 +55,8 @@ def runs(tiny_relu_model_dir, glue_dir, tmp_path_factory):
         # and the report must not count the copies twice
         for src, dst in (("a0-s0", "peft-seed0"), ("a5-s0", "deft-seed0")):
             shutil.copytree(root / "sweep" / src, root / "cmp" / dst)
-        cargs = CompareArgs(
-            **{**_base(tiny_relu_model_dir, glue_dir), "alpha": 5.0, "seeds": [0], "output": str(root / "cmp")}
-        )
+        cmp_options = {"alpha": 5.0, "seeds": [0], "output": str(root / "cmp")}
+        cargs = build(CompareArgs, {**_base(tiny_relu_model_dir, glue_dir), **cmp_options})
         compare(cargs)
         for point in ("a0-s0", "a5-s0"):
             energy(
@@ -85,7 +85,7 @@ def test_sweep_rows_csv_and_resume(runs, monkeypatch, capsys):
     assert float(table[0]["density"]) == pytest.approx(rows[0]["density"])
 
     def no_training(args):
-        raise AssertionError(f"trained {args.output} again")
+        raise AssertionError(f"trained {args.run.output} again")
 
     monkeypatch.setattr(train_recipe, "train", no_training)
     again = sweep(runs["sweep_args"])
@@ -113,7 +113,13 @@ def test_sweep_grid_names_and_options(tmp_path):
         output=str(tmp_path / "s"),
     )
     b = base_args(args)
-    assert (b.task, b.epochs, b.lr, b.target_modules, b.max_train_samples) == ("rte", 1.0, 3e-4, "mlp", None)
+    assert (b.data.task, b.optim.epochs, b.optim.lr, b.peft.target_modules, b.data.max_train_samples) == (
+        "rte",
+        1.0,
+        3e-4,
+        "mlp",
+        None,
+    )
     points = grid(args)
     # alpha = 0 ignores eps: one baseline per method and seed, not one per eps
     assert [p.name for p in points] == [
@@ -125,8 +131,8 @@ def test_sweep_grid_names_and_options(tmp_path):
         "ia3-a0.001-eps0.001-s0",
     ]
     p = points[5]
-    assert (p.args.method, p.args.alpha, p.args.eps) == ("ia3", 1e-3, 1e-3) and p.args.resume
-    assert p.args.output == str(tmp_path / "s" / "ia3-a0.001-eps0.001-s0")
+    assert (p.args.peft.method, p.args.density.alpha, p.args.density.eps) == ("ia3", 1e-3, 1e-3) and p.args.run.resume
+    assert p.args.run.output == str(tmp_path / "s" / "ia3-a0.001-eps0.001-s0")
     assert point_name({}) == "base"
     with pytest.raises(RunError, match="--base .*no such file"):
         base_args(SweepArgs(base=str(tmp_path / "missing.yaml")))

@@ -29,7 +29,8 @@ def test_every_shipped_suite_parses_and_validates(tmp_path):
         points = suite_points(SweepArgs(suites=[str(path)], output=str(tmp_path)))
         _validate(points)  # the checks a sweep makes before its first job (task, method, density options)
         assert points and all(p.source == str(path) for p in points)
-        assert all(p.args.resume and p.args.output.startswith(str(tmp_path / p.name.split("/")[0])) for p in points)
+        for p in points:
+            assert p.args.run.resume and p.args.run.output.startswith(str(tmp_path / p.name.split("/")[0]))
         names += [p.name for p in points]
     assert len(names) == len(set(names)) == 224  # the jobs behind docs/RESULTS.md's multi-seed tables
     # all files at once, with a group selection: the dry run lists the jobs as deft train command lines
@@ -42,9 +43,9 @@ def test_every_shipped_suite_parses_and_validates(tmp_path):
     assert not any(tmp_path.iterdir())
     # --set overrides the files in every job; the PEFT jobs stay at alpha 0
     points = suite_points(SweepArgs(suites=[str(SUITES[0])], set=["data_dir=/data/glue", "alpha=7"]))
-    assert {p.args.data_dir for p in points} == {"/data/glue"}
-    assert {p.args.alpha for p in points if "/peft-" in p.name} == {0.0}
-    assert {p.args.alpha for p in points if "/deft-" in p.name} == {7.0}
+    assert {p.args.data.data_dir for p in points} == {"/data/glue"}
+    assert {p.args.density.alpha for p in points if "/peft-" in p.name} == {0.0}
+    assert {p.args.density.alpha for p in points if "/deft-" in p.name} == {7.0}
 
 
 @pytest.mark.parametrize(

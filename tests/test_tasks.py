@@ -15,7 +15,8 @@ import torch
 from transformers import AutoModel, PreTrainedTokenizerFast
 
 from deft.data import EXTRACTIVE_META_KEYS, make_synthetic_images
-from deft.recipes.train import TrainArgs, train_with_setup
+from deft.fields import build
+from deft.recipes.train import TrainArgs, task_args, train_with_setup
 from deft.tasks import (
     CausalPrompter,
     PadCollator,
@@ -159,7 +160,7 @@ def _args(model: Path, task: str, data_dir: Path | None, out: Path, **kw) -> Tra
         logging_steps=1,
         quiet=True,
     )
-    return TrainArgs(**{**base, **kw})
+    return build(TrainArgs, {**base, **kw})
 
 
 def _check_run(res: dict, out: Path, main: str) -> None:
@@ -251,7 +252,7 @@ def test_sentiment_accuracy_reads_the_first_label_word():
 
 # ---------------------------------------------------------------------------------------------- families
 def test_glue_setup_matches_classification(tiny_model_dir, tmp_path):
-    setup = setup_task(_args(tiny_model_dir, "sst2", None, tmp_path, data_source="builtin"))
+    setup = setup_task(task_args(_args(tiny_model_dir, "sst2", None, tmp_path, data_source="builtin")))
     assert (setup.task, setup.task_type, setup.main_metric, setup.evaluate_fn) == ("sst2", "SEQ_CLS", "accuracy", None)
     assert len(setup.train_dataset) == 8 and len(setup.eval_dataset) == 4
     assert setup.data_label.startswith("builtin SST-2 sample")
@@ -280,7 +281,7 @@ def test_squad_seq2seq_t5(t5_dir, squad_dir, tmp_path):
 def test_squad_causal_llama(llama_dir, squad_dir, tmp_path):
     out = tmp_path / "run"
     args = _args(llama_dir, "squad", squad_dir, out, max_length=40)  # forces the context to be cut
-    setup = setup_task(args)
+    setup = setup_task(task_args(args))
     assert setup.details["prompt_format"] == "plain"
     for f in setup.train_dataset.features:  # prompt masked, answer + eos learned, never longer than max_length
         assert len(f["input_ids"]) <= 40 and f["labels"][0] == -100 and f["labels"][-1] == 1
@@ -316,7 +317,7 @@ def test_image_vit(tmp_path):
 
 def test_unknown_task_names_the_choices(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="unknown task 'translation'.*nor squad, image or lm-instruct"):
-        setup_task(_args(tiny_model_dir, "translation", None, tmp_path))
+        setup_task(task_args(_args(tiny_model_dir, "translation", None, tmp_path)))
 
 
 def test_glue_folder_without_train_file_splits_dev_once(tmp_path):
@@ -329,7 +330,7 @@ def test_glue_folder_without_train_file_splits_dev_once(tmp_path):
     (d / "dev.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     parts = []
     for seed in (0, 1):
-        args = TrainArgs(task="qnli", data_dir=str(tmp_path), seed=seed)
+        args = task_args(build(TrainArgs, {"task": "qnli", "data_dir": str(tmp_path), "seed": seed}))
         train, dev = glue_examples(args, "qnli")
         parts.append(([e.text_a for e in train], [e.text_a for e in dev]))
         assert "split 80/20" in glue_data_label(args, "qnli")
@@ -339,7 +340,7 @@ def test_glue_folder_without_train_file_splits_dev_once(tmp_path):
     assert set(train).isdisjoint(dev) and set(train) | set(dev) == {f"q{i}?" for i in range(50)}
     # with a train file present nothing is split
     (d / "train.tsv").write_text("\n".join(rows[:11]) + "\n", encoding="utf-8")
-    train2, dev2 = glue_examples(TrainArgs(task="qnli", data_dir=str(tmp_path)), "qnli")
+    train2, dev2 = glue_examples(task_args(build(TrainArgs, {"task": "qnli", "data_dir": str(tmp_path)})), "qnli")
     assert len(train2) == 10 and len(dev2) == 50
 
 
@@ -399,7 +400,8 @@ def test_measure_and_energy_work_for_every_task_family(family, family_tasks, tmp
     n_layers = sum(groups.values()) if groups else config.num_hidden_layers
     assert len(density["layers"]) == n_layers
     assert sorted({layer["group"] for layer in density["layers"]}) == (sorted(groups) if groups else ["all"])
-    setup = setup_task(_args(model, task, data_dir, tmp_path, max_eval_samples=5, max_length=48, max_train_samples=1))
+    args = _args(model, task, data_dir, tmp_path, max_eval_samples=5, max_length=48, max_train_samples=1)
+    setup = setup_task(task_args(args))
     feats = [setup.eval_dataset[i] for i in range(len(setup.eval_dataset))]
     assert report["examples"] == len(feats) >= 4
     if family == "image":
@@ -520,7 +522,7 @@ def test_skip_scores_every_task_family_as_train_did(family, family_tasks, tmp_pa
 def test_score_of_a_generation_task_reads_what_the_model_generates(llama_dir, tmp_path):
     from deft.recipes.evaluate import score
 
-    args = _args(llama_dir, "lm-instruct", None, tmp_path, data_source="builtin", max_eval_samples=5)
+    args = task_args(_args(llama_dir, "lm-instruct", None, tmp_path, data_source="builtin", max_eval_samples=5))
     setup = setup_task(args)
     tok, model = setup.tokenizer_or_processor, setup.model
     # a random model says no label word; this one says "positive" whatever it reads

@@ -161,23 +161,27 @@ def test_thresholds_file_checks(tmp_path, tiny_model_dir):
 def test_train_writes_thresholds_that_sparsify_serves_unchanged(tiny_model_dir, glue_dir, tmp_path):
     """The thresholds a run ends with reproduce its evaluation when a sparse kernel applies them."""
     from deft.core.report import measure_density
+    from deft.fields import build
     from deft.methods import load_trainable
     from deft.recipes.train import TrainArgs, train
     from deft.sparse import sparsify
 
     out = tmp_path / "run"
     res = train(
-        TrainArgs(
-            model=str(tiny_model_dir),
-            data_dir=str(glue_dir),
-            data_source="local",
-            target_density=0.3,
-            alpha=0.0,
-            epochs=2,
-            batch_size=8,
-            output=str(out),
-            quiet=True,
-            logging_steps=2,
+        build(
+            TrainArgs,
+            dict(
+                model=str(tiny_model_dir),
+                data_dir=str(glue_dir),
+                data_source="local",
+                target_density=0.3,
+                alpha=0.0,
+                epochs=2,
+                batch_size=8,
+                output=str(out),
+                quiet=True,
+                logging_steps=2,
+            ),
         )
     )
     th = read_thresholds(out / "adapter")
@@ -210,6 +214,7 @@ def test_train_writes_thresholds_that_sparsify_serves_unchanged(tiny_model_dir, 
 
 
 def test_resume_keeps_thresholds(tiny_model_dir, glue_dir, tmp_path):
+    from deft.fields import build
     from deft.recipes.train import TrainArgs, train
 
     out = tmp_path / "run"
@@ -224,7 +229,7 @@ def test_resume_keeps_thresholds(tiny_model_dir, glue_dir, tmp_path):
         output=str(out),
         quiet=True,
     )
-    train(TrainArgs(**kw))
+    train(build(TrainArgs, kw))
     ckpts = sorted((out / "checkpoints").glob("checkpoint-*"))
     assert ckpts and (ckpts[-1] / "thresholds.json").exists()
     assert read_thresholds(ckpts[-1]) == read_thresholds(out / "adapter")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from deft import cli
+from deft.fields import build
 from deft.recipes import train as train_recipe
 from deft.recipes import tune
 from deft.recipes.tune import Param, TuneArgs, TuneError
@@ -114,13 +115,13 @@ def test_default_space():
     assert space["target_density"] == Param("target_density", low=0.01, high=0.3, log=True)
     assert space["lr"] == Param("lr", low=3e-4, high=3e-3, log=True)
     assert space["straight_through"].choices == (False, True)
-    assert tune.TuneArgs().alpha == 0.0 and tune.TuneArgs().eval_every == 0.5
+    assert tune.TuneArgs().density.alpha == 0.0 and tune.TuneArgs().optim.eval_every == 0.5
 
 
 @pytest.mark.parametrize(
     "text, needle",
     [
-        ("alphaa: {low: 1, high: 2}", "unknown option 'alphaa'; known: model, task, method, alpha"),
+        ("alphaa: {low: 1, high: 2}", "unknown option 'alphaa' (did you mean alpha?); known: model, "),
         ("alpha: {low: 1, high: 1}", "alpha: empty range: low 1 must be below high 1"),
         ("alpha: {low: 2, high: 1}", "empty range"),
         ("method: {choices: []}", "method: choices must be a non-empty list"),
@@ -171,7 +172,7 @@ def test_storage_error_hides_the_password(tmp_path):
 def test_missing_optuna_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)  # `import optuna` now raises ImportError
     with pytest.raises(TuneError, match=r"pip install 'deft-sparsity\[tune\]'"):
-        tune.tune(TuneArgs(output=str(tmp_path / "t"), trials=1))
+        tune.tune(build(TuneArgs, {"output": str(tmp_path / "t"), "trials": 1}))
 
 
 def test_missing_optuna_is_one_error_line_with_one_prefix(tmp_path, monkeypatch, capsys):
@@ -186,7 +187,7 @@ def test_other_study_in_the_same_storage_is_refused(tmp_path):
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     optuna.create_study(study_name="single", storage=url, direction="maximize")
     with pytest.raises(TuneError, match="'single' .* is not a deft tune study"):
-        tune.tune(TuneArgs(output=str(out), trials=1, storage=url, study_name="single"))
+        tune.tune(build(TuneArgs, {"output": str(out), "trials": 1, "storage": url, "study_name": "single"}))
 
 
 # ---------------------------------------------------------------------------------------------- answers
@@ -330,7 +331,7 @@ def test_failing_trial_is_recorded_and_study_goes_on(tmp_path, capsys):
     study = _study(out)
     assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]  # the second trial ran after the first failed
     for t in study.trials:
-        assert "kind must be 'l0' or 'tanh', got 'nosuch'" in t.user_attrs["error"]
+        assert "loss (--loss) 'nosuch' is not one of l0, tanh" in t.user_attrs["error"]
         assert t.user_attrs["run_dir"].endswith(f"trial-{t.number:04d}")
     pareto = json.loads((out / "pareto.json").read_text())
     assert pareto["trials"]["fail"] == 2 and pareto["front"] == []
@@ -374,12 +375,12 @@ def _fake_train(calls):
             "task": "sst2",
             "main_metric": "accuracy",
             "metric": 0.5,
-            "config": {"alpha": args.alpha},
+            "config": {"alpha": args.density.alpha},
             "density": {"overall": 0.5},
             "log_history": [{"step": 3}],
         }
-        Path(args.output).mkdir(parents=True, exist_ok=True)
-        (Path(args.output) / "results.json").write_text(json.dumps(res))
+        Path(args.run.output).mkdir(parents=True, exist_ok=True)
+        (Path(args.run.output) / "results.json").write_text(json.dumps(res))
         return res
 
     return train
@@ -388,10 +389,10 @@ def _fake_train(calls):
 def test_interrupted_trial_is_rerun_in_its_folder(tmp_path, monkeypatch):
     out = tmp_path / "tune"
     base = _fake_baseline(tmp_path / "peft", 0.6)
-    args = TuneArgs(output=str(out), baseline=str(base), trials=1, sampler_seed=0)
+    args = build(TuneArgs, {"output": str(out), "baseline": str(base), "trials": 1, "sampler_seed": 0})
 
     def ctrl_c(args, setup=None, callbacks=None):
-        (Path(args.output) / "checkpoints").mkdir(parents=True)  # as if an epoch had been saved
+        (Path(args.run.output) / "checkpoints").mkdir(parents=True)  # as if an epoch had been saved
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train_recipe, "train_with_setup", ctrl_c)
@@ -406,15 +407,15 @@ def test_interrupted_trial_is_rerun_in_its_folder(tmp_path, monkeypatch):
     tune.tune(args)  # --trials 1: the interrupted trial does not count, its re-run does
     t0, t1 = _study(out).trials
     assert t1.state.name == "COMPLETE" and t1.params == t0.params
-    assert len(calls) == 1 and calls[0].output == str(out / "trial-0000") and calls[0].resume  # same folder, resumed
-    assert calls[0].target_density == pytest.approx(t0.params["target_density"])
+    assert len(calls) == 1 and calls[0].run.output == str(out / "trial-0000") and calls[0].run.resume  # resumed
+    assert calls[0].density.target_density == pytest.approx(t0.params["target_density"])
 
 
 def test_trial_of_a_dead_worker_is_rerun(tmp_path, monkeypatch):
     monkeypatch.setattr(tune, "HEARTBEAT_S", 1)
     monkeypatch.setattr(tune, "GRACE_S", 1)
     out = tmp_path / "tune"
-    args = TuneArgs(output=str(out), baseline=str(_fake_baseline(tmp_path / "peft", 0.6)), trials=1)
+    args = build(TuneArgs, {"output": str(out), "baseline": str(_fake_baseline(tmp_path / "peft", 0.6)), "trials": 1})
 
     def killed(args, setup=None, callbacks=None):
         raise SystemExit(137)  # not caught by Optuna: the trial stays RUNNING, like a process killed mid-trial
@@ -430,7 +431,7 @@ def test_trial_of_a_dead_worker_is_rerun(tmp_path, monkeypatch):
     tune.tune(args)
     t0, t1 = _study(out).trials
     assert t0.state.name == "FAIL" and t1.state.name == "COMPLETE" and t1.user_attrs["resumes"] == 0
-    assert t1.user_attrs["run_name"] == "trial-0000" and calls[0].output == str(out / "trial-0000")
+    assert t1.user_attrs["run_name"] == "trial-0000" and calls[0].run.output == str(out / "trial-0000")
 
 
 def test_two_processes_share_one_study(tiny_model_dir, glue_dir, tmp_path):
@@ -471,6 +472,7 @@ def test_two_processes_share_one_study(tiny_model_dir, glue_dir, tmp_path):
 def test_eval_every_evaluates_mid_run(tiny_model_dir, glue_dir, tmp_path):
     """--eval-every 0.5 (tune's default): an evaluation half-way, so pruning has something to decide on."""
     from deft import ConfigError
+    from deft.fields import build
     from deft.recipes.train import TrainArgs, train
 
     kw = dict(
@@ -484,7 +486,7 @@ def test_eval_every_evaluates_mid_run(tiny_model_dir, glue_dir, tmp_path):
         max_eval_samples=8,
         quiet=True,
     )
-    res = train(TrainArgs(**kw, eval_every=0.5, output=str(tmp_path / "run")))
+    res = train(build(TrainArgs, {**kw, "eval_every": 0.5, "output": str(tmp_path / "run")}))
     assert [h["step"] for h in res["log_history"] if "eval_accuracy" in h] == [2, 4]  # 4 steps, every 2
     with pytest.raises(ConfigError, match="--eval-every"):
-        train(TrainArgs(**kw, eval_every=1.5, output=str(tmp_path / "bad")))
+        train(build(TrainArgs, {**kw, "eval_every": 1.5, "output": str(tmp_path / "bad")}))

@@ -1,9 +1,10 @@
 """``deft`` command line: one table of commands, each a recipe of :mod:`deft.recipes` over a typed
 dataclass whose fields are its flags.
 
-A YAML or JSON file given with ``--config`` sets the same fields (by their Python names); flags on the
-command line win over the file. A field with ``metadata["positional"]`` is a positional argument
-(``deft report RUN_DIR...``).
+A dataclass may nest groups of options (``TrainArgs.density`` is the library's DensityConfig): each leaf is one
+flag of its flat name (:mod:`deft.fields`). A YAML or JSON file given with ``--config`` sets the same options
+by those names; flags on the command line win over the file. A field with ``metadata["positional"]`` is a
+positional argument (``deft report RUN_DIR...``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from .console import cli_session
 from .errors import DeftError
-from .fields import check_choices, field_choices, field_default, field_type
+from .fields import NONE_WORDS, Option, build, options
 from .recipes.common import read_config
 from .recipes.compare import CompareArgs, compare
 from .recipes.compress import PruneArgs, prune
@@ -39,7 +40,8 @@ def train_command(args: TrainArgs) -> dict[str, Any]:
     # under torchrun / accelerate launch every process runs the command; only the first one prints results
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{res['main_metric']}: {res['metric']:.4f}   density: {100 * res['density']['overall']:.2f} %")
-        print(f"results: {Path(args.output) / 'results.json'}\nplot:    {Path(args.output) / 'layerwise_density.png'}")
+        out = Path(args.run.output)
+        print(f"results: {out / 'results.json'}\nplot:    {out / 'layerwise_density.png'}")
     return res
 
 
@@ -80,32 +82,59 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+def _flag_type(opt: Option) -> Any:
+    """The argparse ``type`` of an option's flag: its value type, and ``none`` / ``null`` for None where it may be
+    None (``--target-density none``)."""
+    if not opt.optional or opt.is_list:
+        return opt.type
+
+    def parse(text: str) -> Any:
+        return None if text.strip().lower() in NONE_WORDS else opt.type(text)
+
+    parse.__name__ = opt.type.__name__  # argparse names it in "invalid float value: 'x'"
+    return parse
+
+
 def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per option of ``cls`` (nested groups flattened: :func:`deft.fields.options`; in ``--help`` each
+    group is a section), its help and default the field's own. A flag not given is left out of the namespace
+    (SUPPRESS), so a --config file keeps its values."""
+    sections: dict[str, Any] = {}
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp, is_list = field_type(hints[f.name])
-        choices = field_choices(f, tp)
-        if choices and typing.get_origin(tp) is typing.Literal:
-            tp = type(choices[0])
-        flag = "--" + f.name.replace("_", "-")
-        default = field_default(f)
-        help_ = f.metadata.get("help", "") + (f" (default: {default})" if default not in (None, False) else "")
-        if f.metadata.get("positional"):  # e.g. `deft report RUN_DIR...`; "*" lets --config name them instead
-            parser.add_argument(
-                f.name, type=tp, nargs="*" if is_list else "?", default=None, help=help_, metavar=f.name.upper()
-            )
-        elif tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        else:
-            # with choices, argparse's own error names the flag and lists them; the metavar shows them in --help
-            parser.add_argument(
-                flag,
-                type=tp,
-                nargs="+" if is_list else None,
+    for opt in options(cls).values():
+        where: Any = parser
+        if len(opt.path) > 1:
+            name = opt.path[0]
+            if name not in sections:
+                doc = (hints[name].__doc__ or "").strip().split("\n")[0]
+                sections[name] = parser.add_argument_group(f"{name} options", doc or None)
+            where = sections[name]
+        default = opt.default
+        help_ = opt.help + (f" (default: {default})" if default not in (None, False, []) else "")
+        if opt.positional:  # e.g. `deft report RUN_DIR...`; "*" lets --config name them instead
+            where.add_argument(
+                opt.name,
+                type=opt.type,
+                nargs="*" if opt.is_list else "?",
                 default=None,
                 help=help_,
+                metavar=opt.name.upper(),
+            )
+        elif opt.type is bool:
+            where.add_argument(opt.flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
+        else:
+            choices, metavar = opt.choices, None if opt.choices else opt.name.upper()
+            if choices and opt.optional:  # `--quantize none` undoes a config file's quantize
+                choices, metavar = (*choices, None), "{" + ",".join(map(str, choices)) + ",none}"
+            # with choices, argparse's own error names the flag and lists them; the metavar shows them in --help
+            where.add_argument(
+                opt.flag,
+                type=_flag_type(opt),
+                nargs="+" if opt.is_list else None,
+                default=argparse.SUPPRESS,
+                help=help_,
                 choices=choices,
-                metavar=None if choices else f.name.upper(),
+                metavar=metavar,
             )
 
 
@@ -159,13 +188,15 @@ def parse(argv: Sequence[str] | None = None) -> tuple[str, Any]:
 def _parse(argv: Sequence[str] | None) -> tuple[str, Any, bool]:
     ns = build_parser().parse_args(argv)
     cls = COMMANDS[ns.command].args
+    # flat option values, lowest precedence first: the --config file, then the flags given
     values: dict[str, Any] = read_config(ns.config, cls) if ns.config else {}
-    check_choices(values, cls, f"--config {ns.config}")
-    for f in dataclasses.fields(cls):
-        v = getattr(ns, f.name)
-        if v is not None and not (f.metadata.get("positional") and v == []):
-            values[f.name] = v
-    return ns.command, cls(**values), bool(getattr(ns, "verbose", False))
+    for name, opt in options(cls).items():
+        if not hasattr(ns, name):
+            continue  # a flag not given (SUPPRESS)
+        v = getattr(ns, name)
+        if not (opt.positional and v in (None, [])):
+            values[name] = v
+    return ns.command, build(cls, values), bool(getattr(ns, "verbose", False))
 
 
 def _command_of(argv: Sequence[str] | None) -> str | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
+import functools
 import html
 import json
 import math
@@ -49,6 +50,24 @@ _LABEL_ORDER = (
 )
 
 
+# options results.json records since the library's DensityConfig / MethodConfig became deft train's option table;
+# a run written before trained at their library defaults (it had no flag for them), so those fill its config and
+# old and new runs of one setting stay one setting
+_ADDED_OPTIONS = {
+    "density": ("point", "adaptive_gamma", "adaptive_mix", "adaptive_every", "distill_temperature"),
+    "peft": ("adapter_non_linearity",),
+}
+
+
+@functools.cache
+def _implied_options() -> dict[str, Any]:
+    from ..methods.config import MethodConfig
+    from ..train.config import DensityConfig
+
+    defaults = {"density": DensityConfig(), "peft": MethodConfig()}
+    return {name: getattr(defaults[group], name) for group, names in _ADDED_OPTIONS.items() for name in names}
+
+
 class ReportError(DeftError, ValueError):
     """Nothing to report (no finished run under the given folders)."""
 
@@ -61,7 +80,7 @@ class Run:
 
     @property
     def config(self) -> dict[str, Any]:
-        return self.results["config"]
+        return {**_implied_options(), **self.results["config"]}
 
 
 @dataclass

@@ -10,11 +10,25 @@ bottleneck adapters (implemented here).
 
 from __future__ import annotations
 
-from .adapters import AdapterWrapper, BottleneckAdapter
-from .apply import apply_method, qlora_available, qlora_quantization_config
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .config import ADAPTER_TYPES, METHODS, TASK_TYPES, MethodConfig, MethodError
-from .targets import head_module_names, pooler_module_name, resolve_targets
-from .trainable import ParamCount, count_parameters, load_trainable, read_method, save_trainable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .adapters import AdapterWrapper, BottleneckAdapter
+    from .apply import apply_method, qlora_available, qlora_quantization_config
+    from .targets import head_module_names, pooler_module_name, resolve_targets
+    from .trainable import ParamCount, count_parameters, load_trainable, read_method, save_trainable
+
+# the modules that apply methods import peft and transformers: loaded on first use, so that MethodConfig (the
+# option table of `deft train`) is cheap to import
+_LAZY = {
+    **dict.fromkeys(("AdapterWrapper", "BottleneckAdapter"), "adapters"),
+    **dict.fromkeys(("apply_method", "qlora_available", "qlora_quantization_config"), "apply"),
+    **dict.fromkeys(("head_module_names", "pooler_module_name", "resolve_targets"), "targets"),
+    **dict.fromkeys(("ParamCount", "count_parameters", "load_trainable", "read_method", "save_trainable"), "trainable"),
+}
 
 __all__ = [
     "ADAPTER_TYPES",
@@ -36,3 +50,9 @@ __all__ = [
     "resolve_targets",
     "save_trainable",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

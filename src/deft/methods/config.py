@@ -9,6 +9,7 @@ from ..errors import DeftError
 
 METHODS: tuple[str, ...] = ("lora", "prefix", "prompt", "ia3", "bitfit", "adapter", "qlora")
 ADAPTER_TYPES: tuple[str, ...] = ("pfeiffer", "houlsby")
+LORA_BIAS: tuple[str, ...] = ("none", "lora_only", "all")  # peft's LoraConfig.bias
 # Shorthands understood by `target_modules`; anything else is a comma-separated list of module names.
 TARGET_SHORTHANDS: tuple[str, ...] = ("mlp+attention", "mlp", "attention", "all-linear")
 TASK_TYPES: tuple[str, ...] = (
@@ -48,16 +49,20 @@ class MethodConfig:
 
     method: str = field(
         default="lora",
-        metadata={"help": f"PEFT method, one of {', '.join(METHODS)}. qlora needs a CUDA GPU and bitsandbytes."},
+        metadata={
+            "help": f"PEFT method, one of {', '.join(METHODS)}. qlora needs a CUDA GPU and bitsandbytes.",
+            "choices": METHODS,
+        },
     )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (lora, qlora)."})
-    lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling: the update is scaled by alpha / r."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling: the update is scaled by alpha / r."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
     lora_bias: str = field(
         default="none",
         metadata={
             "help": "Which biases LoRA also trains (peft's `bias`): 'none', 'lora_only' (biases of the adapted "
-            "modules; lets DEFT shift MLP units below zero directly) or 'all'."
+            "modules; lets DEFT shift MLP units below zero directly) or 'all'.",
+            "choices": LORA_BIAS,
         },
     )
     target_modules: str = field(
@@ -75,13 +80,17 @@ class MethodConfig:
         default="pfeiffer",
         metadata={
             "help": "Bottleneck adapter placement: 'pfeiffer' (after the MLP output projection) or 'houlsby' "
-            "(also after the attention output projection)."
+            "(also after the attention output projection).",
+            "choices": ADAPTER_TYPES,
         },
     )
     adapter_reduction_factor: int = field(
         default=16, metadata={"help": "Adapter bottleneck = hidden size // factor (at least 1)."}
     )
-    adapter_non_linearity: str = field(default="relu", metadata={"help": "Activation inside the adapter bottleneck."})
+    adapter_non_linearity: str = field(
+        default="relu",
+        metadata={"help": "Activation inside the adapter bottleneck.", "choices": ADAPTER_NON_LINEARITIES},
+    )
     train_pooler: bool = field(
         default=False,
         metadata={
@@ -98,7 +107,7 @@ class MethodConfig:
             self.target_modules = ",".join(str(t).strip() for t in self.target_modules)
         self._check_choice("method", METHODS)
         self._check_choice("adapter_type", ADAPTER_TYPES)
-        self._check_choice("lora_bias", ("none", "lora_only", "all"))
+        self._check_choice("lora_bias", LORA_BIAS)
         self._check_choice("adapter_non_linearity", ADAPTER_NON_LINEARITIES)
         self._check_int("lora_r", minimum=1)
         if not isinstance(self.train_pooler, bool):

@@ -3,11 +3,11 @@ records."""
 
 from __future__ import annotations
 
-import dataclasses
 import platform
 from typing import Any
 
-from ..errors import DeftError
+from ..errors import ConfigError, DeftError
+from ..fields import check_known, convert, options
 from ..io import read_mapping
 
 
@@ -16,17 +16,20 @@ class RunError(DeftError, RuntimeError):
 
 
 def read_config(path: str, cls: type, what: str = "--config") -> dict[str, Any]:
-    """The option values in a YAML / JSON file for the arguments dataclass ``cls``; an unknown option (or a
-    file that cannot be read) is one RunError naming ``what`` and the file."""
+    """The option values in a YAML / JSON file for the arguments dataclass ``cls``, by their flat names
+    (:func:`deft.fields.options`), each checked against its option's type and choices; an unknown option, a
+    wrong value or a file that cannot be read is one RunError naming ``what`` and the file."""
     try:
         data = read_mapping(path, what)
     except (OSError, ValueError) as e:
         raise RunError(str(e)) from None
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise RunError(f"{what} {path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return data
+    where = f"{what} {path}"
+    opts = options(cls)
+    try:
+        check_known(cls, data, where)
+        return {k: convert(opts[k], v, where) for k, v in data.items()}
+    except ConfigError as e:
+        raise RunError(str(e)) from None
 
 
 def versions() -> dict[str, str]:

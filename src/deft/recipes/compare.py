@@ -9,24 +9,30 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..analysis.tradeoff import mean_std
 from ..core.report import DensityReport, density_change
+from ..fields import build, flat, options
 from ..fields import help_field as _h
 from ..io import write_json, write_text
 from .evaluate import evaluate_glue, labelled_batches, load_run_model, merge_adapter, run_rows
-from .train import TrainArgs, train
+from .train import RunArgs, TrainArgs, train
+
+
+@dataclass
+class CompareRunArgs(RunArgs):
+    output: str = _h("folder for the runs, compare.json/csv and the plot", default="runs/compare")
 
 
 @dataclass
 class CompareArgs(TrainArgs):
     """Arguments of ``deft compare``: PEFT (alpha=0) vs DEFT (alpha) with everything else equal."""
 
+    run: CompareRunArgs = field(default_factory=CompareRunArgs)
     seeds: list[int] = _h("seeds; each runs PEFT and DEFT", default_factory=lambda: [0])
-    output: str = _h("folder for the runs, compare.json/csv and the plot", default="runs/compare")
     baseline_densities: list[float] = _h(
         "target densities of the '+ thresholds' curves: each finished run thresholded per layer (TEAL-style, "
         "thresholds calibrated on training rows only) and evaluated on dev (empty: no curves)",
@@ -41,21 +47,21 @@ def compare(args: CompareArgs) -> dict[str, Any]:
     """PEFT (alpha=0) and DEFT (alpha) for each seed; finished runs are reused, so it resumes."""
     from ..analysis.plots import layerwise_density
 
-    out = Path(args.output)
+    out = Path(args.run.output)
     runs: dict[str, list[dict[str, Any]]] = {"PEFT": [], "DEFT": []}
     for seed in args.seeds:
-        for label, alpha in (("PEFT", 0.0), ("DEFT", args.alpha)):
+        for label, alpha in (("PEFT", 0.0), ("DEFT", args.density.alpha)):
             run_dir = out / f"{label.lower()}-seed{seed}"
-            if (run_dir / "results.json").exists() and not args.overwrite:
+            if (run_dir / "results.json").exists() and not args.run.overwrite:
                 res = json.loads((run_dir / "results.json").read_text())
                 print(f"deft: reusing finished run {run_dir}")
             else:
-                kw = {f.name: getattr(args, f.name) for f in fields(TrainArgs)}
+                kw = {k: v for k, v in flat(args).items() if k in options(TrainArgs)}
                 kw.update(seed=seed, alpha=alpha, output=str(run_dir), resume=True)
                 if label == "PEFT":  # the plain PEFT baseline: no masking and no distillation either
                     kw.update(target_density=None, distill=0.0)
                 print(f"deft: training {label} (alpha={alpha:g}, seed={seed}) -> {run_dir}")
-                res = train(TrainArgs(**kw))
+                res = train(build(TrainArgs, kw))
             runs[label].append(res)
 
     summary = summarize(runs)
@@ -63,13 +69,13 @@ def compare(args: CompareArgs) -> dict[str, Any]:
     iso = compare_iso_accuracy(runs, curves, args.max_drop)
     reports = {k: [DensityReport.from_dict(r["density"]) for r in v] for k, v in runs.items()}
     plot = layerwise_density(
-        reports, out / "layerwise_density.png", title=f"{args.model} / {args.task} / {args.method}"
+        reports, out / "layerwise_density.png", title=f"{args.backbone.model} / {args.data.task} / {args.peft.method}"
     )
     write_json(
         out / "compare.json",
         {
             "summary": summary,
-            "config": asdict(args),
+            "config": flat(args),
             "runs": {
                 k: [
                     {
@@ -179,7 +185,7 @@ def _cached_curve(run_dir: Path, label: str, densities: list[float], args: Compa
         "calib_samples": args.calib_samples,
         "results_sha1": hashlib.sha1((run_dir / "results.json").read_bytes()).hexdigest(),
     }
-    if cache.exists() and not args.overwrite:
+    if cache.exists() and not args.run.overwrite:
         try:
             saved = json.loads(cache.read_text())
         except (OSError, json.JSONDecodeError):

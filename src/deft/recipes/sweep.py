@@ -25,15 +25,15 @@ import shlex
 import subprocess
 import sys
 import time
-import typing
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..analysis.report import read_rows
-from ..fields import check_choices, field_default, field_type
+from ..errors import ConfigError, DeftError
+from ..fields import NONE_WORDS, build, convert, flat, options
 from ..fields import help_field as _h
 from ..io import write_json, write_text
 from .common import RunError
@@ -103,34 +103,38 @@ class SweepPoint:
 
 
 def _convert(key: str, text: str) -> Any:
-    """Parse VALUE of a ``--set KEY=VALUE`` with the TrainArgs field's type."""
-    hints = typing.get_type_hints(TrainArgs)
-    if key not in hints:
-        known = ", ".join(f.name for f in fields(TrainArgs))
-        raise RunError(f"--set {key}=...: unknown option {key!r}; known: {known}")
-    tp = hints[key]
-    opts = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
-    if text.lower() in ("none", "null") and type(None) in typing.get_args(tp):
+    """Parse VALUE of a ``--set KEY=VALUE`` with the type of the deft train option KEY."""
+    opts = options(TrainArgs)
+    if key not in opts:
+        raise RunError(f"--set {key}=...: unknown option {key!r}; known: {', '.join(opts)}")
+    opt = opts[key]
+    if text.lower() in NONE_WORDS and opt.optional:
         return None
-    base = opts[0]
     try:
-        if base is bool:
+        if opt.type is bool and not opt.is_list:
             if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError(text)
             return text.lower() in ("true", "1", "yes")
-        if typing.get_origin(base) is list:
-            elem = typing.get_args(base)[0]
-            return [elem(x) for x in text.split(",") if x]
-        return base(text)
+        if opt.is_list:
+            return [opt.type(x) for x in text.split(",") if x]
+        return opt.type(text)
     except ValueError:
-        raise RunError(f"--set {key}={text}: expected a {getattr(base, '__name__', base)}") from None
+        raise RunError(f"--set {key}={text}: expected a {getattr(opt.type, '__name__', opt.type)}") from None
+
+
+def _build(values: Mapping[str, Any], where: str) -> TrainArgs:
+    """The TrainArgs of flat option ``values``; a value they refuse is one RunError naming ``where``."""
+    try:
+        return build(TrainArgs, values, where)
+    except DeftError as e:
+        raise RunError(str(e)) from None
 
 
 def base_args(args: SweepArgs) -> TrainArgs:
     """The TrainArgs every point starts from: ``base`` (file, mapping or TrainArgs), then ``set``."""
     b = args.base
     if isinstance(b, TrainArgs):
-        values = asdict(b)
+        values = flat(b)
     elif isinstance(b, Mapping):
         values = dict(b)
     elif isinstance(b, str):
@@ -141,12 +145,11 @@ def base_args(args: SweepArgs) -> TrainArgs:
         values = {}
     else:
         raise RunError(f"base must be a file, a mapping or TrainArgs, got {type(b).__name__}")
-    known = {f.name for f in fields(TrainArgs)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - set(options(TrainArgs)))
     if unknown:
         raise RunError(f"base config: unknown option(s) {', '.join(unknown)}")
     values.update(_set_values(args.set))
-    return TrainArgs(**values)
+    return _build(values, "base config")
 
 
 def _set_values(items: list[str] | None) -> dict[str, Any]:
@@ -190,8 +193,8 @@ def grid(args: SweepArgs) -> list[SweepPoint]:
         if name in seen:
             continue  # the same value listed twice
         seen.add(name)
-        kw = {**asdict(base), **values, "output": str(out / name), "resume": True, "overwrite": False}
-        points.append(SweepPoint(name, TrainArgs(**kw)))
+        kw = {**flat(base), **values, "output": str(out / name), "resume": True, "overwrite": False}
+        points.append(SweepPoint(name, _build(kw, f"sweep point {name}")))
     return points
 
 
@@ -201,34 +204,14 @@ SET_BY_SUITE = ("output", "seed", "resume", "overwrite")  # each job's own folde
 
 
 def _suite_option(key: str, value: Any) -> Any:
-    """``value`` of the deft train option ``key`` as a YAML file gives it, checked against its TrainArgs type."""
-    hints = typing.get_type_hints(TrainArgs)
+    """``value`` of the deft train option ``key`` as a YAML file gives it, checked against its type and choices."""
+    opts = options(TrainArgs)
     if key in SET_BY_SUITE:
-        raise ValueError(f"option {key} is set by the suite for each job (use seeds: [...] for seeds)")
-    if key not in hints:
-        close = difflib.get_close_matches(key, [*hints, *SUITE_KEYS], n=1)
-        raise ValueError(f"unknown option {key!r}" + (f" (did you mean {close[0]}?)" if close else ""))
-    if value is None:
-        if type(None) in typing.get_args(hints[key]):
-            return None
-        raise ValueError(f"option {key}: may not be null")
-    tp, is_list = field_type(hints[key])
-    if typing.get_origin(tp) is typing.Literal:
-        tp = type(typing.get_args(tp)[0])
-    if is_list and not isinstance(value, list):
-        raise ValueError(f"option {key}: expected a list, got {value!r}")
-
-    def one(v: Any) -> Any:
-        if tp is float and isinstance(v, (int, str)) and not isinstance(v, bool):
-            try:
-                return float(v)  # an int, or 1e-3, which YAML 1.1 (no dot) reads as text
-            except ValueError:
-                pass
-        if not isinstance(v, tp) or (isinstance(v, bool) and tp is not bool):
-            raise ValueError(f"option {key}: expected {'a list of ' if is_list else 'a '}{tp.__name__}, got {v!r}")
-        return v
-
-    return [one(v) for v in value] if is_list else one(value)
+        raise ConfigError(f"option {key} is set by the suite for each job (use seeds: [...] for seeds)")
+    if key not in opts:
+        close = difflib.get_close_matches(key, [*opts, *SUITE_KEYS], n=1)
+        raise ConfigError(f"unknown option {key!r}" + (f" (did you mean {close[0]}?)" if close else ""))
+    return convert(opts[key], value)
 
 
 def _read_suites(paths: list[str]) -> dict[str, tuple[str, dict[str, Any]]]:
@@ -289,30 +272,28 @@ def suite_points(args: SweepArgs) -> list[SweepPoint]:
                 name = f"{group}/{label}-seed{seed}"
                 try:
                     kw = {k: _suite_option(k, v) for k, v in opts.items()}
-                except ValueError as e:
+                except ConfigError as e:
                     raise RunError(f"{path}: job {name}: {e}") from None
                 if label == "peft":  # the plain PEFT baseline, as deft compare trains it
                     kw.update(alpha=0.0, target_density=None, distill=0.0)
                 kw.update(seed=seed, output=str(out / group / f"{label}-seed{seed}"), resume=True, overwrite=False)
-                points.append(SweepPoint(name, TrainArgs(**kw), source=path))
-
-    for p in points:
-        check_choices(asdict(p.args), TrainArgs, f"{p.source}: job {p.name}")
+                points.append(SweepPoint(name, _build(kw, f"{path}: job {name}"), source=path))
     return points
 
 
 def train_command(a: TrainArgs) -> str:
     """``a`` as a ``deft train`` command line: model, task, method, alpha, seed and every option off its default."""
     words = ["deft", "train"]
-    for f in fields(TrainArgs):
-        v, default = getattr(a, f.name), field_default(f)
-        flag = "--" + f.name.replace("_", "-")
-        if v is None or (v == default and f.name not in ("model", "task", "method", "alpha", "seed")):
+    for name, value in flat(a).items():
+        opt = options(TrainArgs)[name]
+        if value == opt.default and name not in ("model", "task", "method", "alpha", "seed"):
             continue
-        if isinstance(v, bool):
-            words.append(flag if v else f"--no-{f.name.replace('_', '-')}")
+        if value is None:
+            words += [opt.flag, "none"]  # off where the default is on (--target-density)
+        elif isinstance(value, bool):
+            words.append(opt.flag if value else f"--no-{opt.flag[2:]}")
         else:
-            words += [flag, *map(_fmt, v if isinstance(v, list) else [v])]
+            words += [opt.flag, *map(_fmt, value if isinstance(value, list) else [value])]
     return shlex.join(words)
 
 
@@ -323,9 +304,9 @@ def _train_processes(points: list[SweepPoint], workers: int) -> Iterator[tuple[S
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
 
     def one(p: SweepPoint) -> tuple[SweepPoint, int, Path, float]:
-        run_dir, start = Path(p.args.output), time.monotonic()
+        run_dir, start = Path(p.args.run.output), time.monotonic()
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "job.json", {**asdict(p.args), "quiet": True})
+        write_json(run_dir / "job.json", {**flat(p.args), "quiet": True})
         with open(run_dir / "job.log", "w", encoding="utf-8") as log:
             rc = subprocess.call(
                 [sys.executable, "-m", "deft", "train", "--config", str(run_dir / "job.json")],
@@ -343,16 +324,13 @@ def _train_processes(points: list[SweepPoint], workers: int) -> Iterator[tuple[S
 
 
 def _validate(points: list[SweepPoint]) -> None:
-    """Fail on a bad grid value before the first (maybe hour-long) point trains, not at point 17."""
+    """Fail on a bad task before the first (maybe hour-long) point trains, not at point 17 (every other option
+    was checked when its point was made)."""
     from ..data import glue_task
-    from .train import density_config as _density_config
-    from .train import method_config as _method_config
 
     for p in points:
         try:
-            glue_task(p.args.task)
-            _density_config(p.args)
-            _method_config(p.args)
+            glue_task(p.args.data.task)
         except ValueError as e:
             raise RunError(f"{p.source}: job {p.name}: {e}" if p.source else f"sweep point {p.name}: {e}") from None
 
@@ -425,7 +403,7 @@ def sweep(args: SweepArgs) -> list[dict[str, Any]]:
     jsonl, csv_path = out / "sweep.jsonl", out / "sweep.csv"
 
     def done(p: SweepPoint) -> bool:
-        return (Path(p.args.output) / "results.json").exists()
+        return (Path(p.args.run.output) / "results.json").exists()
 
     print(f"deft sweep: {len(points)} points, {sum(map(done, points))} finished, in {out}")
     if args.dry_run:
@@ -435,10 +413,10 @@ def sweep(args: SweepArgs) -> list[dict[str, Any]]:
             )
         return []
     out.mkdir(parents=True, exist_ok=True)
-    base = {} if args.suites else {"base": asdict(base_args(args))}
+    base = {} if args.suites else {"base": flat(base_args(args))}
     write_json(
         out / "sweep_config.json",
-        {"sweep": {k: v for k, v in asdict(args).items() if k != "base"}, **base, "points": [p.name for p in points]},
+        {"sweep": {k: v for k, v in flat(args).items() if k != "base"}, **base, "points": [p.name for p in points]},
     )
     logged = {r["point"] for r in read_rows(jsonl)}
 
@@ -449,7 +427,7 @@ def sweep(args: SweepArgs) -> list[dict[str, Any]]:
         write_text(csv_path, _csv([by_point[q.name] for q in points if q.name in by_point]))
 
     def finished(p: SweepPoint) -> dict[str, Any]:
-        return json.loads((Path(p.args.output) / "results.json").read_text(encoding="utf-8"))
+        return json.loads((Path(p.args.run.output) / "results.json").read_text(encoding="utf-8"))
 
     failed: list[tuple[SweepPoint, Path]] = []
     if args.suites or args.workers > 1:

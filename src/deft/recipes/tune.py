@@ -48,6 +48,8 @@ Decisions, and why:
 from __future__ import annotations
 
 import csv
+import dataclasses
+import difflib
 import io
 import json
 import math
@@ -55,17 +57,18 @@ import os
 import shutil
 import socket
 import time
-import typing
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeGuard
 
 from ..errors import DeftError
+from ..fields import build, flat, options
 from ..fields import help_field as _h
 from ..io import atomic_write, read_mapping, write_json, write_text
-from .train import TrainArgs
+from ..train.config import DensityConfig
+from .train import OptimArgs, RunArgs, TrainArgs
 
 INSTALL_HINT = "pip install 'deft-sparsity[tune]'"
 DIRECTIONS = ("maximize", "minimize")  # (metric, density)
@@ -82,21 +85,32 @@ class TuneError(DeftError, ValueError):
 
 
 @dataclass
+class TuneRunArgs(RunArgs):
+    output: str = _h(
+        "study folder: trial-NNNN run folders, study.db (default storage), pareto.json/csv/png", default="runs/tune"
+    )
+
+
+@dataclass
+class TuneOptimArgs(OptimArgs):
+    eval_every: float | None = _h(
+        "evaluate every this share of training; pruning decides at these evaluations", default=0.5
+    )
+
+
+def _tune_density() -> DensityConfig:
+    # the recommended recipe, training under thresholds alone: no density loss unless searched
+    return dataclasses.replace(TrainArgs().density, alpha=0.0)
+
+
+@dataclass
 class TuneArgs(TrainArgs):
     """Arguments of ``deft tune``: search ``deft train`` options for the best metric / density trade-off.
     Every ``deft train`` option sets what the searched ones do not; each trial trains into OUTPUT/trial-NNNN."""
 
-    output: str = _h(
-        "study folder: trial-NNNN run folders, study.db (default storage), pareto.json/csv/png", default="runs/tune"
-    )
-    alpha: float = _h(
-        "density-loss weight of every trial unless searched (0: the recommended recipe, training "
-        "under thresholds alone)",
-        default=0.0,
-    )
-    eval_every: float | None = _h(
-        "evaluate every this share of training; pruning decides at these evaluations", default=0.5
-    )
+    density: DensityConfig = field(default_factory=_tune_density)
+    optim: TuneOptimArgs = field(default_factory=TuneOptimArgs)
+    run: TuneRunArgs = field(default_factory=TuneRunArgs)
     space: str | None = _h(
         "YAML/JSON search space: OPTION: {low, high, log?, int?, step?} or {choices: [...]} "
         "(default: target_density, lr, density_ramp, straight_through)",
@@ -154,17 +168,6 @@ class Param:
         return out
 
 
-def _field_types() -> dict[str, tuple[type, bool]]:
-    """TrainArgs field -> (base type, may be None)."""
-    out = {}
-    for name, tp in typing.get_type_hints(TrainArgs).items():
-        args = typing.get_args(tp)
-        optional = type(None) in args
-        base = next((a for a in args if a is not type(None)), tp) if args and optional else tp
-        out[name] = (base, optional)
-    return out
-
-
 def _is_number(v: Any) -> TypeGuard[int | float]:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -175,14 +178,16 @@ def parse_space(data: Mapping[str, Any], source: str = "--space") -> dict[str, P
         raise TuneError(
             f"{source}: defines no option to search; give OPTION: {{low: .., high: ..}} or OPTION: {{choices: [...]}}"
         )
-    types_ = _field_types()
-    tunable = [f.name for f in fields(TrainArgs) if f.name not in NOT_TUNABLE]
+    opts = options(TrainArgs)
+    tunable = [name for name in opts if name not in NOT_TUNABLE]
     space: dict[str, Param] = {}
     for raw_name, spec in data.items():
         name = str(raw_name).replace("-", "_")
         where = f"{source}: {raw_name}"
-        if name not in types_:
-            raise TuneError(f"{source}: unknown option {raw_name!r}; known: {', '.join(tunable)}")
+        if name not in opts:
+            close = difflib.get_close_matches(name, tunable, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise TuneError(f"{source}: unknown option {raw_name!r}{hint}; known: {', '.join(tunable)}")
         if name in NOT_TUNABLE:
             raise TuneError(f"{where}: cannot be searched (each trial sets it); searchable: {', '.join(tunable)}")
         if not isinstance(spec, Mapping):
@@ -190,13 +195,13 @@ def parse_space(data: Mapping[str, Any], source: str = "--space") -> dict[str, P
         unknown = sorted(set(map(str, spec)) - set(SPEC_KEYS))
         if unknown:
             raise TuneError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(SPEC_KEYS)}")
-        base, optional = types_[name]
-        if typing.get_origin(base) is list:
+        opt = opts[name]
+        if opt.is_list:
             raise TuneError(f"{where}: list options cannot be searched")
         if "choices" in spec:
-            space[name] = _choices(where, name, spec, base, optional)
+            space[name] = _choices(where, name, spec, opt.type, opt.optional)
         else:
-            space[name] = _range(where, name, spec, base)
+            space[name] = _range(where, name, spec, opt.type)
     return space
 
 
@@ -484,10 +489,11 @@ class _Tuner:
         self.args = args
         self.storage_url = storage_url
         self.space = space
-        self.out = Path(args.output)
-        self.base = {f.name: getattr(args, f.name) for f in fields(TrainArgs)}
+        self.out = Path(args.run.output)
+        # the deft train options every trial starts from (flat names, as the search space names them)
+        self.base = {k: v for k, v in flat(args).items() if k in options(TrainArgs)}
         self.external_baseline = baseline
-        self.key = _main_metric(args.task)
+        self.key = _main_metric(args.data.task)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     # -------------------------------------------------------------------- baseline
@@ -554,14 +560,15 @@ class _Tuner:
                 # the interrupted process finished training but not the bookkeeping: keep its run
                 res = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
             else:
-                targs = TrainArgs(
-                    **{
+                targs = build(
+                    TrainArgs,
+                    {
                         **self.base,
                         **overrides,
                         "output": str(run_dir),
                         "overwrite": False,
                         "resume": (run_dir / "checkpoints").is_dir(),
-                    }
+                    },
                 )
                 callbacks = []
                 if self.key is not None:
@@ -823,7 +830,7 @@ def _check_study(study: Any, args: TuneArgs, space: dict[str, Param], url: str) 
             f"{where} is not a deft tune study (objectives {[d.name for d in study.directions]}); "
             "pass another --study-name"
         )
-    mine = {"task": args.task, "space": {k: p.to_dict() for k, p in space.items()}}
+    mine = {"task": args.data.task, "space": {k: p.to_dict() for k, p in space.items()}}
     theirs = study.user_attrs.get("deft")
     if theirs is None:
         study.set_user_attr("deft", mine)
@@ -838,18 +845,11 @@ def _check_study(study: Any, args: TuneArgs, space: dict[str, Param], url: str) 
 def tune(args: TuneArgs) -> dict[str, Any]:
     """Run (or continue, or join) the study until it has ``args.trials`` finished trials; writes and
     returns pareto.json's content."""
-    _validate(args)
+    _validate(args)  # the density and PEFT options were checked when args was made
     space = load_space(args.space)
-    baseline = _read_baseline(args.baseline, args.task) if args.baseline else None
+    baseline = _read_baseline(args.baseline, args.data.task) if args.baseline else None
     optuna = _optuna()
-    from .train import density_config, method_config
-
-    try:  # a typo in a fixed option would otherwise fail every trial, one by one
-        density_config(args)
-        method_config(args)
-    except ValueError as e:
-        raise TuneError(f"deft train options: {e}") from None
-    out = Path(args.output)
+    out = Path(args.run.output)
     out.mkdir(parents=True, exist_ok=True)
     url = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     storage = open_storage(url)

@@ -17,7 +17,10 @@ from ..models import loading
 
 
 class TaskArgs(Protocol):
-    """The fields of :class:`deft.recipes.train.TrainArgs` a task reads."""
+    """The options a task reads, as flat attributes: the option names of ``deft train`` (the recipe passes
+    ``SimpleNamespace(**deft.fields.flat(train_args))``, so the task layer never sees the recipe's groups).
+    A GLUE task also reads ``pad_to_max_length`` and the loading options ``quantize`` / ``quant_backend`` /
+    ``quant_group_size`` where the object has them."""
 
     model: str
     task: str
