@@ -44,11 +44,19 @@ from deft.train.trainer import DeftTrainer, DensityConfig
 from _common import CLOCKS, add_timing_options, interleaved, loadavg, machine, median, write_json
 
 TARGET = 0.05
+
+
+def side(**options: Any) -> DensityConfig:
+    """A side's DensityConfig: only the options named, the rest off (no thresholds, no alpha warm-up, masked units
+    get no gradient), as every side was timed before DensityConfig's defaults became the thresholded recipe."""
+    return DensityConfig(**{"target_density": None, "alpha_warmup": 0.0, "straight_through": False, **options})
+
+
 SIDES: dict[str, DensityConfig | None] = {
-    "PEFT": DensityConfig(alpha=0.0),
-    "target": DensityConfig(alpha=0.0, target_density=TARGET),
-    "target+loss": DensityConfig(alpha=1.0, target_density=TARGET),
-    "DEFT": DensityConfig(alpha=3.0),
+    "PEFT": side(alpha=0.0),
+    "target": side(alpha=0.0, target_density=TARGET),
+    "target+loss": side(alpha=1.0, target_density=TARGET),
+    "DEFT": side(alpha=3.0),
     "Trainer": None,  # no deft at all
 }
 MAX_STEPS = 1000  # the schedules' horizon; the timed steps start at 70 %, past the 60 % density ramp

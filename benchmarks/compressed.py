@@ -10,7 +10,7 @@ transformer blocks; int8 rounds the smallest weights of each row to 0 too).
     python benchmarks/compressed.py --output runs/compressed      # builtin SST-2 sample, recipe defaults
 
 Writes OUTPUT/compressed.json and OUTPUT/compressed.md; finished runs are reused (pass --overwrite to redo).
-Each run is ``deft train`` with ``--prune-dir`` / ``--quantize 8`` and the recipe defaults otherwise.
+Each run is ``deft train --preset paper`` with ``--prune-dir`` / ``--quantize 8`` and the defaults otherwise.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ def one_run(
         print(f"reusing {run_dir}")
         return json.loads(row_file.read_text())
     options = dict(
+        preset="paper",  # the paper's exact-zero DEFT (and its plain-PEFT baseline at alpha 0), as measured
         model=args.model,
         task="sst2",
         method="lora",
@@ -84,7 +85,7 @@ def one_run(
         quantize=quantize,
         quant_backend="deft",
     )
-    train_args = build(run.TrainArgs, options)
+    train_args = build(run.TrainArgs, run.with_preset(options))
     print(f"training {name} alpha={alpha:g} -> {run_dir}")
     t0 = time.time()
     res = run.train(train_args)
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-train-samples", type=int, default=None)
     p.add_argument("--max-eval-samples", type=int, default=None)
     p.add_argument("--calib-batches", type=int, default=None)
-    p.add_argument("--alpha", type=float, default=run.TrainArgs().density.alpha, help="DEFT density-loss weight")
+    p.add_argument("--alpha", type=float, default=run.read_preset("paper")["alpha"], help="DEFT density-loss weight")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--logging-steps", type=int, default=25)
     p.add_argument("--compressions", default=",".join(COMPRESSIONS), help=f"subset of {','.join(COMPRESSIONS)}")

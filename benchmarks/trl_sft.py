@@ -148,7 +148,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train_dataset=ds,
         processing_class=tok,
         peft_config=lora,
-        density=DensityConfig(alpha=args.alpha, eps=args.eps, target_density=args.target_density),
+        # the options named, the rest as this benchmark always ran (no alpha warm-up, no straight-through)
+        density=DensityConfig(
+            alpha=args.alpha,
+            eps=args.eps,
+            target_density=args.target_density,
+            alpha_warmup=0.0,
+            straight_through=False,
+        ),
     )
     t0 = time.perf_counter()
     trainer.train()

@@ -84,7 +84,9 @@ def main() -> None:
         trainer = DeftTrainer(
             model,
             targs,
-            density=DensityConfig(alpha=args.alpha),
+            # the density loss alone, from the first step: DensityConfig's defaults would also train under
+            # thresholds (target_density 0.05) and ramp alpha in over half of training
+            density=DensityConfig(alpha=args.alpha, target_density=None, alpha_warmup=0.0),
             train_dataset=train,
             eval_dataset=dev,
             data_collator=DataCollatorWithPadding(tok),

@@ -56,7 +56,7 @@ def main() -> None:
     dev = load_glue("sst2", "dev", source="builtin")[: args.dev_rows]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
 
-    with deft.density(model, deft.DensityConfig(alpha=args.alpha)) as d:
+    with deft.density(model, alpha=args.alpha) as d:
         model.train()
         step = 0
         while step < args.steps:

@@ -20,9 +20,8 @@ args = sgd_step_args(
     per_device,
     ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
 )
-trainer = DeftTrainer(
-    model, args, density=DensityConfig(alpha=1.0, eps=1e-2), train_dataset=toy_dataset(), data_collator=pad_features
-)
+density = DensityConfig(alpha=1.0, eps=1e-2, target_density=None, alpha_warmup=0.0)  # the loss alone, from step 1
+trainer = DeftTrainer(model, args, density=density, train_dataset=toy_dataset(), data_collator=pad_features)
 trainer.train()
 if trainer.is_world_process_zero():
     delta = {n: (p.detach() - before[n]).flatten().tolist() for n, p in model.named_parameters() if p.requires_grad}

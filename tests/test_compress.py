@@ -87,9 +87,8 @@ def train_steps(model, tmp_path, steps: int = 3, alpha: float = 1.0) -> DeftTrai
         seed=0,
         disable_tqdm=True,
     )
-    trainer = DeftTrainer(
-        model, args, density=DensityConfig(alpha=alpha, eps=1e-3), train_dataset=toy_dataset(), data_collator=collate
-    )
+    density = DensityConfig(alpha=alpha, eps=1e-3, target_density=None, alpha_warmup=0.0)  # the loss, from step 1
+    trainer = DeftTrainer(model, args, density=density, train_dataset=toy_dataset(), data_collator=collate)
     trainer.train()
     return trainer
 

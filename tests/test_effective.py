@@ -377,6 +377,8 @@ def compared(tiny_model_dir, tmp_path_factory):
         *_flags(tiny_model_dir, glue, out),
         "--alpha",
         "5",
+        "--target-density",  # DEFT as the exact-zero loss: its runs get a "+ thresholds" curve of their own
+        "none",
         "--seeds",
         "0",
         "--baseline-densities",

@@ -24,6 +24,13 @@ ROWS = [  # very different lengths, so micro-batches hold very different token c
     ("review : long but kind of sweet sentiment :", " positive"),
 ]
 EPS = 1e-4  # the tiny model's W2 inputs are ~1e-2: with this eps the density gradient is far from negligible
+
+
+def loss_only(alpha: float) -> DensityConfig:
+    """The density loss at full weight from the first step, no thresholds: what these tests compare."""
+    return DensityConfig(alpha=alpha, eps=EPS, target_density=None, alpha_warmup=0.0)
+
+
 # float32 sums in a different order (one batch vs two micro-batches): ~4e-6 apart on updates of up to ~1
 CLOSE = dict(rtol=1e-4, atol=1e-5)
 
@@ -136,7 +143,7 @@ def sft_step(tmp_path, *, per_device, ga, alpha, name="", accepts_loss_kwargs=No
         args=args,
         train_dataset=ds,
         processing_class=tiny_tokenizer(),
-        density=DensityConfig(alpha=alpha, eps=EPS),
+        density=loss_only(alpha),
         compute_loss_func=compute_loss_func,
     )
     if accepts_loss_kwargs is not None:
@@ -253,14 +260,14 @@ def test_plain_loop_gradient_equals_deft_trainer(tmp_path):
     DeftTrainer(
         model,
         TrainingArguments(remove_unused_columns=False, **sgd_kwargs(tmp_path, len(rows), 1)),
-        density=DensityConfig(alpha=alpha, eps=EPS),
+        density=loss_only(alpha),
         train_dataset=rows,
         data_collator=lambda f: {k: torch.stack([x[k] for x in f]) for k in f[0]},
     ).train()
     step = {n: p.detach() - before[n] for n, p in model.named_parameters() if p.requires_grad}
 
     model = tiny_lora_llama()
-    with deft.density(model, DensityConfig(alpha=alpha, eps=EPS)) as d:
+    with deft.density(model, loss_only(alpha)) as d:
         out = model(**batch)
         (out.loss + d.loss()).backward()
     assert max(float(v.abs().max()) for v in step.values()) > 1e-3

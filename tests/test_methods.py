@@ -73,7 +73,8 @@ def batch(task: str) -> dict[str, torch.Tensor]:
 def method_config(method: str) -> MethodConfig:
     if method.startswith("adapter-"):
         return MethodConfig(method="adapter", adapter_type=method.split("-")[1])
-    return MethodConfig(method=method, num_virtual_tokens=NVT)
+    # no bias training: the hand-counted LoRA parameters below are its A and B matrices only
+    return MethodConfig(method=method, num_virtual_tokens=NVT, lora_bias="none")
 
 
 # ---------------------------------------------------------------- independent parameter arithmetic

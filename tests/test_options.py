@@ -126,3 +126,119 @@ def test_config_file_values_are_checked_naming_the_file(tmp_path, capsys):
     cfg.write_text("lr: fast\n")
     assert cli.main(["train", "--config", str(cfg)]) == 2
     assert f"--config {cfg}: option lr: expected a float, got 'fast'" in one_error_line(capsys, "train")
+
+
+# ---------------------------------------------------------------------------------------------- one set of defaults
+def test_library_and_cli_defaults_are_the_same(tmp_path):
+    from transformers import AutoModel, TrainingArguments
+
+    from deft.testing import tiny_config
+    from deft.train.trainer import DeftTrainer
+
+    for cls in (TrainArgs, CompareArgs, TuneArgs):
+        assert cls().density == DensityConfig() and cls().peft == MethodConfig(), cls
+    assert cli.parse(["train"])[1] == TrainArgs() and cli.parse(["compare"])[1].density == DensityConfig()
+    trainer = DeftTrainer(
+        AutoModel.from_config(tiny_config("bert")), TrainingArguments(output_dir=str(tmp_path), report_to=[])
+    )
+    assert trainer.density == TrainArgs().density
+    # the recommended recipe (issue 16): training under thresholds, no density loss
+    d = DensityConfig()
+    assert (d.alpha, d.target_density, d.straight_through, d.alpha_warmup) == (0.0, 0.05, True, 0.5)
+    assert (MethodConfig().lora_bias, TrainArgs().optim.lr) == ("lora_only", 5e-4)
+
+
+def test_help_defaults_come_from_the_library():
+    flags = _flags("train")
+    by_path = {o.path: o for o in options(TrainArgs).values()}
+    for group, cls in LIBRARY_GROUPS.items():
+        for f in dataclasses.fields(cls):
+            default = getattr(cls(), f.name)
+            help_ = flags[by_path[(group, f.name)].flag].help or ""
+            shown = default is not None and default is not False
+            assert help_.endswith(f"(default: {default})") == shown, (f.name, help_)
+    assert flags["--target-density"].help.endswith("(default: 0.05)")
+    assert flags["--lr"].help.endswith("(default: 0.0005)")
+
+
+@pytest.mark.parametrize("off", [["--target-density", "0"], ["--target-density", "none"], ["--preset", "paper"]])
+def test_target_density_can_be_switched_off(off):
+    assert cli.parse(["train"])[1].density.target_density == 0.05
+    assert cli.parse(["train", *off])[1].density.target_density is None
+
+
+@pytest.mark.parametrize("text", ["target_density: 0\n", "target_density: none\n", "target_density: null\n"])
+def test_target_density_off_in_files(tmp_path, text):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    assert cli.parse(["train", "--config", str(cfg)])[1].density.target_density is None
+    assert DensityConfig(target_density=0).target_density is None
+    with pytest.raises(ConfigError, match=r"target_density must be in \(0, 1\], or 0 / None for no thresholds"):
+        DensityConfig(target_density=1.5)
+
+
+def test_paper_preset_is_the_old_default_recipe():
+    paper = cli.parse(["train", "--preset", "paper"])[1]
+    d, old = paper.density, DensityConfig(alpha=3.0, target_density=None, straight_through=False)
+    assert d == old and (d.alpha_warmup, paper.optim.lr, paper.peft.lora_bias) == (0.5, 1e-3, "lora_only")
+    changed = {k for k, v in flat(paper).items() if v != flat(TrainArgs())[k]}
+    assert changed == {"alpha", "target_density", "straight_through", "lr"}
+    # shipped inside the package: pyproject's package-data names the presets folder
+    assert 'recipes/presets/*.yaml"' in (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+
+
+def test_preset_under_config_under_flags(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lr: 2.0e-3\nalpha: 1\n")
+    args = cli.parse(["train", "--preset", "paper", "--config", str(cfg), "--alpha", "2"])[1]
+    # alpha: flag over file over preset; lr: file over preset; target_density: the preset over the default
+    assert (args.density.alpha, args.optim.lr, args.density.target_density) == (2.0, 2e-3, None)
+    cfg.write_text("preset: paper\nlr: 2.0e-3\n")  # a preset named in the file, still under the file's values
+    args = cli.parse(["compare", "--config", str(cfg)])[1]
+    assert (args.density.alpha, args.optim.lr, args.density.straight_through) == (3.0, 2e-3, False)
+    assert cli.parse(["tune", "--preset", "paper"])[1].density.alpha == 3.0
+    assert cli.main(["train", "--preset", "papr"]) == 2
+    assert one_error_line(capsys, "train") == "deft train: error: --preset papr: no such preset; known: paper"
+    cfg.write_text("preset: nope\n")
+    assert cli.main(["compare", "--config", str(cfg)]) == 2
+    assert "preset nope: no such preset; known: paper" in one_error_line(capsys, "compare")
+
+
+def test_suite_preset_under_the_options_and_set(tmp_path):
+    import yaml
+
+    from deft.recipes.sweep import SweepArgs, suite_points
+
+    path = tmp_path / "s.yaml"
+    groups = {"paper": {}, "paper-lr": {"lr": 2e-3}, "default": {"preset": None}}
+    path.write_text(yaml.safe_dump({"defaults": {"preset": "paper", "seeds": [0]}, "groups": groups}))
+    jobs = {p.name: p.args for p in suite_points(SweepArgs(suites=[str(path)], output=str(tmp_path)))}
+    assert jobs["paper/deft-seed0"].density == DensityConfig(alpha=3.0, target_density=None, straight_through=False)
+    assert jobs["paper/peft-seed0"].density.alpha == 0.0 and jobs["paper-lr/deft-seed0"].optim.lr == 2e-3
+    assert jobs["default/deft-seed0"].density == DensityConfig()  # `preset: null` undoes the file's default
+    jobs = {p.name: p.args for p in suite_points(SweepArgs(suites=[str(path)], set=["preset=paper"]))}
+    assert jobs["default/deft-seed0"].density.alpha == 3.0
+
+
+def test_compare_peft_run_has_no_thresholds_loss_or_distillation(tmp_path, monkeypatch):
+    from deft.recipes import compare as compare_recipe
+
+    trained: list[TrainArgs] = []
+
+    class Enough(Exception):
+        pass
+
+    def fake_train(args):
+        trained.append(args)
+        if len(trained) == 2:
+            raise Enough
+
+    monkeypatch.setattr(compare_recipe, "train", fake_train)
+    args = cli.parse(["compare", "--output", str(tmp_path), "--alpha", "1", "--distill", "0.5"])[1]
+    with pytest.raises(Enough):
+        compare_recipe.compare(args)
+    peft, deft_ = (a.density for a in trained)
+    assert (peft.alpha, peft.target_density, peft.distill) == (0.0, None, 0.0)
+    assert deft_ == args.density  # DEFT: the options given, the default thresholds included
+    assert deft_.target_density == 0.05 and (deft_.alpha, deft_.distill) == (1.0, 0.5)
+    assert [a.run.output for a in trained] == [str(tmp_path / "peft-seed0"), str(tmp_path / "deft-seed0")]

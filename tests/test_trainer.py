@@ -83,7 +83,8 @@ def one_step(tmp_path, *, batch, ga, alpha, granularity="token"):
     trainer = DeftTrainer(
         model,
         args,
-        density=DensityConfig(alpha=alpha, eps=1e-2, granularity=granularity),
+        # the density loss from the first step, without thresholds: what the normalisation is checked on
+        density=DensityConfig(alpha=alpha, eps=1e-2, granularity=granularity, target_density=None, alpha_warmup=0),
         train_dataset=toy_dataset(),
         data_collator=pad_features,
     )

@@ -30,7 +30,7 @@ from .recipes.measure import EnergyArgs, MeasureArgs, energy, measure
 from .recipes.report import ReportArgs, report
 from .recipes.skip import SkipArgs, skip
 from .recipes.sweep import SweepArgs, sweep
-from .recipes.train import TrainArgs, train
+from .recipes.train import PRESET_KEY, TrainArgs, preset_names, train, with_preset
 from .recipes.tune import TuneArgs, tune
 
 
@@ -106,11 +106,13 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
         if len(opt.path) > 1:
             name = opt.path[0]
             if name not in sections:
-                doc = (hints[name].__doc__ or "").strip().split("\n")[0]
-                sections[name] = parser.add_argument_group(f"{name} options", doc or None)
+                doc = " ".join((hints[name].__doc__ or "").split())
+                sections[name] = parser.add_argument_group(f"{name} options", doc.split(". ")[0].rstrip(".") or None)
             where = sections[name]
         default = opt.default
-        help_ = opt.help + (f" (default: {default})" if default not in (None, False, []) else "")
+        # 0 is shown (alpha 0 is a choice worth seeing); False and empty are "off"
+        shown = default is not None and default is not False and default != []
+        help_ = opt.help + (f" (default: {default})" if shown else "")
         if opt.positional:  # e.g. `deft report RUN_DIR...`; "*" lets --config name them instead
             where.add_argument(
                 opt.name,
@@ -173,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name, cmd in COMMANDS.items():
         p = sub.add_parser(name, help=cmd.help, description=(cmd.args.__doc__ or cmd.help).strip())
         p.add_argument("--config", help="YAML or JSON file with option values (flags override it)")
+        if issubclass(cmd.args, TrainArgs):
+            p.add_argument(
+                "--preset",
+                default=argparse.SUPPRESS,
+                help=f"a named set of option values shipped with deft, one of {', '.join(preset_names())} (paper: the "
+                "paper's exact-zero DEFT, alpha 3 without thresholds); a --config file and flags override it",
+            )
         # SUPPRESS: `deft -v train` must not be reset to False by the sub-command's own default
         _add_verbose(p, argparse.SUPPRESS)
         _add_fields(p, cmd.args)
@@ -188,14 +197,21 @@ def parse(argv: Sequence[str] | None = None) -> tuple[str, Any]:
 def _parse(argv: Sequence[str] | None) -> tuple[str, Any, bool]:
     ns = build_parser().parse_args(argv)
     cls = COMMANDS[ns.command].args
-    # flat option values, lowest precedence first: the --config file, then the flags given
-    values: dict[str, Any] = read_config(ns.config, cls) if ns.config else {}
+    presets = issubclass(cls, TrainArgs)
+    # flat option values, lowest precedence first: the --config file, then the flags given; a preset (named by
+    # either) goes under both
+    extra = (PRESET_KEY,) if presets else ()
+    values: dict[str, Any] = read_config(ns.config, cls, extra=extra) if ns.config else {}
     for name, opt in options(cls).items():
         if not hasattr(ns, name):
             continue  # a flag not given (SUPPRESS)
         v = getattr(ns, name)
         if not (opt.positional and v in (None, [])):
             values[name] = v
+    if presets:
+        if hasattr(ns, PRESET_KEY):
+            values[PRESET_KEY] = ns.preset
+        values = with_preset(values)
     return ns.command, build(cls, values), bool(getattr(ns, "verbose", False))
 
 

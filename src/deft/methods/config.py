@@ -58,7 +58,7 @@ class MethodConfig:
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling: the update is scaled by alpha / r."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
     lora_bias: str = field(
-        default="none",
+        default="lora_only",
         metadata={
             "help": "Which biases LoRA also trains (peft's `bias`): 'none', 'lora_only' (biases of the adapted "
             "modules; lets DEFT shift MLP units below zero directly) or 'all'.",

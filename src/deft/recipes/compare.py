@@ -29,7 +29,8 @@ class CompareRunArgs(RunArgs):
 
 @dataclass
 class CompareArgs(TrainArgs):
-    """Arguments of ``deft compare``: PEFT (alpha=0) vs DEFT (alpha) with everything else equal."""
+    """Arguments of ``deft compare``: PEFT (alpha 0, no thresholds) vs DEFT (the density options given: by default
+    training under thresholds; --preset paper: the paper's density loss) with everything else equal."""
 
     run: CompareRunArgs = field(default_factory=CompareRunArgs)
     seeds: list[int] = _h("seeds; each runs PEFT and DEFT", default_factory=lambda: [0])
@@ -321,6 +322,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         "model": first["config"]["model"],
         "method": first["config"]["method"],
         "alpha": runs["DEFT"][0]["config"]["alpha"],
+        # the default recipe trains DEFT under thresholds (at alpha 0): the title says so
+        "target_density": runs["DEFT"][0]["config"].get("target_density"),
         "data": first.get("data"),
         "rows": rows,
         "density_change_percent": change,
@@ -332,8 +335,9 @@ def format_table(summary: dict[str, Any]) -> str:
     """The paper-style table: metric mean ± std, density mean ± std, Density Change %."""
     metric = summary["main_metric"]
     lines = [
-        f"{summary['model']} / {summary['task']} / {summary['method']} (DEFT alpha={summary['alpha']:g}); "
-        f"data: {summary['data']}",
+        f"{summary['model']} / {summary['task']} / {summary['method']} (DEFT alpha={summary['alpha']:g}"
+        + (f", target density {target:g}" if (target := summary.get("target_density")) else "")
+        + f"); data: {summary['data']}",
         "",
     ]
     head = ["run", f"{metric} (%)", "density (%)", "union density (%)", "trainable %"]

@@ -37,7 +37,7 @@ from ..fields import NONE_WORDS, build, convert, flat, options
 from ..fields import help_field as _h
 from ..io import write_json, write_text
 from .common import RunError
-from .train import TrainArgs
+from .train import PRESET_KEY, TrainArgs, with_preset
 
 GRID_AXES = {"methods": "method", "alphas": "alpha", "eps": "eps", "betas": "beta", "seeds": "seed"}
 ROW_KEYS = (
@@ -131,7 +131,8 @@ def _build(values: Mapping[str, Any], where: str) -> TrainArgs:
 
 
 def base_args(args: SweepArgs) -> TrainArgs:
-    """The TrainArgs every point starts from: ``base`` (file, mapping or TrainArgs), then ``set``."""
+    """The TrainArgs every point starts from: ``base`` (file, mapping or TrainArgs), then ``set``; a ``preset`` named
+    by either goes under both."""
     b = args.base
     if isinstance(b, TrainArgs):
         values = flat(b)
@@ -140,16 +141,16 @@ def base_args(args: SweepArgs) -> TrainArgs:
     elif isinstance(b, str):
         from .common import read_config as _read_config
 
-        values = _read_config(b, TrainArgs, what="--base")
+        values = _read_config(b, TrainArgs, what="--base", extra=(PRESET_KEY,))
     elif b is None:
         values = {}
     else:
         raise RunError(f"base must be a file, a mapping or TrainArgs, got {type(b).__name__}")
-    unknown = sorted(set(values) - set(options(TrainArgs)))
+    unknown = sorted(set(values) - {*options(TrainArgs), PRESET_KEY})
     if unknown:
         raise RunError(f"base config: unknown option(s) {', '.join(unknown)}")
     values.update(_set_values(args.set))
-    return _build(values, "base config")
+    return _build(with_preset(values, "base config: preset"), "base config")
 
 
 def _set_values(items: list[str] | None) -> dict[str, Any]:
@@ -159,7 +160,8 @@ def _set_values(items: list[str] | None) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         if not sep:
             raise RunError(f"--set {item!r}: expected KEY=VALUE")
-        values[key.strip().replace("-", "_")] = _convert(key.strip().replace("-", "_"), text.strip())
+        key = key.strip().replace("-", "_")
+        values[key] = text.strip() if key == PRESET_KEY else _convert(key, text.strip())
     return values
 
 
@@ -198,7 +200,7 @@ def grid(args: SweepArgs) -> list[SweepPoint]:
     return points
 
 
-SUITE_KEYS = ("seeds", "runs")  # a group's keys besides deft train options
+SUITE_KEYS = ("seeds", "runs", PRESET_KEY)  # a group's keys besides deft train options
 RUNS = ("peft", "deft")
 SET_BY_SUITE = ("output", "seed", "resume", "overwrite")  # each job's own folder and seed
 
@@ -262,6 +264,7 @@ def suite_points(args: SweepArgs) -> list[SweepPoint]:
         path, opts = groups[group]
         opts = {**opts, **overrides}
         seeds, runs = opts.pop("seeds", [0]), opts.pop("runs", list(RUNS))
+        preset = opts.pop(PRESET_KEY, None)
         where = f"{path}: group {group}"
         if not isinstance(seeds, list) or not seeds or not all(type(x) is int for x in seeds):
             raise RunError(f"{where}: seeds: expected a list of integers, got {seeds!r}")
@@ -274,6 +277,8 @@ def suite_points(args: SweepArgs) -> list[SweepPoint]:
                     kw = {k: _suite_option(k, v) for k, v in opts.items()}
                 except ConfigError as e:
                     raise RunError(f"{path}: job {name}: {e}") from None
+                if preset is not None:  # under every option the files and --set give
+                    kw = with_preset({**kw, PRESET_KEY: preset}, f"{path}: job {name}: preset")
                 if label == "peft":  # the plain PEFT baseline, as deft compare trains it
                     kw.update(alpha=0.0, target_density=None, distill=0.0)
                 kw.update(seed=seed, output=str(out / group / f"{label}-seed{seed}"), resume=True, overwrite=False)

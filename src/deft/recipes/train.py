@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence, Sized
+from collections.abc import Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ConfigError
 from ..fields import flat
 from ..fields import help_field as _h
+from ..io import read_mapping
 from ..methods.config import MethodConfig
 from ..train.config import DensityConfig
-from .common import RunError, versions
+from .common import RunError, check_values, versions
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..tasks import TaskSetup
@@ -29,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass
 class ModelArgs:
-    """The model and how it is loaded (``args.backbone``)."""
+    """The model: which one, and how it is loaded and compressed."""
 
     model: str = _h("model alias (minilm, smollm2), local path or hub id", default="minilm")
     activation: str | None = _h(
@@ -52,7 +53,7 @@ class ModelArgs:
 
 @dataclass
 class DataArgs:
-    """The task and its rows (``args.data``)."""
+    """The task and its rows."""
 
     task: str = _h(
         "a GLUE task (sst2, mrpc, rte, cola, stsb, qnli, qqp, mnli), squad (use --max-length 384), "
@@ -82,10 +83,11 @@ class DataArgs:
 
 @dataclass
 class OptimArgs:
-    """The optimisation (``args.optim``)."""
+    """The optimisation and evaluation schedule."""
 
     epochs: float = _h("training epochs", default=1.0)
-    lr: float = _h("peak learning rate (linear decay, warmup_ratio warm-up)", default=1e-3)
+    # 5e-4: masked training at 1e-3 collapsed 1 of 3 seeds at target density 0.05 (docs/RESULTS.md)
+    lr: float = _h("peak learning rate (linear decay, warmup_ratio warm-up)", default=5e-4)
     warmup_ratio: float = _h("fraction of steps of learning-rate warm-up", default=0.06)
     weight_decay: float = _h("AdamW weight decay", default=0.0)
     batch_size: int = _h("per-device training batch size", default=8)
@@ -101,7 +103,7 @@ class OptimArgs:
 
 @dataclass
 class RunArgs:
-    """The run folder, the seed and logging (``args.run``)."""
+    """The run folder, the seed and logging."""
 
     output: str = _h("run folder (results.json, plots, adapter, checkpoints)", default="runs/train")
     seed: int = _h("random seed", default=0)
@@ -114,29 +116,47 @@ class RunArgs:
     quiet: bool = _h("no progress bars", default=False)
 
 
-def _cli_density() -> DensityConfig:
-    # deft train's defaults: the paper's DEFT (alpha 3), the task learnt first (alpha ramps over half the run)
-    return DensityConfig(alpha=3.0, alpha_warmup=0.5)
-
-
-def _cli_peft() -> MethodConfig:
-    # LoRA also trains the biases of the modules it adapts: lets DEFT move MLP units below zero
-    return MethodConfig(lora_bias="lora_only")
-
-
 # Every leaf of a group is one flag of its own name (``--lr`` is ``args.optim.lr``); files, results.json and
 # search spaces use those flat names too (deft.fields.flat / deft.fields.build). The density and PEFT groups are
-# the library's own classes, so their defaults and help texts are written once, there.
+# the library's own classes at their own defaults, so deft train, DensityConfig() and DeftTrainer train the same
+# recipe, and defaults and help texts are written once, there.
 @dataclass
 class TrainArgs:
     """Arguments of ``deft train`` (and of each run of ``deft compare``)."""
 
     backbone: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
-    peft: MethodConfig = field(default_factory=_cli_peft)
-    density: DensityConfig = field(default_factory=_cli_density)
+    peft: MethodConfig = field(default_factory=MethodConfig)
+    density: DensityConfig = field(default_factory=DensityConfig)
     optim: OptimArgs = field(default_factory=OptimArgs)
     run: RunArgs = field(default_factory=RunArgs)
+
+
+# Presets: named sets of deft train option values shipped with deft (presets/NAME.yaml, flat option names), applied
+# over the defaults and under everything the user gives: `deft train --preset paper`, `preset: paper` in a --config
+# or suite file. The paper preset is the exact-zero DEFT that was the default before training under thresholds.
+PRESET_KEY = "preset"
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def read_preset(name: Any, where: str = "--preset") -> dict[str, Any]:
+    """The (checked) option values of preset ``name``; an unknown name is one RunError listing the known ones."""
+    if not isinstance(name, str) or name not in preset_names():
+        raise RunError(f"{where} {name}: no such preset; known: {', '.join(preset_names())}")
+    path = PRESETS_DIR / f"{name}.yaml"
+    return check_values(read_mapping(path, "preset"), TrainArgs, f"preset {name} ({path})")
+
+
+def with_preset(values: Mapping[str, Any], where: str = "--preset") -> dict[str, Any]:
+    """``values`` (flat) without their ``preset`` key, over the values of the preset it names: everything given
+    explicitly wins over the preset. Without the key, ``values`` unchanged."""
+    rest = dict(values)
+    name = rest.pop(PRESET_KEY, None)
+    return rest if name is None else {**read_preset(name, where), **rest}
 
 
 def task_args(args: TrainArgs) -> SimpleNamespace:

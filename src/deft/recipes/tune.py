@@ -48,7 +48,6 @@ Decisions, and why:
 from __future__ import annotations
 
 import csv
-import dataclasses
 import difflib
 import io
 import json
@@ -67,7 +66,6 @@ from ..errors import DeftError
 from ..fields import build, flat, options
 from ..fields import help_field as _h
 from ..io import atomic_write, read_mapping, write_json, write_text
-from ..train.config import DensityConfig
 from .train import OptimArgs, RunArgs, TrainArgs
 
 INSTALL_HINT = "pip install 'deft-sparsity[tune]'"
@@ -98,17 +96,11 @@ class TuneOptimArgs(OptimArgs):
     )
 
 
-def _tune_density() -> DensityConfig:
-    # the recommended recipe, training under thresholds alone: no density loss unless searched
-    return dataclasses.replace(TrainArgs().density, alpha=0.0)
-
-
 @dataclass
 class TuneArgs(TrainArgs):
     """Arguments of ``deft tune``: search ``deft train`` options for the best metric / density trade-off.
     Every ``deft train`` option sets what the searched ones do not; each trial trains into OUTPUT/trial-NNNN."""
 
-    density: DensityConfig = field(default_factory=_tune_density)
     optim: TuneOptimArgs = field(default_factory=TuneOptimArgs)
     run: TuneRunArgs = field(default_factory=TuneRunArgs)
     space: str | None = _h(
@@ -263,9 +255,9 @@ def _range(where: str, name: str, spec: Mapping[str, Any], base: Any) -> Param:
 
 
 def default_space() -> dict[str, Param]:
-    """The recommended recipe's knobs (training under thresholds, no density loss: ``--alpha 0``, the
-    default of ``deft tune``): target_density (log 0.01..0.3), lr (log 3e-4..3e-3), density_ramp
-    (0.3..0.9) and straight_through. The paper's exact-zero DEFT is searched with a --space file, e.g.
+    """The recommended recipe's knobs (training under thresholds, no density loss: the defaults of every deft
+    command): target_density (log 0.01..0.3), lr (log 3e-4..3e-3), density_ramp (0.3..0.9) and
+    straight_through. The paper's exact-zero DEFT is searched with ``--preset paper`` and a --space file, e.g.
     ``alpha: {low: 0.1, high: 10, log: true}``."""
     return {
         "target_density": Param("target_density", low=0.01, high=0.3, log=True),

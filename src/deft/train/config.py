@@ -19,9 +19,14 @@ from ..errors import ConfigError
 
 @dataclass
 class DensityConfig:
-    """How DEFT sparsifies. ``alpha=0`` is plain PEFT (the density is still measured)."""
+    """How DEFT sparsifies. The defaults are the recommended recipe: train under thresholds (``target_density``
+    0.05, straight-through gradients), no density loss. ``alpha=0, target_density=None`` is plain PEFT (the
+    density is still measured); the paper's exact-zero DEFT is ``alpha=3, target_density=None`` (``deft train
+    --preset paper``)."""
 
-    alpha: float = field(default=1.0, metadata={"help": "weight of the density loss (0 = plain PEFT)"})
+    # issue 16: at equal effective density, training under thresholds beats the exact-zero density loss, and the
+    # loss adds nothing on top of the thresholds; so the loss is off and the thresholds on by default
+    alpha: float = field(default=0.0, metadata={"help": "weight of the density loss (0 = no loss)"})
     kind: Literal["l0", "tanh"] = field(
         default="l0",
         metadata={
@@ -48,7 +53,7 @@ class DensityConfig:
         default=None, metadata={"help": "module-name globs of the activations, for model types deft does not know"}
     )
     alpha_warmup: float = field(
-        default=0.0,
+        default=0.5,
         metadata={"help": "fraction of training over which alpha ramps linearly from 0 (the task is learnt first)"},
     )
     adaptive: bool = field(
@@ -61,10 +66,10 @@ class DensityConfig:
     )
     adaptive_every: int = field(default=10, metadata={"help": "ADA-DEFT: update the weights every N optimizer steps"})
     target_density: float | None = field(
-        default=None,
+        default=0.05,
         metadata={
             "help": "train under thresholds: mask |h| <= t_layer at every MLP down-projection (W2) input, t_layer "
-            "lowered so this share of units stays active (e.g. 0.05); the run's adapter then "
+            "lowered so this share of units stays active (0 or none: off, no masking); the run's adapter then "
             "holds thresholds.json (see deft.core.threshold)"
         },
     )
@@ -78,7 +83,7 @@ class DensityConfig:
         default=0.9, metadata={"help": "target-density mode: moving-average factor of the per-layer thresholds"}
     )
     straight_through: bool = field(
-        default=False, metadata={"help": "target-density mode: pass gradients through masked units (else they get 0)"}
+        default=True, metadata={"help": "target-density mode: pass gradients through masked units (else they get 0)"}
     )
     distill: float = field(
         default=0.0, metadata={"help": "weight of a KL term to the same model's dense (unmasked) outputs (0 = off)"}
@@ -94,9 +99,14 @@ class DensityConfig:
             raise ConfigError(f"adaptive_mix must be in [0, 1], got {self.adaptive_mix!r}")
         if self.adaptive_gamma <= 0 or self.adaptive_every < 1:
             raise ConfigError("adaptive_gamma must be > 0 and adaptive_every >= 1")
+        if self.target_density == 0 and not isinstance(self.target_density, bool):
+            # "no thresholds" as a number, so that a flag or a search space can switch the default off
+            self.target_density = None
         if self.target_density is not None:
             if not (isinstance(self.target_density, (int, float)) and 0.0 < self.target_density <= 1.0):
-                raise ConfigError(f"target_density must be in (0, 1], got {self.target_density!r}")
+                raise ConfigError(
+                    f"target_density must be in (0, 1], or 0 / None for no thresholds; got {self.target_density!r}"
+                )
             if self.point == "activation":
                 raise ConfigError("target_density masks the W2 input: use point='auto' or 'down_input'")
             scheduled_density(0.0, self.target_density, self.density_ramp, self.density_schedule)

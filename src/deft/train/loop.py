@@ -2,7 +2,7 @@
 
 ::
 
-    with deft.density(model, deft.DensityConfig(alpha=1.0)) as d:
+    with deft.density(model, alpha=1.0) as d:
         for batch in loader:
             out = model(**batch)
             loss = out.loss + d.loss()        # alpha * density of the forward just run
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,13 +28,20 @@ from torch import nn
 from ..core.probe import ActivationProbe
 from ..core.report import DensityReport
 from ..errors import ConfigError, DeftError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .trainer import DensityConfig
+from .config import DensityConfig
 
 # Options that need a trainer: a step count (alpha_warmup, adaptive's update period), per-step threshold
 # updates (target_density) or a second, teacher forward (distill). Their "off" values:
 _TRAINER_ONLY: dict[str, Any] = {"alpha_warmup": 0.0, "adaptive": False, "target_density": None, "distill": 0.0}
+
+
+def _trainer_free(config: DensityConfig) -> DensityConfig:
+    """``config`` with the trainer-only options it leaves at DensityConfig's defaults turned off: the defaults
+    are the trainers' recipe (thresholds, alpha warm-up), which a plain loop cannot run. An option set to any
+    other value is the caller's request: DensityTerm refuses it, naming it."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    off = {k: v for k, v in _TRAINER_ONLY.items() if getattr(config, k) == defaults[k] != v}
+    return dataclasses.replace(config, **off) if off else config
 
 
 class DensityLossError(DeftError, RuntimeError):
@@ -49,6 +56,7 @@ class DensityTerm:
     """
 
     def __init__(self, model: nn.Module, config: DensityConfig) -> None:
+        config = _trainer_free(config)
         for name, off in _TRAINER_ONLY.items():
             if getattr(config, name) != off:
                 hint = " (set d.alpha yourself as training goes on)" if name == "alpha_warmup" else ""
@@ -132,13 +140,11 @@ def density(model: nn.Module, config: DensityConfig | None = None, **overrides: 
     """Hook ``model``'s MLP activations and give the density term of a plain training loop.
 
     ``config`` is a :class:`deft.DensityConfig` (default: its defaults); keyword ``overrides`` change
-    single fields, e.g. ``deft.density(model, alpha=2.0, eps=1e-6)``. The hooks are attached at once and
-    removed when the ``with`` block (or :meth:`DensityTerm.close`) ends.
+    single fields, e.g. ``deft.density(model, alpha=2.0, eps=1e-6)``. The options only a trainer can apply
+    (``target_density``, ``alpha_warmup``, ``adaptive``, ``distill``) are off here where the config leaves them
+    at their defaults (the trainers' recipe), and an error where it sets them. The hooks are attached at once
+    and removed when the ``with`` block (or :meth:`DensityTerm.close`) ends.
     """
-    # DensityConfig lives beside the trainers and importing it imports transformers.Trainer: done on
-    # first use, not by `import deft`
-    from .trainer import DensityConfig
-
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(DensityConfig)})
     if unknown:
         raise ConfigError(f"deft.density: DensityConfig has no field(s) {', '.join(unknown)}")
