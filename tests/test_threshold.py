@@ -265,3 +265,34 @@ def test_distillation_from_a_teacher_model(tiny_model_dir, tmp_path):
         mine = self_trainer._teacher_outputs(student, batch)
     assert (mine - expected).abs().max() > 1e-2
     assert float(distill_loss(own, expected, batch)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_train_distills_from_a_teacher_run(tiny_model_dir, glue_dir, tmp_path, capsys):
+    """--teacher RUN: the KL term's target is that finished run's model; a teacher without --distill, or one
+    trained on another task, is one line naming --teacher."""
+    from deft import cli
+
+    from conftest import one_error_line, tiny_run_flags
+
+    flags = tiny_run_flags(tiny_model_dir, glue_dir, tmp_path / "peft", "--alpha", "0", "--target-density", "0")
+    assert cli.main(["train", *flags, "--quiet"]) == 0
+    student = tiny_run_flags(tiny_model_dir, glue_dir, tmp_path / "kd", "--alpha", "0", "--logging-steps", "1")
+    assert cli.main(["train", *student, "--distill", "1", "--teacher", str(tmp_path / "peft"), "--quiet"]) == 0
+    res = json.loads((tmp_path / "kd" / "results.json").read_text())
+    assert res["config"]["teacher"] == str(tmp_path / "peft")
+    kd = [h["distill_loss"] for h in res["log_history"] if "distill_loss" in h]
+    assert kd and all(math.isfinite(v) and v > 0 for v in kd)
+    capsys.readouterr()
+
+    no_kd = tiny_run_flags(tiny_model_dir, glue_dir, tmp_path / "x", "--teacher", str(tmp_path / "peft"))
+    assert cli.main(["train", *no_kd]) == 2
+    line = one_error_line(capsys, "train")
+    assert "--teacher" in line and "--distill" in line
+    other = json.loads((tmp_path / "peft" / "results.json").read_text())
+    other["config"]["task"] = "mrpc"
+    (tmp_path / "peft" / "results.json").write_text(json.dumps(other))
+    wrong = tiny_run_flags(
+        tiny_model_dir, glue_dir, tmp_path / "y", "--distill", "1", "--teacher", str(tmp_path / "peft")
+    )
+    assert cli.main(["train", *wrong]) == 2
+    assert "'mrpc' run" in one_error_line(capsys, "train")

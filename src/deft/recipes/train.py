@@ -49,6 +49,11 @@ class ModelArgs:
     )
     quant_group_size: int | None = _h("quantization group size (4-bit default 64)", default=None)
     prune_dir: str | None = _h("a `deft prune` folder whose WANDA masks are kept during training", default=None)
+    teacher: str | None = _h(
+        "with --distill: a finished run folder (e.g. the dense PEFT run of the same task) whose outputs the KL term "
+        "holds the student to (default: the student's own unmasked outputs)",
+        default=None,
+    )
 
 
 @dataclass
@@ -165,6 +170,25 @@ def task_args(args: TrainArgs) -> SimpleNamespace:
     return SimpleNamespace(**flat(args))
 
 
+def load_teacher(args: TrainArgs, task: str):
+    """The model of the finished run ``--teacher`` names, for distillation: it must have been trained on the same
+    task with the same base model (the student's batches go into it unchanged)."""
+    import json
+
+    from .evaluate import load_run
+
+    where = Path(str(args.backbone.teacher))
+    if not (where / "results.json").is_file() or not (where / "adapter").is_dir():
+        raise RunError(f"--teacher {where}: not a finished run folder (results.json and adapter/)")
+    cfg = json.loads((where / "results.json").read_text())["config"]
+    for key, mine in (("task", task), ("model", args.backbone.model)):
+        if cfg.get(key) != mine:
+            raise RunError(f"--teacher {where}: a {key} {cfg.get(key)!r} run; this run's {key} is {mine!r}")
+    # the teacher's own rows are not needed: one dev row keeps its task setup cheap (load_run takes one training row)
+    _, teacher, _ = load_run(where, max_eval_samples=1)
+    return teacher
+
+
 def last_checkpoint(ckpt_dir: Path) -> str | None:
     """The newest ``checkpoint-N`` folder in ``ckpt_dir`` (None when there is none)."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -214,6 +238,10 @@ def train_with_setup(
     eval_every = optim.eval_every
     if eval_every is not None and not 0 < eval_every < 1:
         raise ConfigError(f"--eval-every is a share of training, 0 < x < 1; got {eval_every!r}")
+    if args.backbone.teacher and not args.density.distill > 0:
+        raise ConfigError(
+            f"--teacher {args.backbone.teacher}: the teacher is only used by distillation; pass --distill W (e.g. 1)"
+        )
 
     from ..train.callbacks import DensityCSVCallback
 
@@ -254,10 +282,12 @@ def train_with_setup(
         disable_tqdm=run.quiet,
         dataloader_num_workers=0,
     )
+    teacher = load_teacher(args, setup.task) if args.backbone.teacher else None
     trainer = DeftTrainer(
         model,
         targs,
         density=args.density,
+        teacher=teacher,
         train_dataset=setup.train_dataset,
         eval_dataset=setup.eval_dataset,
         data_collator=setup.data_collator,
