@@ -92,7 +92,11 @@ def test_adaptive_weights_push_the_sparsest_layer(tmp_path):
 
     model = AutoModel.from_config(tiny_config("bert"))
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
-    trainer = DeftTrainer(model, args, density=DensityConfig(adaptive=True, adaptive_gamma=2.0, adaptive_mix=1.0))
+    trainer = DeftTrainer(
+        model,
+        args,
+        density=DensityConfig(alpha=1.0, target_density=None, adaptive=True, adaptive_gamma=2.0, adaptive_mix=1.0),
+    )
     s0, s1 = trainer.probe.sites
     s0.nonzero, s0.entries = 20, 100  # layer 0 at 20 % density
     s1.nonzero, s1.entries = 90, 100  # layer 1 at 90 %

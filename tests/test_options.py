@@ -177,6 +177,16 @@ def test_target_density_off_in_files(tmp_path, text):
         DensityConfig(target_density=1.5)
 
 
+def test_adaptive_without_a_density_loss_is_refused(capsys):
+    """ADA-DEFT only reweights the density loss: under the default recipe (alpha 0) it would silently do nothing."""
+    with pytest.raises(ConfigError, match="needs alpha > 0"):
+        DensityConfig(adaptive=True)
+    assert DensityConfig(adaptive=True, alpha=1.0).adaptive
+    assert cli.main(["train", "--adaptive"]) == 2
+    assert "needs alpha > 0" in capsys.readouterr().err
+    assert cli.parse(["train", "--adaptive", "--preset", "paper"])[1].density.adaptive
+
+
 def test_paper_preset_is_the_old_default_recipe():
     paper = cli.parse(["train", "--preset", "paper"])[1]
     d, old = paper.density, DensityConfig(alpha=3.0, target_density=None, straight_through=False)

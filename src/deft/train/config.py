@@ -99,6 +99,9 @@ class DensityConfig:
             raise ConfigError(f"adaptive_mix must be in [0, 1], got {self.adaptive_mix!r}")
         if self.adaptive_gamma <= 0 or self.adaptive_every < 1:
             raise ConfigError("adaptive_gamma must be > 0 and adaptive_every >= 1")
+        if self.adaptive and not self.alpha > 0:
+            # the adaptive layer weights scale the density loss: without one they would silently do nothing
+            raise ConfigError("adaptive (ADA-DEFT) weights the density loss per layer: it needs alpha > 0")
         if self.target_density == 0 and not isinstance(self.target_density, bool):
             # "no thresholds" as a number, so that a flag or a search space can switch the default off
             self.target_density = None
