@@ -8,6 +8,7 @@ max_length 128, real rows of the built-in SST-2 training sample, padded per batc
     target          DensityConfig(alpha=0, target_density=0.05): every W2 input |h| <= t_layer zeroed,
                     t_layer a moving average of the batch's 95th percentile of |h| (deft.core.threshold)
     target+loss     the same with the density loss (alpha=1) on top
+    default         DensityConfig(): the default recipe, target 0.05 with straight-through gradients
     DEFT            DensityConfig(alpha=3): the exact-zero density loss, no masking
     Trainer         a plain transformers.Trainer on the same model: no probe at all (what the probe costs)
 
@@ -56,6 +57,7 @@ SIDES: dict[str, DensityConfig | None] = {
     "PEFT": side(alpha=0.0),
     "target": side(alpha=0.0, target_density=TARGET),
     "target+loss": side(alpha=1.0, target_density=TARGET),
+    "default": DensityConfig(target_density=TARGET),  # deft train's recipe: straight-through on top of "target"
     "DEFT": side(alpha=3.0),
     "Trainer": None,  # no deft at all
 }
