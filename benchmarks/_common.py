@@ -9,16 +9,18 @@ judge how noisy the run was.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import platform
 import time
 from collections.abc import Callable, Sequence
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.benchmark import Timer
+
+from deft.io import write_json as deft_write_json
 
 
 def loadavg() -> float | None:
@@ -109,9 +111,16 @@ def sst2_sentences(n: int, split: str = "dev") -> list[str]:
     return (rows * (n // len(rows) + 1))[:n]
 
 
-def write_json(path: str | None, out: dict[str, Any]) -> None:
-    """Write ``out`` to ``path`` (nothing when None) and say so."""
-    if path:
-        with open(path, "w") as f:
-            json.dump(out, f, indent=2)
-        print(f"wrote {path}")
+def write_json(path: str | os.PathLike | None, out: dict[str, Any], *, quiet: bool = False) -> Path | None:
+    """Write ``out`` to ``path`` (nothing when None) and, unless ``quiet``, say so. Returns the path written.
+
+    Through :func:`deft.io.write_json`, as deft's own results: the write is atomic (a long run stopped
+    mid-write leaves no truncated JSON behind), missing folders are made, and tensor / numpy scalars,
+    paths and objects with ``to_dict`` are written as plain values.
+    """
+    if not path:
+        return None
+    written = deft_write_json(path, out)
+    if not quiet:
+        print(f"wrote {written}")
+    return written

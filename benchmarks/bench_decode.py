@@ -14,11 +14,8 @@ model's output).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import time
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -26,6 +23,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from deft.data import load_glue
 from deft.models import resolve
 from deft.sparse import calibrate_thresholds, sparsify, unsparsify
+
+from _common import loadavg, machine, write_json
 
 PROMPT = "Write a short review of a film you liked, and say why.\n\nReview:"
 
@@ -45,6 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     densities = [0.3, 0.5] if args.quick else [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
     n_tokens, rounds = (32, 2) if args.quick else (64, 3)
+    before = machine(args.device)
 
     path = resolve("smollm2")
     tok = AutoTokenizer.from_pretrained(path)
@@ -92,12 +92,11 @@ def main(argv: list[str] | None = None) -> dict:
         "rounds": rounds,
         "rows": rows,
         "torch": torch.__version__,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"{torch.get_num_threads()} torch threads",
-        "load_average": os.getloadavg(),
+        # the shared record (load average before and after included), as every benchmark writes it
+        "machine": {**before, "loadavg_1min_after": loadavg()},
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,  # 1/5/15 min, at the end
     }
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     return result
 
 

@@ -26,15 +26,15 @@ Thresholds are calibrated per projection on the model's own activations (eager d
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from deft.sparse import SparseDown, sparsify, unsparsify
+
+from _common import loadavg, machine, write_json
 
 PROJ_INPUTS = {  # projection -> the modules that read the same input (one threshold each)
     "attn": ("q_proj", "k_proj", "v_proj"),
@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("bench_decode_gpu.py needs a CUDA GPU (use bench_decode.py on CPU)")
     densities = [0.3, 0.5] if args.quick else [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
     rounds = 3 if args.quick else 7
+    before = machine("cuda")  # after the check above: it names the GPU
     t0 = time.perf_counter()
     model = build(args.layers, "cuda", getattr(torch, args.dtype))
     dec = Decoder(model, args.context)
@@ -231,12 +232,12 @@ def main(argv: list[str] | None = None) -> dict:
         "dense_s_first": dense_t,
         "weight_bytes": weight_bytes,
         "rows": rows,
-        "gpu": torch.cuda.get_device_name(),
+        "gpu": before["gpu"],
         "torch": torch.__version__,
         "seconds": round(time.perf_counter() - t0, 1),
+        "machine": {**before, "loadavg_1min_after": loadavg()},
     }
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     return result
 
 

@@ -22,12 +22,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from deft.core.report import density_change
 from deft.fields import build
-from deft.io import write_json, write_text
+from deft.io import write_text
 from deft.recipes import train as run
 from deft.recipes.common import versions
 from deft.recipes.compress import REPORT_NAME, PruneArgs, prune
+
+from _common import loadavg, machine, write_json
 
 # name -> (prune options or None, quantize bits or None)
 COMPRESSIONS: dict[str, tuple[dict[str, Any] | None, int | None]] = {
@@ -107,7 +111,7 @@ def one_run(
         "wall_s": round(time.time() - t0, 1),
         "dir": str(run_dir),
     }
-    write_json(row_file, row)
+    write_json(row_file, row, quiet=True)
     return row
 
 
@@ -164,6 +168,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown:
         p.error(f"unknown compression(s) {unknown}; known: {', '.join(COMPRESSIONS)}")
 
+    # the recipe trains on the GPU when there is one (deft.recipes.train: use_cpu=not cuda.is_available())
+    before = machine("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.time()
     rows = []
     for name in names:
@@ -178,8 +184,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     md = table(rows, header)
     out = Path(args.output)
-    summary = {"args": vars(args), "rows": rows, "wall_s": round(time.time() - t0, 1), "versions": versions()}
-    write_json(out / "compressed.json", summary)
+    summary = {
+        "args": vars(args),
+        "rows": rows,
+        "wall_s": round(time.time() - t0, 1),
+        "versions": versions(),
+        "machine": {**before, "loadavg_1min_after": loadavg()},
+    }
+    write_json(out / "compressed.json", summary, quiet=True)  # both files are named below
     write_text(out / "compressed.md", md + "\n")
     print(md)
     print(f"\n{out / 'compressed.md'}  {out / 'compressed.json'}  ({summary['wall_s']} s)")

@@ -29,11 +29,12 @@ import torch
 import deft
 from deft.core.report import count_thresholded
 from deft.data import load_glue
-from deft.io import write_json
 from deft.models import resolve
 from deft.sparse import calibrate_thresholds
 from deft.train.integrations import require_trl
 from deft.train.trainer import DensityConfig
+
+from _common import machine, write_json
 
 LABELS = (" negative", " positive")  # SST-2 label 0, 1
 
@@ -205,8 +206,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "python": platform.python_version(),
         },
         "device": str(device),
+        # taken after the run: its load average includes this process's own training threads
+        "machine": machine(device.type),
     }
-    out = write_json(f"{args.output}/results.json", results)
+    out = write_json(f"{args.output}/results.json", results, quiet=True)  # said below, with the time
     print(
         # trained under thresholds, the count is taken through the trainer's masks: the effective density
         f"accuracy {accuracy:.2%}  {'effective' if args.target_density else 'exact-zero'} density {exact.overall:.2%}  "

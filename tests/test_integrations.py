@@ -334,7 +334,7 @@ def test_plain_loop_errors():
 
 
 # --------------------------------------------------------------------------- benchmarks/trl_sft.py
-def test_trl_sft_benchmark_smoke(tmp_path):
+def test_trl_sft_benchmark_smoke(tmp_path, monkeypatch):
     pytest.importorskip("trl")
     import importlib.util
     import json
@@ -344,6 +344,9 @@ def test_trl_sft_benchmark_smoke(tmp_path):
     tiny_lora_llama().get_base_model().save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
     script = Path(__file__).parent.parent / "benchmarks" / "trl_sft.py"
+    # the script imports its helper by bare name (`from _common import ...`), as `python benchmarks/trl_sft.py`
+    # finds it beside itself
+    monkeypatch.syspath_prepend(str(script.parent))
     spec = importlib.util.spec_from_file_location("trl_sft_bench", script)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -376,3 +379,4 @@ def test_trl_sft_benchmark_smoke(tmp_path):
     assert row["target_density"] == 0.5 and 0.2 < row["effective_density"] < 0.8
     assert row["exact_density"] > 0.99 and 0 <= row["accuracy"] <= 1
     assert any("task_loss" in h for h in res["train"]["log_history"])
+    assert res["machine"]["device"] == "cpu" and res["machine"]["cpu_count"]  # the shared record
