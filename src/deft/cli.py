@@ -220,6 +220,14 @@ def _command_of(argv: Sequence[str] | None) -> str | None:
     return next((a for a in (sys.argv[1:] if argv is None else argv) if a in COMMANDS), None)
 
 
+def _close_distributed() -> None:
+    """Under torchrun / accelerate launch, end the process group before the process exits: a gloo group left to
+    the interpreter's teardown can abort a finished run ("terminate called without an active exception")."""
+    dist = sys.modules.get("torch.distributed")  # only if the command imported it: no torch import here
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     prefix = f"deft {_command_of(argv)}" if _command_of(argv) else "deft"
     try:
@@ -231,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return e.code if isinstance(e.code, int) else 2
         with cli_session(verbose):
             COMMANDS[command].run(args)
+        _close_distributed()
     except DeftError as e:
         # a user error: its message names the option, file or model at fault; one line is enough
         # (DEFT_DEBUG=1 shows the trace)
