@@ -46,6 +46,27 @@ def sst2_folder(root: Path, train: str, dev: str = "sentence\tlabel\nok\t1\n") -
     return root
 
 
+def sgd_step_kwargs(output_dir, per_device: int, ga: int = 1, **kw) -> dict:
+    """TrainingArguments (or TRL's SFTConfig) options of one plain SGD step at lr 1: the parameter change is
+    -gradient (exactly so with ``max_grad_norm=0.0``, which turns clipping off)."""
+    return dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=ga,
+        max_steps=1,
+        learning_rate=1.0,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        seed=0,
+        **kw,
+    )
+
+
 def tiny_run_flags(model_dir, glue: Path, out: Path, *extra: str) -> list[str]:
     """The options of a seconds-long `deft train` / `compare` run on the tiny model and the small SST-2 folder."""
     # lr 1e-2 and eps 1e-3: the density term moves the tiny model within its few steps

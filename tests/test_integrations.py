@@ -13,6 +13,8 @@ import deft
 from deft.core.losses import smooth_l0
 from deft.train.trainer import DeftTrainer, DensityConfig, DensityMixin
 
+from conftest import sgd_step_kwargs
+
 WORDS = (
     "<pad> <eos> <unk> review : a gripping funny film dull boring sentiment positive negative great bad plot "
     "and acting the was long but kind of sweet"
@@ -75,26 +77,6 @@ def trainable(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def sgd_kwargs(output_dir, per_device, ga):
-    """One plain SGD step at lr 1 without clipping: the parameter change is exactly -gradient."""
-    return dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=ga,
-        max_steps=1,
-        learning_rate=1.0,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_grad_norm=0.0,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        use_cpu=True,
-        seed=0,
-    )
-
-
 def by_hand(model, batch, alpha):
     """Gradient of (causal-LM loss over the labelled tokens + alpha * mean smooth-l0 of every W2 input)."""
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
@@ -134,7 +116,7 @@ def sft_step(tmp_path, *, per_device, ga, alpha, name="", accepts_loss_kwargs=No
     args = trl.SFTConfig(
         bf16=False,
         gradient_checkpointing=False,
-        **sgd_kwargs(tmp_path / f"sft{name}-b{per_device}-ga{ga}-a{alpha}", per_device, ga),
+        **sgd_step_kwargs(tmp_path / f"sft{name}-b{per_device}-ga{ga}-a{alpha}", per_device, ga, max_grad_norm=0.0),
         **cfg,
     )
     ds = Dataset.from_list([{"prompt": p, "completion": c} for p, c in ROWS])
@@ -259,7 +241,7 @@ def test_plain_loop_gradient_equals_deft_trainer(tmp_path):
     before = trainable(model)
     DeftTrainer(
         model,
-        TrainingArguments(remove_unused_columns=False, **sgd_kwargs(tmp_path, len(rows), 1)),
+        TrainingArguments(remove_unused_columns=False, **sgd_step_kwargs(tmp_path, len(rows), max_grad_norm=0.0)),
         density=loss_only(alpha),
         train_dataset=rows,
         data_collator=lambda f: {k: torch.stack([x[k] for x in f]) for k in f[0]},

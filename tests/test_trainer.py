@@ -17,6 +17,8 @@ import deft
 from deft.testing import tiny_config
 from deft.train.trainer import DeftTrainer, DensityConfig
 
+from conftest import sgd_step_kwargs
+
 HERE = Path(__file__).parent
 
 
@@ -36,23 +38,7 @@ def pad_features(features):
 
 def sgd_step_args(output_dir, per_device: int, ga: int = 1, **kw) -> TrainingArguments:
     """One plain SGD step at lr 1: the parameter change is exactly -gradient."""
-    return TrainingArguments(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=ga,
-        max_steps=1,
-        learning_rate=1.0,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        remove_unused_columns=False,
-        use_cpu=True,
-        seed=0,
-        **kw,
-    )
+    return TrainingArguments(**sgd_step_kwargs(output_dir, per_device, ga, remove_unused_columns=False, **kw))
 
 
 def toy_dataset(n=8, seed=0):
