@@ -12,9 +12,12 @@ SST-2 dev sentences, tokenized and padded as ``deft eval`` does:
                     product) then the same nn.Linear; every other path's output is compared to it
     union           sparsify(regime="batched"): union of the batch sliced out of W2 (falls back to dense
                     above its union cutoff, as it does here)
-    gather          sparsify(regime="decode"): per token, the W2^T rows of its own active units, one
-                    F.embedding_bag (FBGEMM) call for the whole batch, the units found with hardshrink +
-                    nonzero() of the result's bits
+    gather          sparsify(regime="decode", native=False): per token, the W2^T rows of its own active
+                    units, one F.embedding_bag (FBGEMM) call for the whole batch, the units found with
+                    hardshrink + nonzero() of the result's bits
+    native          sparsify(regime="decode"), the default where a C++ compiler is present: the same gather
+                    in deft's compiled kernel (deft.sparse.native), one pass per token that thresholds,
+                    compacts and adds the kept W2^T rows (left out, and said so, without a compiler)
     csr             the thresholded input as a CSR matrix (tokens x units, its arrays found as gather finds
                     them) times W2^T with torch.addmm (MKL sparse BLAS)
 
@@ -47,12 +50,12 @@ from torch import nn
 
 from deft.recipes.evaluate import eval_loader as _eval_loader
 from deft.recipes.evaluate import load_run_model as _load_run_model
-from deft.sparse import load_thresholds, sparsify
+from deft.sparse import load_thresholds, native, sparsify
 
 from _common import CLOCKS, add_timing_options, interleaved, loadavg, machine, median, write_json
 
 BATCH = 32
-PATHS = ("dense", "dense-thr", "union", "gather", "csr")
+PATHS = ("dense", "dense-thr", "union", "gather", "native", "csr")
 
 
 class ThresholdedLinear(nn.Module):
@@ -122,9 +125,11 @@ def capture_inputs(model: nn.Module, thresholds: dict[str, float], batch: dict) 
     return got
 
 
-def w2_modules(model: nn.Module, variants: dict[str, nn.Module], name: str) -> dict[str, nn.Module]:
+def w2_modules(
+    model: nn.Module, variants: dict[str, nn.Module], name: str, paths: tuple[str, ...]
+) -> dict[str, nn.Module]:
     """Each path's module for site ``name`` (dense: the plain nn.Linear of the unthresholded model)."""
-    return {p: (model if p == "dense" else variants[p]).get_submodule(name) for p in PATHS}
+    return {p: (model if p == "dense" else variants[p]).get_submodule(name) for p in paths}
 
 
 def densities(h: torch.Tensor, t: float, valid: torch.Tensor) -> dict[str, float]:
@@ -153,6 +158,10 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
     start = time.perf_counter()
     before = machine()
+    paths = PATHS
+    if native.library() is None:
+        print("no C++ compiler (or DEFT_NATIVE=0): the native path is left out")
+        paths = tuple(p for p in PATHS if p != "native")
     n_batches, rounds, w2_rounds = (2, 3, 10) if args.quick else (4, 7, 25)
     clock = CLOCKS[args.clock]
 
@@ -168,46 +177,47 @@ def main(argv: list[str] | None = None) -> None:
         "dense": model,
         "dense-thr": swap_down(model, thresholds, ThresholdedLinear),
         "union": sparsify(copy.deepcopy(model), mode="threshold", threshold=thresholds, regime="batched"),
-        "gather": sparsify(copy.deepcopy(model), mode="threshold", threshold=thresholds, regime="decode"),
+        "gather": sparsify(copy.deepcopy(model), mode="threshold", threshold=thresholds, regime="decode", native=False),
+        "native": sparsify(copy.deepcopy(model), mode="threshold", threshold=thresholds, regime="decode"),
         "csr": swap_down(model, thresholds, CsrDown),
     }
     torch.set_grad_enabled(False)
 
     layers: list[dict[str, Any]] = []
-    w2_best = {p: 0.0 for p in PATHS}
-    whole_best = {p: 0.0 for p in PATHS}
+    w2_best = {p: 0.0 for p in paths}
+    whole_best = {p: 0.0 for p in paths}
     # dense-thr time / path time of the same batch in the same round: a second, paired estimate that a
     # burst of background load during one side's best round cannot skew
-    whole_ratios: dict[str, list[float]] = {p: [] for p in PATHS}
+    whole_ratios: dict[str, list[float]] = {p: [] for p in paths}
     tokens = []
     for bi, batch in enumerate(batches):
         valid = batch["attention_mask"].reshape(-1).bool()
         tokens.append({"padded": int(valid.numel()), "valid": int(valid.sum())})
         with torch.inference_mode():
             ref_logits = variants["dense-thr"](**batch).logits
-            for p in PATHS[2:]:  # whole-model outputs equal the reference up to float reassociation
+            for p in paths[2:]:  # whole-model outputs equal the reference up to float reassociation
                 torch.testing.assert_close(variants[p](**batch).logits, ref_logits, rtol=1e-4, atol=1e-4)
         for name, h in capture_inputs(variants["dense-thr"], thresholds, batch).items():
-            mods = w2_modules(model, variants, name)
+            mods = w2_modules(model, variants, name, paths)
             with torch.inference_mode():
                 ref = mods["dense-thr"](h)
-                for p in PATHS[2:]:
+                for p in paths[2:]:
                     torch.testing.assert_close(mods[p](h), ref, rtol=1e-4, atol=1e-4)
-                times = interleaved([lambda m=mods[p], h=h: m(h) for p in PATHS], w2_rounds, clock=clock)
+                times = interleaved([lambda m=mods[p], h=h: m(h) for p in paths], w2_rounds, clock=clock)
             row = {"batch": bi, "site": name, "threshold": thresholds[name], **densities(h, thresholds[name], valid)}
-            for p, ts in zip(PATHS, times, strict=True):
+            for p, ts in zip(paths, times, strict=True):
                 row[f"{p}_ms"] = 1e3 * min(ts)
                 w2_best[p] += min(ts)
             layers.append(row)
         with torch.inference_mode():
-            times = interleaved([lambda m=variants[p], b=batch: m(**b) for p in PATHS], rounds, clock=clock)
-        ref_times = times[PATHS.index("dense-thr")]
-        for p, ts in zip(PATHS, times, strict=True):
+            times = interleaved([lambda m=variants[p], b=batch: m(**b) for p in paths], rounds, clock=clock)
+        ref_times = times[paths.index("dense-thr")]
+        for p, ts in zip(paths, times, strict=True):
             whole_best[p] += min(ts)
             whole_ratios[p] += [r / t for r, t in zip(ref_times, ts, strict=True)]
         print(
             f"batch {bi}: {tokens[-1]['valid']} of {tokens[-1]['padded']} tokens real, whole model "
-            + ", ".join(f"{p} {1e3 * min(ts):.0f} ms" for p, ts in zip(PATHS, times, strict=True)),
+            + ", ".join(f"{p} {1e3 * min(ts):.0f} ms" for p, ts in zip(paths, times, strict=True)),
             flush=True,
         )
 
@@ -228,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{'path':>10} {'W2 ms/batch':>12} {'W2 speedup':>11} {'model ms/batch':>15} {'model speedup':>14} "
         f"{'(paired median)':>16}"
     )
-    for p in PATHS:
+    for p in paths:
         s = {
             "w2_ms_per_batch": 1e3 * w2_best[p] / n_batches,
             "w2_speedup": w2_best["dense-thr"] / w2_best[p],

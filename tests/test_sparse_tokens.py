@@ -38,12 +38,13 @@ def _inputs(dtype: torch.dtype, t: float) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_per_token_threshold_path_equals_the_thresholded_dense_layer(dtype):
+@pytest.mark.parametrize("native", [True, False], ids=["compiled-kernel", "torch-ops"])
+def test_per_token_threshold_path_equals_the_thresholded_dense_layer(dtype, native):
     torch.manual_seed(0)
     t = 0.7
     lin = nn.Linear(64, 24).to(dtype)
     h = _inputs(dtype, t)
-    sparse = SparseDown(lin, threshold=t, regime="decode", max_density=1.0, track_stats=True)
+    sparse = SparseDown(lin, threshold=t, regime="decode", max_density=1.0, track_stats=True, native=native)
     with torch.no_grad():
         out = sparse(h)
         ref = _thresholded_dense(lin, h, t)

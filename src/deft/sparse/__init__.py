@@ -7,7 +7,9 @@
     deft.sparse.sparsify(model, mode="threshold", threshold=t)   # TEAL-style magnitude sparsity
     deft.sparse.unsparsify(model)                      # the original modules back
 
-The CUDA kernel (:mod:`deft.sparse.triton_gemv`) is imported only when a CUDA tensor meets it.
+The CUDA kernel (:mod:`deft.sparse.triton_gemv`) is imported only when a CUDA tensor meets it. The CPU
+kernel of the per-token path (:mod:`deft.sparse.native`) is compiled on first use where a C++ compiler is
+present; without one, torch's ops run.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from ..core.threshold import (
     find_thresholds,
     load_thresholds,
 )
+from . import native
 from .api import (
     calibrate_threshold_curve,
     calibrate_thresholds,
@@ -41,6 +44,7 @@ __all__ = [
     "check_thresholds",
     "find_thresholds",
     "load_thresholds",
+    "native",
     "sparse_modules",
     "sparse_stats",
     "sparsify",

@@ -89,6 +89,7 @@ def sparsify(
     gate_skip: bool = True,
     track_stats: bool = False,
     targets: Targets = "down",
+    native: bool = True,
 ) -> nn.Module:
     """Swap every MLP down-projection of ``model`` for a zero-skipping :class:`SparseDown`, in place.
 
@@ -107,6 +108,8 @@ def sparsify(
             linear layer inside the transformer blocks (attention q/k/v/o, MLP up/gate/down) skips the
             weight rows of its inactive inputs, TEAL's setting. In threshold mode each needs its own
             threshold (``calibrate_thresholds(..., targets="all")``); ``gate_skip`` does not apply.
+        native: run the per-token path on CPU through deft's compiled kernel when a C++ compiler is present
+            (:mod:`deft.sparse.native`); False keeps torch's ops (``DEFT_NATIVE=0`` does so everywhere).
 
     Returns the same model object. Calling it again re-configures (it undoes the previous call first).
     Forward hooks registered on the original down-projections do not carry over.
@@ -139,7 +142,12 @@ def sparsify(
     gated = is_gated(mlp_spec(model_type(top)), config)
     for name, module in sites:
         sparse = SparseDown(
-            module, threshold=per_site[name], regime=regime, max_density=max_density, track_stats=track_stats
+            module,
+            threshold=per_site[name],
+            regime=regime,
+            max_density=max_density,
+            track_stats=track_stats,
+            native=native,
         )
         parent_name, child = _split(name)
         parent = top.get_submodule(parent_name)
