@@ -102,6 +102,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="train under per-layer thresholds at this density (deft.DensityConfig.target_density); "
         "the model is then evaluated as trained, masked, and --densities is not used",
     )
+    p.add_argument(
+        "--density-ramp",
+        type=float,
+        default=0.6,
+        help="with --target-density: fraction of the steps over which the density is lowered to the target",
+    )
+    p.add_argument(
+        "--straight-through",
+        action="store_true",
+        help="with --target-density: gradients pass the masked units (deft train's default; off here by "
+        "default so that the earlier commands reproduce)",
+    )
     args = p.parse_args(argv)
     trl = require_trl()
     from datasets import Dataset
@@ -154,8 +166,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             alpha=args.alpha,
             eps=args.eps,
             target_density=args.target_density,
+            density_ramp=args.density_ramp,
             alpha_warmup=0.0,
-            straight_through=False,
+            straight_through=args.straight_through,
         ),
     )
     t0 = time.perf_counter()

@@ -454,6 +454,11 @@ def test_compare_writes_the_baseline_curves_and_iso_accuracy(compared):
     assert "| DEFT + thresholds |" in text
     md = (compared["out"] / "compare.md").read_text()
     assert md.startswith(data["summary"]["model"]) and "Iso-accuracy" in md
+    # the curve figure: every threshold curve and run kind in its legend (svg text is searchable)
+    assert (compared["out"] / "tradeoff.png").stat().st_size > 1000
+    svg = (compared["out"] / "tradeoff.svg").read_text()
+    for label in ("PEFT + thresholds", "DEFT + thresholds", "PEFT (1 seed)", "DEFT (1 seed)", "within 0.5 points"):
+        assert label in svg
 
 
 def test_rerun_reuses_the_curves_unless_asked_otherwise(compared, monkeypatch, capsys):

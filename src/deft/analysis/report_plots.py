@@ -1,4 +1,5 @@
-"""Report figures (matplotlib Agg): accuracy/density trade-off, density during training, energy breakdown.
+"""Report figures (matplotlib Agg): accuracy/density trade-off, metric vs effective density of a comparison,
+density during training, energy breakdown.
 
 Every function writes the figure twice, ``<stem>.png`` (embedded in the HTML report) and ``<stem>.svg``
 (for papers), and returns both paths.
@@ -122,6 +123,62 @@ def tradeoff(
     ax.set_title(title or f"{metric_name} vs activation density")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, stem)
+
+
+def iso_accuracy_plot(compare: Mapping[str, Any], stem: str | os.PathLike, *, title: str = "") -> tuple[Path, Path]:
+    """Metric (%) vs *effective* density (%) of a ``deft compare`` folder (its compare.json as a dict).
+
+    Each threshold curve (the training-free "PEFT + thresholds" baseline, and any other) is a line of
+    mean ± std over seeds; each trained run kind is its seeds (small markers) and their mean ± std (a large
+    one). The dense PEFT mean is a solid horizontal line and the iso-accuracy window (``max_drop``
+    points below it) is shaded: a setting inside the band at a lower density is the better model. The
+    density axis is logarithmic, since the interesting range runs from ~2 % to 100 %.
+    """
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    iso = compare.get("iso_accuracy", {})
+    ref = _num(iso.get("reference"))
+    drop = _num(iso.get("max_drop_points"), 0.5)
+    if not math.isnan(ref):
+        ax.axhspan(100 * ref - drop, 100 * ref, color="#7f7f7f", alpha=0.15, lw=0)
+        ref_label = f"dense {iso.get('reference_kind', 'PEFT')} (band: within {drop:g} points)"
+        ax.axhline(100 * ref, color="black", lw=1.0, label=ref_label)
+    k = 0
+    for label, curve in compare.get("threshold_curves", {}).items():
+        pts = sorted(curve.get("points", []), key=lambda p: _num(p.get("density_mean")))
+        ax.errorbar(
+            [100 * _num(p.get("density_mean")) for p in pts],
+            [100 * _num(p.get("metric_mean")) for p in pts],
+            yerr=[100 * _num(p.get("metric_std"), 0.0) for p in pts],
+            fmt=MARKERS[k % len(MARKERS)] + LINESTYLES[k % len(LINESTYLES)],
+            color=COLORS[k % len(COLORS)],
+            lw=1.2,
+            ms=5,
+            capsize=2,
+            label=label,
+        )
+        k += 1
+    for label, runs in compare.get("runs", {}).items():
+        xs = [100 * _num(r.get("density")) for r in runs]
+        ys = [100 * _num(r.get("metric")) for r in runs]
+        if not xs:
+            continue
+        color = COLORS[k % len(COLORS)]
+        ax.scatter(xs, ys, s=14, color=color, alpha=0.5)
+        n = len(xs)
+        mx, my = sum(xs) / n, sum(ys) / n
+        sy = math.sqrt(sum((y - my) ** 2 for y in ys) / (n - 1)) if n > 1 else 0.0
+        ax.errorbar([mx], [my], yerr=[sy], fmt=MARKERS[k % len(MARKERS)], ms=9, color=color, capsize=3)
+        ax.plot([], [], MARKERS[k % len(MARKERS)], ms=9, color=color, label=f"{label} ({n} seed{'s' * (n > 1)})")
+        k += 1
+    ax.set_xscale("log")
+    ax.set_xlabel("effective density of the MLP down-projection input (%)  ← sparser")
+    ax.set_ylabel(f"{compare.get('summary', {}).get('main_metric', 'metric')} (%)")
+    ax.set_title(title or "Metric vs effective density")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return _save(fig, stem)
 

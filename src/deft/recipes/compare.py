@@ -1,8 +1,9 @@
 """``deft compare``: PEFT (alpha=0) vs DEFT (alpha) over seeds, everything else equal, with the
 training-free baseline (each finished run thresholded per layer, TEAL-style) and the iso-accuracy table.
 
-Finished runs are reused, so a comparison resumes; compare.json / compare.csv / compare.md and the layerwise
-plot are written atomically under ``output``.
+Finished runs are reused, so a comparison resumes; compare.json / compare.csv / compare.md, the layerwise
+plot and tradeoff.png / .svg (metric vs effective density, the baseline curve beside the trained runs) are
+written atomically under ``output``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class CompareArgs(TrainArgs):
 def compare(args: CompareArgs) -> dict[str, Any]:
     """PEFT (alpha=0) and DEFT (alpha) for each seed; finished runs are reused, so it resumes."""
     from ..analysis.plots import layerwise_density
+    from ..analysis.report_plots import iso_accuracy_plot
 
     out = Path(args.run.output)
     runs: dict[str, list[dict[str, Any]]] = {"PEFT": [], "DEFT": []}
@@ -72,26 +74,29 @@ def compare(args: CompareArgs) -> dict[str, Any]:
     plot = layerwise_density(
         reports, out / "layerwise_density.png", title=f"{args.backbone.model} / {args.data.task} / {args.peft.method}"
     )
-    write_json(
-        out / "compare.json",
-        {
-            "summary": summary,
-            "config": flat(args),
-            "runs": {
-                k: [
-                    {
-                        "seed": r["config"]["seed"],
-                        "metric": r["metric"],
-                        "density": r["density"]["overall"],
-                        "dir": r["config"]["output"],
-                    }
-                    for r in v
-                ]
-                for k, v in runs.items()
-            },
-            "threshold_curves": curves,
-            "iso_accuracy": iso,
+    payload = {
+        "summary": summary,
+        "config": flat(args),
+        "runs": {
+            k: [
+                {
+                    "seed": r["config"]["seed"],
+                    "metric": r["metric"],
+                    "density": r["density"]["overall"],
+                    "dir": r["config"]["output"],
+                }
+                for r in v
+            ]
+            for k, v in runs.items()
         },
+        "threshold_curves": curves,
+        "iso_accuracy": iso,
+    }
+    write_json(out / "compare.json", payload)
+    curve_png, _ = iso_accuracy_plot(
+        payload,
+        out / "tradeoff",
+        title=f"{args.backbone.model} / {args.data.task} / {args.peft.method}: metric vs effective density",
     )
     write_text(out / "compare.csv", _csv(summary))
     table = format_table(summary)
@@ -99,7 +104,7 @@ def compare(args: CompareArgs) -> dict[str, Any]:
     write_text(out / "compare.md", table + "\n\n" + iso_table + "\n")
     print(table)
     print("\n" + iso_table)
-    print(f"\ntable: {out / 'compare.md'} (also compare.json, compare.csv)\nplot:  {plot}")
+    print(f"\ntable: {out / 'compare.md'} (also compare.json, compare.csv)\nplots: {plot}, {curve_png}")
     return summary
 
 
