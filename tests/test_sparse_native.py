@@ -100,6 +100,33 @@ def test_sparse_down_with_and_without_the_kernel_agree():
 
 
 @needs_kernel
+def test_auto_regime_serves_per_token_sparsity_with_the_kernel_and_dense_input_densely():
+    torch.manual_seed(0)
+    lin = nn.Linear(200, 30)
+    # 64 tokens, each with its own 6 units above t: union ~85 % (too dense to slice), per token 3 %
+    h = torch.randn(64, 200) * 0.1
+    for i in range(64):
+        h[i, torch.randperm(200)[:6]] = 2.0
+    t = 1.0
+    assert (h.abs() > t).any(0).float().mean() > 0.7
+    sparse = SparseDown(lin, threshold=t, track_stats=True)  # regime="auto"
+    with torch.no_grad():
+        out = sparse(h)
+    torch.testing.assert_close(out, _reference(h, lin.weight.detach().t(), t, lin.bias.detach()))
+    assert sparse.stats.dense_calls == 0 and sparse.stats.units_skipped == h.numel() - 64 * 6
+    # without the kernel, auto keeps its union rule: too dense to slice, so the dense GEMM
+    torch_path = SparseDown(lin, threshold=t, track_stats=True, native=False)
+    with torch.no_grad():
+        torch.testing.assert_close(torch_path(h), out)
+    assert torch_path.stats.dense_calls == 1
+    # a dense input (every unit above t for every token): caught on the first tokens, the dense GEMM runs
+    dense_in = torch.full((64, 200), 2.0)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(dense_in), lin(dense_in))
+    assert sparse.stats.dense_calls == 1
+
+
+@needs_kernel
 def test_conv1d_layout_through_the_kernel():
     from transformers.pytorch_utils import Conv1D
 

@@ -99,7 +99,9 @@ def sparsify(
             magnitude sparsity; the output changes). See :func:`calibrate_thresholds`.
         threshold: one value for every layer, or ``{site name: value}`` (sites left out stay exact).
         regime: ``"decode"`` gathers the active W2 columns per token, ``"batched"`` slices out units that
-            are zero for the whole batch and runs one GEMM, ``"auto"`` picks per call (1 token -> decode).
+            are zero for the whole batch and runs one GEMM, ``"auto"`` picks per call (1 token -> decode;
+            on CPU with the compiled kernel, also a batch whose union is too dense to slice: the
+            per-token sparsity of a model trained under thresholds).
         max_density: active fraction above which the dense kernel is used (``None``: measured defaults).
         gate_skip: in exact mode, also replace LLaMA-style gated MLPs by :class:`SparseGatedMLP`, which
             skips the W_up rows of units whose gate activation is zero.

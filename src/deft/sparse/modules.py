@@ -94,7 +94,8 @@ class SparseDown(nn.Module):
         base: the dense down-projection.
         threshold: units with ``|h| <= threshold`` are skipped; 0 skips exact zeros only (exact mode).
         regime: ``"decode"`` always gathers per token, ``"batched"`` always uses the union of the batch,
-            ``"auto"`` gathers per token for a single token and uses the union otherwise.
+            ``"auto"`` gathers per token for a single token and uses the union otherwise; on CPU with the
+            compiled kernel, a union too dense to slice is served per token instead of by the dense GEMM.
         max_density: active fraction above which the dense kernel runs instead (``None``: the measured
             defaults in :data:`DEFAULT_MAX_DENSITY`, and on CUDA the dense kernel for one token when the
             weight has fewer than :data:`CUDA_MIN_WEIGHTS` entries; 1.0 forces the sparse kernel).
@@ -179,6 +180,9 @@ class SparseDown(nn.Module):
             self._wt_key = key
         return self._wt
 
+    def _native_ok(self, x: torch.Tensor) -> bool:
+        return self.native and native_kernel.supports(x, self.weight)
+
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == "linear":
             return F.linear(x, self.weight, self.bias)
@@ -229,11 +233,18 @@ class SparseDown(nn.Module):
             if self.track_stats:
                 self._count(1, int((x.abs() > self.threshold).sum()), dense=False)
             return self._add_bias(out)
-        if self.native and native_kernel.supports(x, self.weight):
+        if self._native_ok(x):
             # CPU: one fused pass per token (threshold, compaction, gather), ~2x faster than the torch ops
-            # below on MiniLM's W2 (deft.sparse.native; numbers in benchmarks/README.md)
-            limit = int(self._limit("per_token") * x.numel())
-            found = native_kernel.gather(x, self._weight_t(), self.threshold, self.bias, limit)
+            # below on MiniLM's W2 (deft.sparse.native; numbers in benchmarks/README.md). A dense input
+            # (GELU/SiLU in exact mode) is caught on a few tokens first: the kernel gives up only after
+            # the limit's worth of gathers, which is slower than the GEMM it then runs anyway
+            limit = self._limit("per_token")
+            head = x[:16]
+            if n > 16 and int((head.abs() > self.threshold).sum()) > limit * head.numel():
+                if self.track_stats:
+                    self._count(n, n * self.in_features, dense=True)
+                return self._dense(F.hardshrink(x, self.threshold) if self.threshold > 0 else x)
+            found = native_kernel.gather(x, self._weight_t(), self.threshold, self.bias, int(limit * x.numel()))
             if found is not None:
                 if self.track_stats:
                     self._count(n, found[1], dense=False)
@@ -282,6 +293,11 @@ class SparseDown(nn.Module):
         idx = needed.nonzero().squeeze(1)
         k = idx.numel()
         if k > self._limit("union", n) * self.in_features:
+            if self.regime == "auto" and self._native_ok(x):
+                # per-token sparsity (a model trained under thresholds: each token its own few units, the
+                # union ~80-95 %) gains nothing from slicing, but the compiled per-token kernel beats the
+                # dense GEMM at any batch size up to ~35 % density (it falls back to dense beyond)
+                return self._per_token(x)
             if self.track_stats:
                 self._count(n, n * k, dense=True)
             return self._dense(x * (x.abs() > self.threshold) if self.threshold > 0 else x)
