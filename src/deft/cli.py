@@ -29,6 +29,7 @@ from .recipes.compress import PruneArgs, prune
 from .recipes.measure import EnergyArgs, MeasureArgs, energy, measure
 from .recipes.report import ReportArgs, report
 from .recipes.skip import SkipArgs, skip
+from .recipes.speed import SpeedArgs, speed
 from .recipes.sweep import SweepArgs, sweep
 from .recipes.train import PRESET_KEY, TrainArgs, preset_names, train, with_preset
 from .recipes.tune import TuneArgs, tune
@@ -61,6 +62,9 @@ COMMANDS: dict[str, Command] = {
     "compare": Command(CompareArgs, "PEFT (alpha=0) vs DEFT over seeds; prints the paper-style table", compare),
     "measure": Command(MeasureArgs, "activation density of a model or trained adapter on a dev set", measure),
     "skip": Command(SkipArgs, "ADA-DEFT: skip silent MLP blocks of a trained run under a bounded metric drop", skip),
+    "speed": Command(
+        SpeedArgs, "forward time of a run trained under thresholds: dense vs served sparse, outputs checked", speed
+    ),
     "prune": Command(
         PruneArgs, "WANDA-prune a model (unstructured or N:M); writes masks, report and the pruned model", prune
     ),
