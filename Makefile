@@ -25,6 +25,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/deft compare --model minilm --task sst2 --method lora --output runs/demo
+	$(BIN)/deft speed --run runs/demo/deft-seed0
 
 # ruff and mypy are pinned in the lock like everything else, so a new release never breaks CI by itself
 lint: $(STAMP)

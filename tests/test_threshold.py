@@ -296,3 +296,20 @@ def test_train_distills_from_a_teacher_run(tiny_model_dir, glue_dir, tmp_path, c
     )
     assert cli.main(["train", *wrong]) == 2
     assert "'mrpc' run" in one_error_line(capsys, "train")
+
+
+def test_compare_distills_each_seed_from_its_own_peft_run(tiny_model_dir, glue_dir, tmp_path):
+    """deft compare --distill W without --teacher: the dense teacher of DEFT seed S is PEFT seed S (never the
+    student's own outputs); the PEFT runs themselves distill from nothing."""
+    from deft import cli
+
+    from conftest import tiny_run_flags
+
+    out = tmp_path / "cmp"
+    flags = tiny_run_flags(tiny_model_dir, glue_dir, out, "--alpha", "0", "--distill", "1", "--quiet")
+    assert cli.main(["compare", *flags, "--seeds", "0", "1", "--baseline-densities", "0.5"]) == 0
+    for seed in (0, 1):
+        peft = json.loads((out / f"peft-seed{seed}" / "results.json").read_text())["config"]
+        deft_ = json.loads((out / f"deft-seed{seed}" / "results.json").read_text())["config"]
+        assert peft["distill"] == 0 and peft["teacher"] is None
+        assert deft_["distill"] == 1 and deft_["teacher"] == str(out / f"peft-seed{seed}")

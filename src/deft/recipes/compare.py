@@ -31,13 +31,15 @@ class CompareRunArgs(RunArgs):
 @dataclass
 class CompareArgs(TrainArgs):
     """Arguments of ``deft compare``: PEFT (alpha 0, no thresholds) vs DEFT (the density options given: by default
-    training under thresholds; --preset paper: the paper's density loss) with everything else equal."""
+    training under thresholds; --preset paper: the paper's density loss) with everything else equal. With
+    ``--distill W`` and no ``--teacher``, each DEFT run distills from the same seed's PEFT run."""
 
     run: CompareRunArgs = field(default_factory=CompareRunArgs)
     seeds: list[int] = _h("seeds; each runs PEFT and DEFT", default_factory=lambda: [0])
     baseline_densities: list[float] = _h(
         "target densities of the '+ thresholds' curves: each finished run thresholded per layer (TEAL-style, "
-        "thresholds calibrated on training rows only) and evaluated on dev (empty: no curves)",
+        "thresholds calibrated on training rows only) and evaluated on dev (`baseline_densities: []` in a --config "
+        "file: no curves)",
         default_factory=lambda: [0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.05],
     )
     calib_samples: int = _h("training rows (a seeded subset) the per-layer thresholds are calibrated on", default=512)
@@ -62,7 +64,11 @@ def compare(args: CompareArgs) -> dict[str, Any]:
                 kw = {k: v for k, v in flat(args).items() if k in options(TrainArgs)}
                 kw.update(seed=seed, alpha=alpha, output=str(run_dir), resume=True)
                 if label == "PEFT":  # the plain PEFT baseline: no masking and no distillation either
-                    kw.update(target_density=None, distill=0.0)
+                    kw.update(target_density=None, distill=0.0, teacher=None)
+                elif args.density.distill > 0 and not args.backbone.teacher:
+                    # distillation in a comparison: the dense teacher is the same seed's PEFT run, trained just
+                    # before (the student's own unmasked outputs cost points: docs/RESULTS.md, ablation)
+                    kw.update(teacher=str(out / f"peft-seed{seed}"))
                 print(f"deft: training {label} (alpha={alpha:g}, seed={seed}) -> {run_dir}")
                 res = train(build(TrainArgs, kw))
             runs[label].append(res)
