@@ -296,7 +296,7 @@ class SparseDown(nn.Module):
             if self.regime == "auto" and self._native_ok(x):
                 # per-token sparsity (a model trained under thresholds: each token its own few units, the
                 # union ~80-95 %) gains nothing from slicing, but the compiled per-token kernel beats the
-                # dense GEMM at any batch size up to ~35 % density (it falls back to dense beyond)
+                # dense GEMM at any batch size below the per-token limit (it falls back to dense above it)
                 return self._per_token(x)
             if self.track_stats:
                 self._count(n, n * k, dense=True)
