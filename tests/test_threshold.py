@@ -137,26 +137,6 @@ def test_tracker_moving_average(tiny_model_dir):
     assert tr.density == pytest.approx(scheduled_density(0.25, 0.1, 0.5))
 
 
-def test_tracker_freezes_after_the_ramp(tiny_model_dir):
-    model, _ = _tiny(tiny_model_dir)
-    probe = ActivationProbe(model, point="down_input")
-    a, b = (s.name for s in probe.sites)
-    tr = ThresholdTracker(probe, target=0.1, ramp=0.5, momentum=0.5, freeze=True)
-    tr.step(0.0, {a: 0.4, b: 0.8})
-    tr.step(0.4, {a: 0.8, b: 0.4})  # still in the ramp: the moving average moves
-    assert tr.thresholds == pytest.approx({a: 0.6, b: 0.6})
-    for progress in (0.5, 0.8, 1.0):  # past the ramp: new quantiles are ignored, the mask stays as it was
-        tr.step(progress, {a: 5.0, b: 0.01})
-        assert tr.thresholds == pytest.approx({a: 0.6, b: 0.6})
-        assert tr.density == pytest.approx(0.1)
-    assert probe.thresholds_in_use() == tr.thresholds
-    # without freeze the same quantiles move it
-    free = ThresholdTracker(probe, target=0.1, ramp=0.5, momentum=0.5)
-    free.step(0.0, {a: 0.4, b: 0.8})
-    free.step(0.6, {a: 5.0, b: 0.01})
-    assert free.thresholds[a] == pytest.approx(2.7)
-
-
 @pytest.mark.parametrize("value", [1.5, -0.1, float("nan")])
 def test_target_density_out_of_range(value):
     from deft import DensityConfig

@@ -76,7 +76,6 @@ class ThresholdTracker:
         schedule: Schedule = "cosine",
         momentum: float = 0.9,
         straight_through: bool = False,
-        freeze: bool = False,
     ) -> None:
         if not 0.0 < target <= 1.0:
             raise ConfigError(f"target_density must be in (0, 1], got {target!r}")
@@ -91,7 +90,6 @@ class ThresholdTracker:
         self.schedule = schedule
         self.momentum = float(momentum)
         self.straight_through = straight_through
-        self.freeze = freeze
         self.thresholds: dict[str, float] = {s.name: 0.0 for s in probe.sites}
         self.density = 1.0
         probe.mask_below(self.thresholds, straight_through=straight_through)
@@ -101,15 +99,8 @@ class ThresholdTracker:
         return {s.name: s.batch_quantile for s in self.probe.sites if s.batch_quantile is not None}
 
     def step(self, progress: float, pending: Mapping[str, float] | None = None) -> None:
-        """Fold ``pending`` (default: :meth:`pending`) into the thresholds, then train at ``progress``'s density.
-
-        With ``freeze``, the thresholds stop moving once ``progress`` is past the ramp (each keeps the value
-        it had then): the mask no longer follows batch-to-batch noise in the quantiles, and the model trains
-        on the function it is served with."""
-        pending = self.pending() if pending is None else pending
-        if self.freeze and progress >= self.ramp and all(self.thresholds.values()):
-            pending = {}
-        for name, q in pending.items():
+        """Fold ``pending`` (default: :meth:`pending`) into the thresholds, then train at ``progress``'s density."""
+        for name, q in (self.pending() if pending is None else pending).items():
             old = self.thresholds[name]
             # the first quantile replaces the initial 0 outright; after that, a moving average
             self.thresholds[name] = q if old == 0.0 else self.momentum * old + (1.0 - self.momentum) * q

@@ -85,13 +85,6 @@ class DensityConfig:
     straight_through: bool = field(
         default=True, metadata={"help": "target-density mode: pass gradients through masked units (else they get 0)"}
     )
-    freeze_thresholds: bool = field(
-        default=False,
-        metadata={
-            "help": "target-density mode: stop moving the thresholds once the ramp is over, so the rest of training "
-            "runs under exactly the function that is served (the density may then drift from the target)"
-        },
-    )
     distill: float = field(
         default=0.0, metadata={"help": "weight of a KL term to the same model's dense (unmasked) outputs (0 = off)"}
     )

@@ -112,7 +112,6 @@ class DensityMixin(_TrainerBase):
                 schedule=self.density.density_schedule,
                 momentum=self.density.threshold_momentum,
                 straight_through=self.density.straight_through,
-                freeze=self.density.freeze_thresholds,
             )
             self.add_callback(_SaveThresholds(self))
         self.last_density_report: DensityReport | None = None
