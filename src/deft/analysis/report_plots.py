@@ -16,6 +16,7 @@ from typing import Any
 from ..io import atomic_write
 from .energy import OPS, EnergyReport
 from .plots import pyplot
+from .tradeoff import mean_std
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 MARKERS = ("o", "s", "^", "D", "v", "P")
@@ -168,8 +169,7 @@ def iso_accuracy_plot(compare: Mapping[str, Any], stem: str | os.PathLike, *, ti
         color = COLORS[k % len(COLORS)]
         ax.scatter(xs, ys, s=14, color=color, alpha=0.5)
         n = len(xs)
-        mx, my = sum(xs) / n, sum(ys) / n
-        sy = math.sqrt(sum((y - my) ** 2 for y in ys) / (n - 1)) if n > 1 else 0.0
+        (mx, _), (my, sy) = mean_std(xs), mean_std(ys)
         ax.errorbar([mx], [my], yerr=[sy], fmt=MARKERS[k % len(MARKERS)], ms=9, color=color, capsize=3)
         ax.plot([], [], MARKERS[k % len(MARKERS)], ms=9, color=color, label=f"{label} ({n} seed{'s' * (n > 1)})")
         k += 1

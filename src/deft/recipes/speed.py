@@ -15,6 +15,7 @@ more paths and W2 on its own.
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,16 +83,13 @@ def speed(args: SpeedArgs) -> dict[str, Any]:
         )
     except TypeError as e:  # a W2 that is not a plain linear layer after the merge (e.g. a bottleneck adapter)
         raise RunError(f"{run_dir}: its down-projections cannot be served sparse: {e}") from e
-    batches = []
-    for b in input_batches(setup, args.batch_size):
-        batches.append(b)
-        if len(batches) == args.batches:
-            break
+    batches = list(itertools.islice(input_batches(setup, args.batch_size), args.batches))
 
     with torch.inference_mode():
-        for i, b in enumerate(batches):  # the sparse model must compute what the thresholded model computes
-            with apply_thresholds(dense, thresholds):
-                want = _first_tensor(dense(**b))
+        # the sparse model must compute what the thresholded model computes
+        with apply_thresholds(dense, thresholds):
+            wanted = [_first_tensor(dense(**b)) for b in batches]
+        for i, (b, want) in enumerate(zip(batches, wanted, strict=True)):
             got = _first_tensor(sparse(**b))
             if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
                 diff = float((got - want).abs().max())

@@ -240,11 +240,12 @@ class SparseDown(nn.Module):
             # the limit's worth of gathers, which is slower than the GEMM it then runs anyway
             limit = self._limit("per_token")
             head = x[:16]
-            if n > 16 and int((head.abs() > self.threshold).sum()) > limit * head.numel():
-                if self.track_stats:
-                    self._count(n, n * self.in_features, dense=True)
-                return self._dense(F.hardshrink(x, self.threshold) if self.threshold > 0 else x)
-            found = native_kernel.gather(x, self._weight_t(), self.threshold, self.bias, int(limit * x.numel()))
+            dense_head = n > 16 and int((head.abs() > self.threshold).sum()) > limit * head.numel()
+            found = (
+                None
+                if dense_head
+                else native_kernel.gather(x, self._weight_t(), self.threshold, self.bias, int(limit * x.numel()))
+            )
             if found is not None:
                 if self.track_stats:
                     self._count(n, found[1], dense=False)

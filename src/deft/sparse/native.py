@@ -117,7 +117,8 @@ _FLAG_SETS = (
     ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread"],
     ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread"],
 )
-_C_TYPES = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
+# torch dtype -> (exported symbol, ctypes scalar of the threshold)
+_KERNELS = {torch.float32: ("deft_gather_f32", ctypes.c_float), torch.float64: ("deft_gather_f64", ctypes.c_double)}
 _build_lock = threading.Lock()
 
 
@@ -134,10 +135,8 @@ def cache_dir() -> Path:
 
 
 def _compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
+    found = (shutil.which(name) for name in (os.environ.get("CXX"), "c++", "g++", "clang++") if name)
+    return next((path for path in found if path), None)
 
 
 def _cpu_id() -> str:
@@ -187,9 +186,9 @@ def library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(target))
     except OSError:
         return None  # no usable compiler or cache folder: the torch path is always there
-    for dtype, c_type in _C_TYPES.items():
-        fn = getattr(lib, "deft_gather_" + {torch.float32: "f32", torch.float64: "f64"}[dtype])
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    for symbol, c_type in _KERNELS.values():
+        fn = getattr(lib, symbol)
         fn.argtypes = [ptr, i64, i64, ptr, i64, c_type, ptr, ptr, i64, i64]
         fn.restype = i64
     return lib
@@ -197,7 +196,7 @@ def library() -> ctypes.CDLL | None:
 
 def supports(x: torch.Tensor, wt: torch.Tensor) -> bool:
     """Whether :func:`gather` can take these tensors (CPU, fp32/fp64, no autograd), building the kernel once."""
-    if x.device.type != "cpu" or wt.device.type != "cpu" or x.dtype not in _C_TYPES or wt.dtype != x.dtype:
+    if x.device.type != "cpu" or wt.device.type != "cpu" or x.dtype not in _KERNELS or wt.dtype != x.dtype:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or wt.requires_grad):
         return False  # no backward: training goes through the differentiable torch path
@@ -222,7 +221,7 @@ def gather(
         raise ValueError(f"x has {din} units but W2^T has {wt.shape[0]} rows")
     b = None if bias is None else bias.detach().to(x.dtype).contiguous()
     out = torch.empty(n, dout, dtype=x.dtype)
-    fn = lib.deft_gather_f32 if x.dtype == torch.float32 else lib.deft_gather_f64
+    fn = getattr(lib, _KERNELS[x.dtype][0])
     nnz = fn(
         x.data_ptr(),
         n,
