@@ -32,7 +32,7 @@ def test_every_shipped_suite_parses_and_validates(tmp_path):
         for p in points:
             assert p.args.run.resume and p.args.run.output.startswith(str(tmp_path / p.name.split("/")[0]))
         names += [p.name for p in points]
-    assert len(names) == len(set(names)) == 239  # the jobs behind docs/RESULTS.md's multi-seed tables
+    assert len(names) == len(set(names)) == 245  # the jobs behind docs/RESULTS.md's multi-seed tables
     # all files at once, with a group selection: the dry run lists the jobs as deft train command lines
     assert (
         cli.main(
